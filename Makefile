@@ -1,0 +1,29 @@
+# Two entry points: `make serve` and `make test`. Both create and reuse .venv in the repo root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# torch 2.13.0 is the CPU build that lies on this machine's disk; GPU users install their own.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: serve test venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[executor,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/foldplan serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) data
