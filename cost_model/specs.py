@@ -249,6 +249,12 @@ class Mapping(_Spec):
     edp: PositiveInt | None = Field(
         None, description="Expert data parallel size; derived when omitted."
     )
+    decoder_first_pipeline_num_layers: PositiveInt | None = Field(
+        None, description="Layers on the first pipeline stage (uneven split); null = even."
+    )
+    decoder_last_pipeline_num_layers: PositiveInt | None = Field(
+        None, description="Layers on the last pipeline stage (uneven split); null = even."
+    )
     micro_batch_size: PositiveInt = Field(1, description="Sequences per micro-batch.")
     sequence_parallel: bool | None = Field(None, description="Sequence parallel; default tp>1.")
     recompute: Literal["none", "selective", "full"] = Field("none", description="Recompute.")

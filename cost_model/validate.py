@@ -61,10 +61,25 @@ def mapping_errors(
             errors.append(f"etp={m.etp} needs a MoE model, but num_experts is 0")
 
     stages = m.pp * m.vpp
-    if model.num_layers % stages:
-        errors.append(
-            f"pp*vpp = {m.pp}*{m.vpp} = {stages} does not divide num_layers={model.num_layers}"
-        )
+    first, last = m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        if model.num_layers % stages:
+            errors.append(
+                f"pp*vpp = {m.pp}*{m.vpp} = {stages} does not divide num_layers="
+                f"{model.num_layers}; set decoder_first/last_pipeline_num_layers"
+            )
+    elif m.pp == 1 or m.vpp > 1:
+        errors.append("decoder_first/last_pipeline_num_layers need pp > 1 and vpp == 1")
+    else:
+        middle_stages = m.pp - (first is not None) - (last is not None)
+        middle_layers = model.num_layers - (first or 0) - (last or 0)
+        if middle_layers < 0 or (middle_stages == 0 and middle_layers) or (
+            middle_stages and (middle_layers <= 0 or middle_layers % middle_stages)
+        ):
+            errors.append(
+                f"num_layers={model.num_layers} minus first={first} and last={last} stage "
+                f"layers does not split evenly over the other {middle_stages} stages"
+            )
     if m.vpp > 1 and m.pp == 1:
         errors.append(f"vpp={m.vpp} needs pp > 1")
 

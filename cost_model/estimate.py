@@ -1,0 +1,218 @@
+"""One training step: time, memory and where the time goes.
+
+step = m * t_max + bubble + exposed data-parallel communication + optimizer, where m is the
+number of micro-batches, t_max the per-micro-batch time of the slowest pipeline rank (layers,
+plus embedding on the first and output layer on the last rank, plus its pipeline sends), and
+bubble = (sum of all ranks' per-micro-batch times - t_max) / vpp: fill and drain of 1F1B,
+shrunk by interleaving.
+
+Overlap assumptions (Megatron-Core with --overlap-grad-reduce and --overlap-param-gather):
+gradient reduce-scatter runs under the backward of the last micro-batch, parameter all-gather
+under the forward of the first; only what exceeds that window is exposed.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from .flops import model_flops_per_step
+from .hardware import Hardware, hardware
+from .kernels import memory_time, p2p_time, ring_time
+from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
+from .layers import logits_cost, moe_cost
+from .layout import group_placement
+from .memory import GIB, layer_params, rank_layers, rank_memory
+from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from .validate import resolve_mapping
+
+BREAKDOWN_KEYS = COMPONENTS + ("bubble", "dp_comm", "optimizer")
+
+
+class MemoryEstimate(BaseModel):
+    """Memory per GPU on the worst pipeline rank, GiB."""
+
+    peak_gib: float = Field(..., description="Total on the worst pipeline rank.")
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    buffers_gib: float = Field(..., description="Allowance: 2 GiB + 5% of the rest.")
+    capacity_gib: float = Field(..., description="What one GPU offers.")
+    worst_stage: int = Field(..., description="Pipeline rank with the peak.")
+    per_stage_gib: list[float] = Field(..., description="Total per pipeline rank.")
+
+
+class Estimate(BaseModel):
+    """The estimate object of CONTRACT.md."""
+
+    step_time_s: float
+    mfu: float = Field(..., description="Megatron-LM FLOPs / (time * GPUs * peak).")
+    model_flops_per_step: float
+    tflops_per_gpu: float
+    tokens_per_s: float
+    fits_memory: bool
+    memory: MemoryEstimate
+    breakdown: dict[str, float] = Field(..., description="Seconds per component; sums to step.")
+    num_microbatches: int
+    expert_load_factor: float = Field(..., description="Busiest expert rank's load over mean.")
+
+
+def _placements(cluster: ClusterSpec, m: Mapping) -> dict:
+    w, g = cluster.world_size, cluster.gpus_per_node
+    dense = (m.tp, m.cp, 1, m.dp, m.pp)
+    expert = (m.etp, 1, m.ep, m.edp, m.pp)
+    return {
+        "tp": group_placement(w, g, m.order, dense, "tp"),
+        "cp": group_placement(w, g, m.order, dense, "cp"),
+        "dp_cp": group_placement(w, g, m.order, dense, "dp-cp"),
+        "pp": group_placement(w, g, m.order, dense, "pp"),
+        "ep": group_placement(w, g, m.order, expert, "ep"),
+        "etp": group_placement(w, g, m.order, expert, "tp"),
+        "edp": group_placement(w, g, m.order, expert, "dp"),
+        "tp_ep": group_placement(w, g, m.order, expert, "tp-ep"),
+    }
+
+
+def _expert_load(model: ModelSpec, training: TrainingSpec, m: Mapping) -> tuple[float, float]:
+    """(busiest rank's load over the mean, fraction of assignments kept).
+
+    Dropless: the busiest expert carries `moe_expert_load_imbalance` x the mean; its excess is
+    spread over the E/ep experts of its rank. With a capacity factor c every expert is capped
+    at c x its mean share (capacity per source rank), so the busiest carries min(imbalance, c).
+    """
+    if not model.is_moe:
+        return 1.0, 1.0
+    local = model.num_experts // m.ep
+    imb = training.moe_expert_load_imbalance
+    c = training.moe_expert_capacity_factor
+    if c is None:
+        return (imb + local - 1) / local, 1.0
+    kept = min(1.0, c)
+    busiest = min(imb, c)
+    return (busiest + (local - 1) * kept) / local / kept, kept
+
+
+def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, m: Mapping,
+                 hw: Hardware) -> Context:
+    load, kept = _expert_load(model, training, m)
+    b, s = m.micro_batch_size, training.seq_length
+    return Context(
+        model=model, training=training, mapping=m, hw=hw,
+        prec=training.precision,
+        act_bytes=4.0 if training.precision == "fp32" else 2.0,
+        tokens_attn=b * s / m.cp,
+        tokens_moe=b * s / (m.cp * m.tp),
+        expert_load=load, capacity_scale=kept,
+        place=_placements(cluster, m),
+    )
+
+
+def _rank_cost(ctx: Context, layer_costs: dict[bool, Cost], rank: int, pattern: list[int],
+               head: Cost, tail: Cost) -> Cost:
+    m = ctx.mapping
+    c = Cost()
+    for i in rank_layers(ctx.model, m, rank):
+        c.add(layer_costs[bool(pattern[i])])
+    if rank == 0:
+        c.add(head)
+    if rank == m.pp - 1:
+        c.add(tail)
+    if m.pp > 1:
+        act = ctx.tokens_attn / (m.tp if m.sp else 1) * ctx.model.hidden_size * ctx.act_bytes
+        # Activation forward and its gradient backward on the critical path; the extra sends
+        # of interleaved chunks overlap compute (--overlap-p2p-communication).
+        c.parts["pp_comm"] += 2 * p2p_time(ctx.hw, ctx.place["pp"].crosses_node, act)
+    return c
+
+
+def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float, float]:
+    """(exposed gradient reduction + parameter gather seconds, optimizer step seconds)."""
+    md, m, hw = ctx.model, ctx.mapping, ctx.hw
+    pattern = md.moe_layer_pattern()
+    dense = expert = 0.0
+    for i in rank_layers(md, m, 0):
+        d, e = layer_params(md, bool(pattern[i]), m)
+        dense, expert = dense + d, expert + e
+    # Rank 0 (the last to finish its backward) also holds the embedding.
+    from .flops import padded_vocab
+
+    dense += padded_vocab(md.vocab_size, m.tp) / m.tp * md.hidden_size
+    grad_bytes, param_bytes = 4.0, ctx.act_bytes
+    pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
+
+    def frac(p):
+        return (p.size - 1) / p.size if p.size > 1 else 0.0
+
+    reduce = ring_time(hw, pd, dense * grad_bytes * frac(pd)) + ring_time(
+        hw, pe, expert * grad_bytes * frac(pe))
+    if m.distributed_optimizer:
+        gather = ring_time(hw, pd, dense * param_bytes * frac(pd)) + ring_time(
+            hw, pe, expert * param_bytes * frac(pe))
+        exposed = max(0.0, reduce - bwd_window) + max(0.0, gather - fwd_window)
+        local = dense / pd.size + expert / pe.size
+    else:
+        exposed = max(0.0, 2 * reduce - bwd_window)
+        local = dense + expert
+    # Adam over the local shard: read grad, master, m, v; write master, m, v, bf16 param.
+    optimizer = memory_time(hw, local * (4 + 4 + 8 + 4 + 8 + 2))
+    return exposed, optimizer
+
+
+def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+             mapping: Mapping) -> Estimate:
+    """Predict one step of `mapping`. Raises validate.InvalidMapping for invalid mappings."""
+    m = resolve_mapping(model, cluster, training, mapping)
+    hw = hardware(cluster)
+    ctx = make_context(model, cluster, training, m, hw)
+    pattern = model.moe_layer_pattern()
+    layer_costs: dict[bool, Cost] = {}
+    for is_moe in set(bool(x) for x in pattern):
+        c = attention_cost(ctx)
+        c.add(moe_cost(ctx) if is_moe else dense_mlp_cost(ctx, model.ffn_hidden_size))
+        layer_costs[is_moe] = c
+    head, tail = embedding_cost(ctx), logits_cost(ctx)
+    ranks = [_rank_cost(ctx, layer_costs, r, pattern, head, tail) for r in range(m.pp)]
+    totals = [r.total for r in ranks]
+    slow = max(range(m.pp), key=lambda r: totals[r])
+    num_mb = training.global_batch_size // (m.micro_batch_size * m.dp)
+
+    breakdown = {k: num_mb * v for k, v in ranks[slow].parts.items()}
+    breakdown["bubble"] = (sum(totals) - totals[slow]) / m.vpp
+    dp_exposed, opt = _dp_comm(ctx, ranks[0].fwd_compute, ranks[0].bwd_compute)
+    breakdown["dp_comm"] = dp_exposed
+    breakdown["optimizer"] = opt
+    step = sum(breakdown.values())
+
+    act_bytes = ctx.act_bytes
+    per_rank = [
+        rank_memory(model, training, m, r, act_bytes, ctx.expert_load * ctx.capacity_scale, num_mb)
+        for r in range(m.pp)
+    ]
+    worst = max(range(m.pp), key=lambda r: per_rank[r].total)
+    wm = per_rank[worst]
+    capacity = hw.memory_bytes
+    flops = model_flops_per_step(model, training)
+    peak = hw.peak_flops["fp32" if training.precision == "fp32" else "bf16"]
+    n = cluster.world_size
+    return Estimate(
+        step_time_s=step,
+        mfu=flops / (step * n * peak),
+        model_flops_per_step=flops,
+        tflops_per_gpu=flops / step / n / 1e12,
+        tokens_per_s=training.global_batch_size * training.seq_length / step,
+        fits_memory=wm.total <= capacity,
+        memory=MemoryEstimate(
+            peak_gib=wm.total / GIB,
+            weights_gib=wm.weights / GIB,
+            gradients_gib=wm.gradients / GIB,
+            optimizer_gib=wm.optimizer / GIB,
+            activations_gib=wm.activations / GIB,
+            buffers_gib=wm.buffers / GIB,
+            capacity_gib=capacity / GIB,
+            worst_stage=worst,
+            per_stage_gib=[r.total / GIB for r in per_rank],
+        ),
+        breakdown=breakdown,
+        num_microbatches=num_mb,
+        expert_load_factor=ctx.expert_load,
+    )

@@ -1,0 +1,130 @@
+"""Hardware constants of one cluster, resolved once per estimate.
+
+Datasheet numbers come from data/gpus.json; the achievable fractions of them (GEMM, attention,
+memory-bound kernels, each link and collective kind) from data/efficiency.json, each with its
+source or its reason. A `profile` (the JSON `foldplan profile` writes) replaces them with
+numbers measured on the user's own machines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from .presets import resolve_gpu
+from .specs import ClusterSpec
+
+
+@lru_cache(maxsize=1)
+def efficiency_table() -> dict[str, Any]:
+    text = resources.files("cost_model").joinpath("data/efficiency.json").read_text()
+    return json.loads(text)
+
+
+def _value(key: str) -> float:
+    return float(efficiency_table()[key]["value"])
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates in FLOP/s and bytes/s; latencies in seconds."""
+
+    gpu_name: str
+    peak_flops: dict[str, float]  # precision -> FLOP/s
+    memory_bytes: float
+    hbm_bps: float
+    intra_bps: float
+    inter_bps: float
+    intra_latency_s: float
+    inter_latency_s: float
+    gpus_per_node: int
+    gemm_efficiency: float
+    attention_fwd_efficiency: float
+    attention_bwd_efficiency: float
+    memory_efficiency: float
+    kernel_overhead_s: float
+    num_sms: int
+    tile_m: int
+    tile_n: int
+    k_half: float
+    intra_collective_eff: float
+    inter_collective_eff: float
+    intra_alltoall_eff: float
+    inter_alltoall_eff: float
+
+
+def _hardware_impl(cluster: ClusterSpec) -> Hardware:
+    gpu = resolve_gpu(cluster.gpu)
+    prof = cluster.profile or {}
+    bf16 = gpu.peak_tflops * 1e12
+    peak = {
+        "bf16": bf16,
+        "fp8": (gpu.fp8_tflops or gpu.peak_tflops) * 1e12,
+        "fp32": (gpu.fp32_tflops or gpu.peak_tflops / 2) * 1e12,
+    }
+    gemm_eff = gpu.gemm_efficiency or _value("gemm_efficiency_default")
+    # A measured profile gives sustained GEMM rates directly: fold them into the efficiency.
+    for prec, measured in (prof.get("gemm_tflops") or {}).items():
+        if prec in peak and measured:
+            peak[prec] = float(measured) * 1e12 / gemm_eff
+    is_cpu = cluster.gpu == "cpu" or gpu.name.lower().startswith("cpu")
+    intra = cluster.intra_node_GBps or gpu.intra_node_GBps or 450.0
+    inter = cluster.inter_node_GBps or gpu.inter_node_GBps or 50.0
+    intra = float(prof.get("intra_node_GBps") or intra)
+    inter = float(prof.get("inter_node_GBps") or inter)
+    measured_links = bool(prof.get("intra_node_GBps"))
+    return Hardware(
+        gpu_name=gpu.name,
+        peak_flops=peak,
+        memory_bytes=gpu.memory_gib * 2**30,
+        hbm_bps=float(prof.get("hbm_GBps") or gpu.hbm_GBps) * 1e9,
+        intra_bps=intra * 1e9,
+        inter_bps=inter * 1e9,
+        intra_latency_s=float(prof.get("intra_node_latency_us") or cluster.intra_node_latency_us)
+        * 1e-6,
+        inter_latency_s=float(prof.get("inter_node_latency_us") or cluster.inter_node_latency_us)
+        * 1e-6,
+        gpus_per_node=cluster.gpus_per_node,
+        gemm_efficiency=gemm_eff,
+        attention_fwd_efficiency=_value("attention_fwd_efficiency"),
+        attention_bwd_efficiency=_value("attention_bwd_efficiency"),
+        memory_efficiency=_value("memory_bound_efficiency"),
+        kernel_overhead_s=float(
+            prof.get("kernel_overhead_us")
+            or (_value("cpu_op_overhead_us") if is_cpu else _value("kernel_overhead_us"))
+        )
+        * 1e-6,
+        num_sms=1 if is_cpu else int(_value("num_sms_" + _sm_key(gpu.name))),
+        tile_m=1 if is_cpu else 128,
+        tile_n=1 if is_cpu else 256,
+        k_half=0.0 if is_cpu else _value("gemm_k_half"),
+        intra_collective_eff=1.0 if measured_links else _value("intra_collective_efficiency"),
+        inter_collective_eff=1.0 if measured_links else _value("inter_collective_efficiency"),
+        intra_alltoall_eff=1.0 if measured_links else _value("intra_alltoall_efficiency"),
+        inter_alltoall_eff=1.0 if measured_links else _value("inter_alltoall_efficiency"),
+    )
+
+
+def _sm_key(name: str) -> str:
+    n = name.lower()
+    for key in ("b200", "a100"):
+        if key in n:
+            return key
+    return "hopper"
+
+
+def _cluster_key(cluster: ClusterSpec) -> str:
+    return cluster.model_dump_json()
+
+
+@lru_cache(maxsize=256)
+def _cached(key: str) -> Hardware:
+    return _hardware_impl(ClusterSpec.model_validate_json(key))
+
+
+def hardware(cluster: ClusterSpec) -> Hardware:
+    """Resolved constants for `cluster` (cached: the planner asks thousands of times)."""
+    return _cached(_cluster_key(cluster))

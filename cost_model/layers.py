@@ -1,0 +1,260 @@
+"""Per-micro-batch cost of each layer type on one rank: compute and communication.
+
+Shapes after sharding (b micro-batch, s sequence, h hidden, tp/cp/ep/etp as in the mapping):
+- attention and dense MLP GEMMs see T_a = b*s/cp tokens with weights split by tp (sequence
+  parallel gathers the tokens before, and scatters after, each block);
+- the MoE layer sees T_e = b*s/(cp*tp) tokens per rank (the sequence-parallel shard; folding
+  reshapes the same ranks into etp x ep x edp), routes each to top-k experts, and after the
+  dispatcher each rank runs its E/ep local experts (split by etp) over the tokens routed to
+  them, gathered over etp.
+
+Communication assumed exposed or hidden as Megatron-Core runs it without TP-comm overlap
+(early 2025 defaults the paper used): sequence-parallel all-gather/reduce-scatter in the
+forward and the all-gather before the row-parallel dgrad in the backward are exposed; the
+backward reduce-scatter of a column-parallel layer runs under its wgrad GEMM. Expert all-to-all
+and ETP gathers are exposed. Context-parallel K/V ring exchange overlaps the attention of the
+previous chunk. All costs are per micro-batch, forward + backward (+ recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .hardware import Hardware
+from .kernels import alltoall_time, gemm_time, linear_time, memory_time, ring_time
+from .layout import GroupPlacement
+from .specs import Mapping, ModelSpec, TrainingSpec
+
+COMPONENTS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm")
+
+
+@dataclass
+class Cost:
+    """Seconds per component (see COMPONENTS), and forward/backward compute for overlap."""
+
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    fwd_compute: float = 0.0
+    bwd_compute: float = 0.0
+
+    def add(self, other: Cost, times: float = 1.0) -> None:
+        for k, v in other.parts.items():
+            self.parts[k] += v * times
+        self.fwd_compute += other.fwd_compute * times
+        self.bwd_compute += other.bwd_compute * times
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything one estimate derives once and every layer reuses."""
+
+    model: ModelSpec
+    training: TrainingSpec
+    mapping: Mapping
+    hw: Hardware
+    prec: str  # GEMM precision
+    act_bytes: float  # bytes per activation element
+    tokens_attn: float  # T_a
+    tokens_moe: float  # T_e
+    expert_load: float  # busiest rank's routed assignments over the mean
+    capacity_scale: float  # fraction of routed assignments kept (<= 1 with token dropping)
+    place: dict[str, GroupPlacement]
+
+
+def _cast_overhead(ctx: Context, elements: float) -> float:
+    """fp8: every GEMM input is quantized (read bf16, write fp8) in fwd and again in bwd."""
+    if ctx.prec != "fp8":
+        return 0.0
+    return memory_time(ctx.hw, elements * 3.0)
+
+
+def _tp_collectives(ctx: Context, tokens: float, n_fwd: int, n_bwd: int) -> float:
+    """Sequence-parallel all-gathers/reduce-scatters (or all-reduces without SP) of T x h."""
+    m = ctx.mapping
+    if m.tp == 1:
+        return 0.0
+    full = tokens * ctx.model.hidden_size * ctx.act_bytes
+    per_collective = ring_time(ctx.hw, ctx.place["tp"], full * (m.tp - 1) / m.tp)
+    if not m.sp:
+        per_collective *= 2  # all-reduce = reduce-scatter + all-gather
+    return (n_fwd + n_bwd) * per_collective
+
+
+def attention_cost(ctx: Context) -> Cost:
+    md, m, hw, p = ctx.model, ctx.mapping, ctx.hw, ctx.prec
+    T, h, tp = ctx.tokens_attn, md.hidden_size, m.tp
+    n = md.num_attention_heads
+    c = Cost()
+    fwd = bwd = 0.0
+    if md.multi_latent_attention:
+        dq, dr, dv = md.qk_head_dim, md.qk_pos_emb_head_dim, md.v_head_dim
+        kv_l, q_l = md.kv_lora_rank, md.q_lora_rank
+        shapes = [(h, kv_l + dr, 1)]  # kv down-projection (replicated over tp)
+        if q_l:
+            shapes += [(h, q_l, 1), (q_l, n * (dq + dr) / tp, 1)]
+        else:
+            shapes += [(h, n * (dq + dr) / tp, 1)]
+        shapes += [(kv_l, n * (dq + dv) / tp, 1), (n * dv / tp, h, 1)]
+        qk_dim, v_dim = dq + dr, dv
+        qkv_elems = n * (dq + dr + dq + dr + dv) / tp
+    else:
+        d, g = md.head_dim, md.query_groups
+        shapes = [(h, (n + 2 * g) * d / tp, 1), (n * d / tp, h, 1)]
+        qk_dim = v_dim = d
+        qkv_elems = (n + 2 * g) * d / tp
+    for n_in, n_out, groups in shapes:
+        f, b = linear_time(hw, p, T, n_in, n_out, groups)
+        fwd, bwd = fwd + f, bwd + b
+        fwd += _cast_overhead(ctx, T * n_in)
+        bwd += _cast_overhead(ctx, 2 * T * n_out + n_in * n_out)
+    # Core attention: causal, so half of the s x s scores; CP splits the work evenly
+    # (load-balanced chunks), heads split by tp.
+    b_s, s = m.micro_batch_size, ctx.training.seq_length
+    core = 2.0 * b_s * s * s * (n / tp) * (qk_dim + v_dim) * 0.5 / m.cp
+    attn_prec = "fp32" if p == "fp32" else "bf16"
+    core_fwd = core / (hw.peak_flops[attn_prec] * hw.attention_fwd_efficiency)
+    core_bwd = 2.5 * core / (hw.peak_flops[attn_prec] * hw.attention_bwd_efficiency)
+    fwd, bwd = fwd + core_fwd, bwd + core_bwd
+    # Memory-bound work: norm, residual, RoPE and layout copies; backward about twice.
+    elem = T * (6 * h + 3 * qkv_elems) / tp * ctx.act_bytes
+    fwd += memory_time(hw, elem)
+    bwd += memory_time(hw, 2 * elem)
+    fwd += 12 * hw.kernel_overhead_s
+    bwd += 20 * hw.kernel_overhead_s
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    if m.recompute == "selective":
+        c.parts["recompute"] = core_fwd + memory_time(hw, T * 2 * h / tp * ctx.act_bytes)
+    elif m.recompute == "full":
+        c.parts["recompute"] = fwd
+    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
+    if m.cp > 1:
+        # Ring exchange of K and V: cp-1 steps, each passes this rank's K/V chunk on; the
+        # backward also passes dK/dV. Overlaps the attention of the chunk in hand.
+        kv_elems = (
+            (md.kv_lora_rank + md.qk_pos_emb_head_dim) * tp  # latent K/V (MLA), not split by tp
+            if md.multi_latent_attention
+            else 2 * md.query_groups * md.head_dim
+        )
+        chunk = b_s * s / m.cp * kv_elems / tp * ctx.act_bytes
+        step_comm = ring_time(hw, ctx.place["cp"], chunk)
+        steps = m.cp - 1
+        fwd_exposed = max(0.0, steps * step_comm - core_fwd * steps / m.cp) + step_comm / steps
+        bwd_exposed = max(0.0, 2 * steps * step_comm - core_bwd * steps / m.cp) + step_comm / steps
+        c.parts["cp_comm"] = fwd_exposed + bwd_exposed
+    return c
+
+
+def _mlp_gemms(ctx: Context, tokens: float, ffn_per_rank: float, groups: int = 1) -> tuple[float, float]:
+    md, hw, p = ctx.model, ctx.hw, ctx.prec
+    h = md.hidden_size
+    up = ffn_per_rank * (2 if md.swiglu else 1)
+    f1, b1 = linear_time(hw, p, tokens, h, up, groups)
+    f2, b2 = linear_time(hw, p, tokens, ffn_per_rank, h, groups)
+    fwd = f1 + f2 + _cast_overhead(ctx, tokens * (h + ffn_per_rank) * groups)
+    bwd = b1 + b2 + _cast_overhead(ctx, 2 * tokens * (up + h) * groups)
+    # SwiGLU (or GeLU) activation: read 2f, write f forward; about twice that backward.
+    act = tokens * groups * ffn_per_rank * 3 * ctx.act_bytes
+    return fwd + memory_time(hw, act), bwd + memory_time(hw, 2 * act)
+
+
+def dense_mlp_cost(ctx: Context, ffn: int) -> Cost:
+    """A tp-split MLP (dense layers, and shared experts inside MoE layers)."""
+    m, hw = ctx.mapping, ctx.hw
+    T, h = ctx.tokens_attn, ctx.model.hidden_size
+    fwd, bwd = _mlp_gemms(ctx, T, ffn / m.tp)
+    elem = T * 4 * h / m.tp * ctx.act_bytes  # norm + residual
+    fwd += memory_time(hw, elem) + 6 * hw.kernel_overhead_s
+    bwd += memory_time(hw, 2 * elem) + 12 * hw.kernel_overhead_s
+    c = Cost()
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    if m.recompute == "selective":
+        c.parts["recompute"] = memory_time(hw, T * ffn / m.tp * 3 * ctx.act_bytes)
+    elif m.recompute == "full":
+        c.parts["recompute"] = fwd
+    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
+    return c
+
+
+def moe_cost(ctx: Context) -> Cost:
+    """Router, dispatcher, local experts, combine; plus shared experts if the model has them."""
+    md, m, hw, p = ctx.model, ctx.mapping, ctx.hw, ctx.prec
+    h, E, k = md.hidden_size, md.num_experts, md.topk
+    Te = ctx.tokens_moe
+    local_experts = E // m.ep
+    # Routed assignments per rank after dispatch (and the etp gather), busiest rank.
+    assigned = Te * k * ctx.capacity_scale * m.etp * ctx.expert_load
+    per_expert = assigned / local_experts
+    fwd, bwd = _mlp_gemms(ctx, per_expert, md.expert_ffn / m.etp, groups=local_experts)
+    # Router GEMM (replicated weights, fp32 logits in Megatron: small) and its softmax/top-k.
+    rf, rb = linear_time(hw, "bf16" if p != "fp32" else "fp32", Te, h, E)
+    fwd, bwd = fwd + rf, bwd + rb
+    # Permute/unpermute and dispatcher buffers: about 6 passes over each assignment's h.
+    elem = (Te * 4 * h + assigned * 6 * h) * ctx.act_bytes
+    fwd += memory_time(hw, elem) + 25 * hw.kernel_overhead_s
+    bwd += memory_time(hw, 2 * elem) + 40 * hw.kernel_overhead_s
+    c = Cost()
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    if m.recompute == "selective":
+        c.parts["recompute"] = memory_time(hw, assigned * md.expert_ffn / m.etp * 3 * ctx.act_bytes)
+    elif m.recompute == "full":
+        c.parts["recompute"] = fwd
+
+    passes = 4 + (2 if m.recompute == "full" else 0)  # dispatch + combine, fwd and bwd
+    tok_bytes = h * ctx.act_bytes
+    if m.dispatcher == "alltoall":
+        a2a = alltoall_time(hw, ctx.place["ep"], Te * k * ctx.capacity_scale * tok_bytes,
+                            ctx.expert_load)
+        etp = ring_time(hw, ctx.place["etp"],
+                        Te * k * ctx.capacity_scale * ctx.expert_load * (m.etp - 1) * tok_bytes)
+        c.parts["ep_comm"] = passes * (a2a + etp)
+    else:
+        grp = ctx.place["tp_ep"]
+        ag = ring_time(hw, grp, Te * (grp.size - 1) * tok_bytes)
+        c.parts["ep_comm"] = passes * ag
+
+    if md.shared_ffn:
+        c.add(dense_mlp_cost(ctx, md.shared_ffn))
+    return c
+
+
+def logits_cost(ctx: Context) -> Cost:
+    """Final norm, output layer (vocab split by tp) and the cross-entropy."""
+    md, m, hw = ctx.model, ctx.mapping, ctx.hw
+    T = ctx.tokens_attn
+    from .flops import padded_vocab
+
+    v = padded_vocab(md.vocab_size, m.tp) / m.tp
+    fwd, bwd = linear_time(hw, ctx.prec, T, md.hidden_size, v)
+    # Vocab-parallel cross-entropy in fp32 (Megatron's unfused version): forward casts the
+    # logits to fp32, subtracts the max, exponentiates, sums and normalizes (about 38 bytes
+    # of traffic per logit); backward subtracts the one-hot, scales and casts back (about 22).
+    fwd += memory_time(hw, T * v * 38) + 10 * hw.kernel_overhead_s
+    bwd += memory_time(hw, T * v * 22) + 8 * hw.kernel_overhead_s
+    c = Cost()
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    c.parts["tp_comm"] = _tp_collectives(ctx, T, 1, 1)
+    return c
+
+
+def embedding_cost(ctx: Context) -> Cost:
+    """Vocab-parallel lookup; its backward builds a dense fp32 gradient of the local table
+    (zero, scatter-add) and accumulates it into the main gradient."""
+    from .flops import padded_vocab
+
+    T, h, tp = ctx.tokens_attn, ctx.model.hidden_size, ctx.mapping.tp
+    table = padded_vocab(ctx.model.vocab_size, tp) / tp * h
+    elem = T * h / tp * ctx.act_bytes * 2
+    c = Cost()
+    fwd = memory_time(ctx.hw, elem)
+    bwd = memory_time(ctx.hw, 2 * elem + table * 4 * 3)
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    c.parts["tp_comm"] = _tp_collectives(ctx, T, 1, 0)
+    return c
