@@ -13,6 +13,8 @@ under the forward of the first; only what exceeds that window is exposed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, Field
 
 from .flops import model_flops_per_step
@@ -21,7 +23,7 @@ from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import logits_cost, moe_cost
 from .layout import group_placement
-from .memory import GIB, layer_params, rank_layers, rank_memory
+from .memory import GIB, RankMemory, layer_params, rank_layer_counts, rank_memory
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -107,12 +109,13 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     )
 
 
-def _rank_cost(ctx: Context, layer_costs: dict[bool, Cost], rank: int, pattern: list[int],
-               head: Cost, tail: Cost) -> Cost:
+def _rank_cost(ctx: Context, layer_costs: dict[bool, Cost], rank: int,
+               counts: tuple[int, int], head: Cost, tail: Cost) -> Cost:
     m = ctx.mapping
     c = Cost()
-    for i in rank_layers(ctx.model, m, rank):
-        c.add(layer_costs[bool(pattern[i])])
+    for is_moe, count in enumerate(counts):
+        if count:
+            c.add(layer_costs[bool(is_moe)], count)
     if rank == 0:
         c.add(head)
     if rank == m.pp - 1:
@@ -128,11 +131,10 @@ def _rank_cost(ctx: Context, layer_costs: dict[bool, Cost], rank: int, pattern: 
 def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float, float]:
     """(exposed gradient reduction + parameter gather seconds, optimizer step seconds)."""
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
-    pattern = md.moe_layer_pattern()
     dense = expert = 0.0
-    for i in rank_layers(md, m, 0):
-        d, e = layer_params(md, bool(pattern[i]), m)
-        dense, expert = dense + d, expert + e
+    for is_moe, count in enumerate(rank_layer_counts(md, m, 0)):
+        d, e = layer_params(md, bool(is_moe), m)
+        dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
     from .flops import padded_vocab
 
@@ -158,20 +160,49 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
     return exposed, optimizer
 
 
-def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
-             mapping: Mapping) -> Estimate:
-    """Predict one step of `mapping`. Raises validate.InvalidMapping for invalid mappings."""
-    m = resolve_mapping(model, cluster, training, mapping)
+@dataclass(frozen=True)
+class StepResult:
+    """The raw answer for a resolved mapping (no pydantic: the planner makes thousands)."""
+
+    step_time_s: float
+    breakdown: dict[str, float]
+    per_rank_memory: list[RankMemory]
+    worst_stage: int
+    capacity_bytes: float
+    num_microbatches: int
+    expert_load: float
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.per_rank_memory[self.worst_stage].total
+
+    @property
+    def fits_memory(self) -> bool:
+        return self.peak_bytes <= self.capacity_bytes
+
+
+def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+             m: Mapping) -> StepResult:
+    """Step time and memory of a mapping already resolved by `validate.resolve_mapping`."""
     hw = hardware(cluster)
     ctx = make_context(model, cluster, training, m, hw)
-    pattern = model.moe_layer_pattern()
+    num_moe = model.num_moe_layers
     layer_costs: dict[bool, Cost] = {}
-    for is_moe in set(bool(x) for x in pattern):
-        c = attention_cost(ctx)
-        c.add(moe_cost(ctx) if is_moe else dense_mlp_cost(ctx, model.ffn_hidden_size))
-        layer_costs[is_moe] = c
+    for is_moe in (False, True):
+        if (num_moe if is_moe else model.num_layers - num_moe):
+            c = attention_cost(ctx)
+            c.add(moe_cost(ctx) if is_moe else dense_mlp_cost(ctx, model.ffn_hidden_size))
+            layer_costs[is_moe] = c
     head, tail = embedding_cost(ctx), logits_cost(ctx)
-    ranks = [_rank_cost(ctx, layer_costs, r, pattern, head, tail) for r in range(m.pp)]
+    counts = [rank_layer_counts(model, m, r) for r in range(m.pp)]
+    # Ranks with the same layers and no embedding/output cost the same: compute each once.
+    memo: dict[tuple, Cost] = {}
+    ranks = []
+    for r in range(m.pp):
+        key = (counts[r], r == 0, r == m.pp - 1)
+        if key not in memo:
+            memo[key] = _rank_cost(ctx, layer_costs, r, counts[r], head, tail)
+        ranks.append(memo[key])
     totals = [r.total for r in ranks]
     slow = max(range(m.pp), key=lambda r: totals[r])
     num_mb = training.global_batch_size // (m.micro_batch_size * m.dp)
@@ -181,16 +212,25 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     dp_exposed, opt = _dp_comm(ctx, ranks[0].fwd_compute, ranks[0].bwd_compute)
     breakdown["dp_comm"] = dp_exposed
     breakdown["optimizer"] = opt
-    step = sum(breakdown.values())
 
-    act_bytes = ctx.act_bytes
     per_rank = [
-        rank_memory(model, training, m, r, act_bytes, ctx.expert_load * ctx.capacity_scale, num_mb)
+        rank_memory(model, training, m, r, ctx.act_bytes, ctx.expert_load * ctx.capacity_scale,
+                    num_mb, counts[r])
         for r in range(m.pp)
     ]
     worst = max(range(m.pp), key=lambda r: per_rank[r].total)
-    wm = per_rank[worst]
-    capacity = hw.memory_bytes
+    return StepResult(
+        step_time_s=sum(breakdown.values()), breakdown=breakdown, per_rank_memory=per_rank,
+        worst_stage=worst, capacity_bytes=hw.memory_bytes, num_microbatches=num_mb,
+        expert_load=ctx.expert_load,
+    )
+
+
+def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                r: StepResult) -> Estimate:
+    hw = hardware(cluster)
+    step = r.step_time_s
+    wm = r.per_rank_memory[r.worst_stage]
     flops = model_flops_per_step(model, training)
     peak = hw.peak_flops["fp32" if training.precision == "fp32" else "bf16"]
     n = cluster.world_size
@@ -200,7 +240,7 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         model_flops_per_step=flops,
         tflops_per_gpu=flops / step / n / 1e12,
         tokens_per_s=training.global_batch_size * training.seq_length / step,
-        fits_memory=wm.total <= capacity,
+        fits_memory=r.fits_memory,
         memory=MemoryEstimate(
             peak_gib=wm.total / GIB,
             weights_gib=wm.weights / GIB,
@@ -208,11 +248,18 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
             optimizer_gib=wm.optimizer / GIB,
             activations_gib=wm.activations / GIB,
             buffers_gib=wm.buffers / GIB,
-            capacity_gib=capacity / GIB,
-            worst_stage=worst,
-            per_stage_gib=[r.total / GIB for r in per_rank],
+            capacity_gib=r.capacity_bytes / GIB,
+            worst_stage=r.worst_stage,
+            per_stage_gib=[x.total / GIB for x in r.per_rank_memory],
         ),
-        breakdown=breakdown,
-        num_microbatches=num_mb,
-        expert_load_factor=ctx.expert_load,
+        breakdown=r.breakdown,
+        num_microbatches=r.num_microbatches,
+        expert_load_factor=r.expert_load,
     )
+
+
+def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+             mapping: Mapping) -> Estimate:
+    """Predict one step of `mapping`. Raises validate.InvalidMapping for invalid mappings."""
+    m = resolve_mapping(model, cluster, training, mapping)
+    return to_estimate(model, cluster, training, evaluate(model, cluster, training, m))

@@ -48,7 +48,7 @@ def layer_params(model: ModelSpec, moe: bool, m: Mapping) -> tuple[float, float]
     return dense, expert
 
 
-def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> list[int]:
+def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
     """Indices of the layers pipeline rank `rank` holds (vpp chunks; uneven first/last)."""
     first, last = m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers
     if first is not None or last is not None:
@@ -60,13 +60,21 @@ def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> list[int]:
         if last is not None:
             counts[-1] = last
         start = sum(counts[:rank])
-        return list(range(start, start + counts[rank]))
+        return tuple(range(start, start + counts[rank]))
     per_chunk = model.num_layers // (m.pp * m.vpp)
     layers: list[int] = []
     for chunk in range(m.vpp):
         start = (chunk * m.pp + rank) * per_chunk
         layers.extend(range(start, start + per_chunk))
-    return layers
+    return tuple(layers)
+
+
+def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int]:
+    """(dense layers, MoE layers) on pipeline rank `rank`."""
+    pattern = model.moe_layer_pattern()
+    layers = rank_layers(model, m, rank)
+    num_moe = sum(pattern[i] for i in layers)
+    return len(layers) - num_moe, num_moe
 
 
 def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapping,
@@ -88,7 +96,7 @@ def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapp
         out = n * d / tp
     selective = m.recompute == "selective"
     # norm input, QKV GEMM input (SP shard), q/k/v, attention output (= out-proj input).
-    attn = 2 * h / sp + qkv + out + 4 / tp * 0  # softmax statistics are negligible
+    attn = 2 * h / sp + qkv + out  # softmax statistics are negligible
     act_keep = 2 if selective else 3  # SwiGLU: fc1 output (2f) + activation output (f)
     if not moe:
         mlp = 2 * h / sp + act_keep * model.ffn_hidden_size / tp
@@ -128,18 +136,26 @@ class RankMemory:
 
 
 def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
-                act_bytes: float, expert_factor: float, num_microbatches: int) -> RankMemory:
+                act_bytes: float, expert_factor: float, num_microbatches: int,
+                counts: tuple[int, int] | None = None) -> RankMemory:
+    """Memory of pipeline rank `rank` (`counts` = its (dense, MoE) layers, if known)."""
     prec = training.precision
-    pattern = model.moe_layer_pattern()
-    layers = rank_layers(model, m, rank)
+    counts = counts or rank_layer_counts(model, m, rank)
     dense = expert = 0.0
     act_layers = 0.0
-    for i in layers:
-        d, e = layer_params(model, bool(pattern[i]), m)
-        dense, expert = dense + d, expert + e
-        act_layers += activation_bytes_per_layer(
-            model, training, m, bool(pattern[i]), act_bytes, expert_factor
+    act_full = 0.0  # one layer's activations without recompute (full recompute's peak)
+    no_rc = m.model_copy(update={"recompute": "none"}) if m.recompute == "full" else m
+    for is_moe, count in enumerate(counts):
+        if not count:
+            continue
+        d, e = layer_params(model, bool(is_moe), m)
+        dense, expert = dense + d * count, expert + e * count
+        act_layers += count * activation_bytes_per_layer(
+            model, training, m, bool(is_moe), act_bytes, expert_factor
         )
+        if m.recompute == "full":
+            act_full = max(act_full, activation_bytes_per_layer(
+                model, training, no_rc, bool(is_moe), act_bytes, expert_factor))
     v = padded_vocab(model.vocab_size, m.tp) / m.tp * model.hidden_size
     first, last = rank == 0, rank == m.pp - 1
     if first:
@@ -155,14 +171,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     optimizer = opt_bytes * (dense / shard_dense + expert / shard_expert)
     chunks = inflight_chunks(m, rank, num_microbatches)
     activations = act_layers / m.vpp * chunks
-    if m.recompute == "full" and layers:
-        # The layer being recomputed holds its full activations during its backward.
-        no_rc = m.model_copy(update={"recompute": "none"})
-        activations += max(
-            activation_bytes_per_layer(model, training, no_rc, bool(pattern[i]), act_bytes,
-                                       expert_factor)
-            for i in layers
-        )
+    # With full recompute, the layer being recomputed holds its full activations.
+    activations += act_full
     T = m.micro_batch_size * training.seq_length / m.cp
     if last:
         v_local = padded_vocab(model.vocab_size, m.tp) / m.tp
@@ -177,10 +187,9 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
 def total_params(model: ModelSpec) -> float:
     """All parameters of the model (no sharding)."""
     one = Mapping()
-    pattern = model.moe_layer_pattern()
     total = 0.0
-    for is_moe in pattern:
+    for is_moe, count in enumerate((model.num_layers - model.num_moe_layers, model.num_moe_layers)):
         d, e = layer_params(model, bool(is_moe), one)
-        total += d + e
+        total += (d + e) * count
     v = model.vocab_size * model.hidden_size
     return total + v * (2 if model.untie_embeddings_and_output_weights else 1) + model.hidden_size

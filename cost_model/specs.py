@@ -8,6 +8,7 @@ two specs together (tp divides heads, the world-size products) live in `validate
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,7 +53,7 @@ class ModelSpec(_Spec):
     moe_shared_expert_intermediate_size: int | None = Field(
         None, ge=1, le=10_000_000, description="Total intermediate size of the shared experts."
     )
-    moe_layer_freq: int | list[int] = Field(
+    moe_layer_freq: int | tuple[int, ...] = Field(
         1,
         description="int N: every Nth layer is MoE starting at layer 0; or a 0/1 list per layer.",
     )
@@ -65,7 +66,7 @@ class ModelSpec(_Spec):
 
     @field_validator("moe_layer_freq")
     @classmethod
-    def _check_freq(cls, v: int | list[int]) -> int | list[int]:
+    def _check_freq(cls, v: int | tuple[int, ...]) -> int | tuple[int, ...]:
         if isinstance(v, int):
             if v < 1:
                 raise ValueError(f"moe_layer_freq={v} must be >= 1")
@@ -86,7 +87,7 @@ class ModelSpec(_Spec):
                     f"hidden_size={self.hidden_size} is not divisible by "
                     f"num_attention_heads={heads}; set kv_channels"
                 )
-        if isinstance(self.moe_layer_freq, list) and len(self.moe_layer_freq) != self.num_layers:
+        if isinstance(self.moe_layer_freq, tuple) and len(self.moe_layer_freq) != self.num_layers:
             raise ValueError(
                 f"moe_layer_freq has {len(self.moe_layer_freq)} entries but "
                 f"num_layers={self.num_layers}"
@@ -133,17 +134,22 @@ class ModelSpec(_Spec):
     def topk(self) -> int:
         return self.moe_router_topk or 0
 
-    def moe_layer_pattern(self) -> list[int]:
+    def moe_layer_pattern(self) -> tuple[int, ...]:
         """1 for each MoE layer, 0 for each dense layer (Megatron's `moe_layer_freq` rule)."""
-        if not self.is_moe:
-            return [0] * self.num_layers
-        if isinstance(self.moe_layer_freq, list):
-            return list(self.moe_layer_freq)
-        return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
+        return _layer_pattern(self.num_layers, self.is_moe, self.moe_layer_freq)
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layer_pattern())
+
+
+@lru_cache(maxsize=4096)
+def _layer_pattern(num_layers: int, is_moe: bool, freq: int | tuple[int, ...]) -> tuple[int, ...]:
+    if not is_moe:
+        return (0,) * num_layers
+    if isinstance(freq, tuple):
+        return freq
+    return tuple(1 if i % freq == 0 else 0 for i in range(num_layers))
 
 
 class PresetRef(_Spec):
