@@ -1,0 +1,55 @@
+"""The FastAPI application: `create_app(settings)` wires settings, database, runner, routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from .db import Database
+from .errors import BodyLimitMiddleware, install_error_handlers
+from .routers import estimate, health, layout, pages, plans, presets, runs
+from .runner import RunFn, RunManager
+from .service import foldplan_version
+from .settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+DESCRIPTION = """Automatic parallelism planner for Mixture-of-Experts training with
+MoE Parallel Folding. Send a model (preset, spec or Hugging Face config.json) and a cluster;
+get ranked mappings with predicted step time, memory and Megatron-LM arguments.
+Human-readable plan pages at `/plans/{id}`; recent plans at `/`."""
+
+
+def create_app(settings: Settings | None = None, run_fn: RunFn | None = None) -> FastAPI:
+    """Build the app. The database schema is migrated here, before the first request.
+
+    `run_fn` replaces `executor.launch.run_plan` for runs (tests use a fake one).
+    """
+    settings = settings or Settings()
+    db = Database(settings.db)
+    db.init()
+    runner = RunManager(db, settings.run_dir, run_fn)
+    runner.recover()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.shutdown()
+        db.dispose()
+
+    app = FastAPI(title="foldplan", version=foldplan_version(), description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = db
+    app.state.runner = runner
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    for module in (health, estimate, plans, layout, presets, runs, pages):
+        app.include_router(module.router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,283 @@
+"""`foldplan` command line: the HTTP API's twins plus `serve` and `run`.
+
+Every command that takes input reads the same JSON as the HTTP body, from `--json FILE` or
+stdin, and prints JSON to stdout (`--format table` for a table). Bad input exits non-zero with
+one line on stderr that names the field; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class CLIError(Exception):
+    def __init__(self, msg: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(msg)
+        self.code = code
+
+
+def _read_json(path: str | None) -> str:
+    if path in (None, "-"):
+        if sys.stdin.isatty():
+            raise CLIError("no input: give --json FILE or pipe JSON on stdin")
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise CLIError(f"--json {path}: {exc.strerror}") from None
+
+
+def _parse(model: type[BaseModel], text: str) -> Any:
+    from .errors import error_lines
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"input is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise CLIError("; ".join(error_lines(exc.errors()))) from None
+
+
+def _dump(obj: Any) -> str:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2)
+    if isinstance(obj, list):
+        return json.dumps([o.model_dump(mode="json") if isinstance(o, BaseModel) else o
+                           for o in obj], indent=2)
+    return json.dumps(obj, indent=2)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    Console().print(table)
+
+
+def _estimate_rows(e: Any) -> list[list[Any]]:
+    if hasattr(e, "error"):
+        return [["error", e.error]]
+    rows: list[list[Any]] = [
+        ["step_time_s", f"{e.step_time_s:.4f}"], ["mfu", f"{100 * e.mfu:.1f}%"],
+        ["tokens_per_s", f"{e.tokens_per_s:,.0f}"], ["tflops_per_gpu", f"{e.tflops_per_gpu:.1f}"],
+        ["fits_memory", e.fits_memory],
+        ["memory peak", f"{e.memory.peak_gib:.1f} / {e.memory.capacity_gib:.1f} GiB"],
+    ]
+    rows += [[f"  {k}", f"{v:.4f} s"] for k, v in e.breakdown.items()]
+    return rows
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from .schemas import EstimateRequest
+    from .service import run_estimate
+
+    req = _parse(EstimateRequest, _read_json(args.json))
+    out = run_estimate(req)
+    if args.format == "table":
+        for i, e in enumerate(out if isinstance(out, list) else [out]):
+            _print_table(f"estimate {i}", ["quantity", "value"], _estimate_rows(e))
+    else:
+        print(_dump(out))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .schemas import PlanRequest
+    from .service import run_plan
+    from .settings import Settings
+
+    req = _parse(PlanRequest, _read_json(args.json))
+    answer = run_plan(req, req.time_limit_s or Settings().plan_time_limit_s)
+    if args.format == "table":
+        rows = []
+        for i, c in enumerate(answer.candidates):
+            m, e = c.mapping, c.estimate
+            rows.append([i, f"tp{m.tp} cp{m.cp} pp{m.pp} vpp{m.vpp} ep{m.ep} etp{m.etp} dp{m.dp} "
+                         f"edp{m.edp} mbs{m.micro_batch_size} {m.recompute}",
+                         f"{e.step_time_s:.3f}", f"{100 * e.mfu:.1f}%", f"{e.tokens_per_s:,.0f}",
+                         f"{e.memory.peak_gib:.1f}/{e.memory.capacity_gib:.0f}"])
+        _print_table(f"{answer.model.name or 'model'} on {answer.cluster.world_size} GPUs: "
+                     f"{answer.search.status}", ["#", "mapping", "step s", "MFU", "tokens/s",
+                                                 "mem GiB"], rows)
+        for r in answer.search.reasons:
+            print(f"reason: {r}")
+    else:
+        print(_dump(answer))
+
+
+def cmd_layout(args: argparse.Namespace) -> None:
+    from .schemas import LayoutRequest
+    from .service import run_layout
+
+    ans = run_layout(_parse(LayoutRequest, _read_json(args.json)))
+    if args.format == "table":
+        rows = [[k, len(g[0]), len(g), ans.crosses_node[k], g[0] if len(g[0]) <= 16 else "..."]
+                for k, g in ans.groups.items()]
+        _print_table("rank layout", ["kind", "size", "groups", "crosses node", "first group"], rows)
+    else:
+        print(_dump(ans))
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .service import presets
+
+    p = presets()
+    if args.format == "table":
+        _print_table("models", ["id", "layers", "hidden", "experts", "top-k", "source"],
+                     [[k, v.spec.num_layers, v.spec.hidden_size, v.spec.num_experts or "-",
+                       v.spec.moe_router_topk or "-", v.source] for k, v in p.models.items()])
+        _print_table("gpus", ["id", "name", "TFLOP/s", "GiB"],
+                     [[k, g.name, g.peak_tflops, g.memory_gib] for k, g in p.gpus.items()])
+    else:
+        print(_dump(p))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    try:
+        plan = json.loads(Path(args.plan).read_text())
+    except OSError as exc:
+        raise CLIError(f"--plan {args.plan}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--plan {args.plan} is not valid JSON: {exc}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("candidates"), list):
+        raise CLIError(f"--plan {args.plan}: not a plan answer (no 'candidates' list)")
+    if not 0 <= args.candidate < len(plan["candidates"]):
+        raise CLIError(f"--candidate {args.candidate}: the plan has {len(plan['candidates'])} "
+                       "candidates")
+    try:
+        from executor.launch import run_plan
+    except ImportError as exc:
+        raise CLIError(f"the executor is not available: {exc}", EXIT_FAILED) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    accepted = inspect.signature(run_plan).parameters
+    for name in ("save_every", "resume"):
+        value = getattr(args, name)
+        if value not in (None, False):
+            if name not in accepted:
+                raise CLIError(f"--{name.replace('_', '-')} is not supported by this executor")
+            kwargs[name] = value
+    metrics = run_plan(plan, args.candidate, args.steps, out, **kwargs)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in (("db", args.db), ("host", args.host), ("port", args.port),
+                                   ("run_dir", args.run_dir)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        from .errors import error_lines
+        raise CLIError("; ".join(error_lines(exc.errors()))) from None
+    app = create_app(settings)
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"foldplan serving on {base}/  (API docs: {base}/docs, database: {settings.db})",
+          flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="foldplan", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def io(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", metavar="FILE", help="request JSON (default: stdin)")
+        sp.add_argument("--format", choices=("json", "table"), default="json")
+
+    io(s := sub.add_parser("estimate", help="predict one step of a mapping (POST /v1/estimate)"))
+    s.set_defaults(fn=cmd_estimate)
+    io(s := sub.add_parser("plan", help="ranked mappings (POST /v1/plans, not stored)"))
+    s.set_defaults(fn=cmd_plan)
+    io(s := sub.add_parser("layout", help="rank groups of a mapping (POST /v1/layout)"))
+    s.set_defaults(fn=cmd_layout)
+    s = sub.add_parser("presets", help="built-in models and GPUs (GET /v1/presets)")
+    s.add_argument("--format", choices=("json", "table"), default="json")
+    s.set_defaults(fn=cmd_presets)
+    s = sub.add_parser("run", help="train a plan candidate in the foreground")
+    s.add_argument("--plan", required=True, metavar="FILE", help="plan answer JSON")
+    s.add_argument("--candidate", type=_nonneg, default=0, metavar="K")
+    s.add_argument("--steps", type=_positive, required=True, metavar="N")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--save-every", type=_positive, default=None, metavar="K")
+    s.add_argument("--resume", action="store_true")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--db", default=None, metavar="URL", help="SQLAlchemy URL (FOLDPLAN_DB)")
+    s.add_argument("--run-dir", default=None, metavar="DIR", help="FOLDPLAN_RUN_DIR")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cost_model.validate import InvalidMapping
+
+    from .service import RequestError
+
+    try:
+        args.fn(args)
+    except CLIError as exc:
+        print(f"foldplan {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except (RequestError, InvalidMapping) as exc:
+        print(f"foldplan {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # stdout closed early (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        print(f"foldplan {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

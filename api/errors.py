@@ -1,0 +1,138 @@
+"""Every bad input becomes a 4xx whose `detail` names the field; never a 500.
+
+Answer shape (FastAPI's own validation shape, plus a one-line `message`):
+{"detail": [{"loc": ["body", "cluster", "num_nodes"], "msg": "...", "type": "..."}],
+ "message": "cluster.num_nodes: ..."} ; InvalidMapping also carries `reasons`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cost_model.validate import InvalidMapping
+
+from .service import RequestError
+
+
+def _loc_text(loc: tuple | list) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def error_lines(errors: list[dict[str, Any]]) -> list[str]:
+    """'field.path: message' for each pydantic error."""
+    return [f"{_loc_text(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors]
+
+
+def _items(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+         "msg": str(e.get("msg", "")), "type": str(e.get("type", "value_error"))}
+        for e in errors
+    ]
+
+
+def _answer(status: int, errors: list[dict[str, Any]], **extra: Any) -> JSONResponse:
+    body = {"detail": _items(errors), "message": "; ".join(error_lines(errors))[:2000], **extra}
+    return JSONResponse(body, status_code=status)
+
+
+async def _on_validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = list(exc.errors())
+    for e in errs:
+        if e.get("type") == "json_invalid":
+            e["msg"] = f"body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
+    return _answer(422, errs)
+
+
+async def _on_pydantic(_req: Request, exc: ValidationError) -> JSONResponse:
+    return _answer(422, [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+
+
+async def _on_request_error(_req: Request, exc: RequestError) -> JSONResponse:
+    return _answer(422, [{"loc": ("body", *exc.loc), "msg": exc.msg, "type": "value_error"}])
+
+
+async def _on_invalid_mapping(_req: Request, exc: InvalidMapping) -> JSONResponse:
+    errs = [{"loc": ("body", "mapping"), "msg": r, "type": "invalid_mapping"} for r in exc.reasons]
+    return _answer(422, errs, reasons=list(exc.reasons))
+
+
+async def _on_value_error(_req: Request, exc: ValueError) -> JSONResponse:
+    return _answer(422, [{"loc": ("body",), "msg": str(exc), "type": "value_error"}])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(ValidationError, _on_pydantic)
+    app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(InvalidMapping, _on_invalid_mapping)
+    app.add_exception_handler(ValueError, _on_value_error)
+    app.add_exception_handler(RecursionError, _on_value_error)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413 before the app sees them (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_bytes
+            except ValueError:
+                too_big = True
+            if too_big:
+                await self._refuse(send)
+                return
+        # Read the body now (bounded), then replay it to the app.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        msg = f"request body exceeds the limit of {self.max_bytes} bytes"
+        resp = JSONResponse(
+            {"detail": [{"loc": ["body"], "msg": msg, "type": "too_large"}], "message": msg},
+            status_code=413,
+        )
+        await resp({"type": "http"}, _never_receive, send)
+
+
+async def _never_receive() -> Message:  # pragma: no cover - JSONResponse never reads
+    return {"type": "http.disconnect"}

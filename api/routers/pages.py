@@ -1,0 +1,53 @@
+"""Server-rendered HTML: the index of recent plans and the readable plan page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from cost_model.presets import resolve_gpu
+
+from .. import db as store
+from ..deps import SessionDep
+from ..pages_view import layout_grid, mapping_rows, memory_chart, time_chart
+from ..schemas import PlanAnswer
+from ..service import foldplan_version, presets
+
+templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
+router = APIRouter(tags=["pages"], include_in_schema=False)
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(request: Request, s: SessionDep) -> HTMLResponse:
+    rows, total = store.list_plans(s, 50, 0)
+    p = presets()
+    return templates.TemplateResponse(request, "index.html", {
+        "plans": [{**{c: getattr(r, c) for c in ("id", "model_name", "num_gpus", "gpu", "status",
+                                                  "best_step_time_s", "best_mfu")},
+                   "created_at": store.iso(r.created_at).replace("T", " ").replace("+00:00", "")}
+                  for r in rows],
+        "total": total, "model_ids": sorted(p.models), "gpu_ids": sorted(p.gpus),
+        "version": foldplan_version(),
+    })
+
+
+@router.get("/plans/{plan_id}", response_class=HTMLResponse)
+def plan_page(request: Request, plan_id: str, s: SessionDep,
+              c: Annotated[int, Query(ge=0, le=49)] = 0) -> HTMLResponse:
+    row = store.get_plan(s, plan_id)
+    if row is None:
+        raise HTTPException(404, f"no plan with id {plan_id!r}")
+    plan = PlanAnswer.model_validate(row.answer)
+    chosen = min(c, max(len(plan.candidates) - 1, 0))
+    ctx = {"plan": plan, "chosen": chosen, "version": foldplan_version(),
+           "gpu_name": resolve_gpu(plan.cluster.gpu).name if isinstance(plan.cluster.gpu, str)
+           else plan.cluster.gpu.name,
+           "runs": store.runs_of_plan(s, plan_id)}
+    if plan.candidates:
+        ctx.update(time_chart=time_chart(plan), memory_chart=memory_chart(plan),
+                   layout=layout_grid(plan, chosen), mapping_rows=mapping_rows(plan))
+    return templates.TemplateResponse(request, "plan.html", ctx)

@@ -1,0 +1,83 @@
+"""Runs of a plan candidate (background, via the executor)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException
+
+from .. import db as store
+from ..deps import RunAuth, RunnerDep, SessionDep
+from ..schemas import ErrorAnswer, RunAnswer, RunRequest
+from ..service import RequestError
+from . import BAD_INPUT, NOT_FOUND
+from .examples import RUN_EXAMPLES
+from .plans import load_plan
+
+router = APIRouter(tags=["runs"])
+AUTH = {401: {"model": ErrorAnswer, "description": "Token required."},
+        403: {"model": ErrorAnswer, "description": "No token configured: loopback only."}}
+
+
+def run_answer(r: store.RunRow) -> RunAnswer:
+    return RunAnswer(
+        id=r.id, plan_id=r.plan_id, candidate=r.candidate, steps=r.steps, backend=r.backend,
+        status=r.status, metrics=r.metrics, predicted=r.predicted, error=r.error,
+        log_tail=r.log_tail, created_at=store.iso(r.created_at),
+        started_at=store.iso(r.started_at), finished_at=store.iso(r.finished_at),
+    )
+
+
+@router.post("/v1/plans/{plan_id}/runs", status_code=202, response_model=RunAnswer,
+             summary="Start a run of one candidate", dependencies=[RunAuth],
+             responses={**BAD_INPUT, **NOT_FOUND, **AUTH})
+def create_run(
+    plan_id: str,
+    req: Annotated[RunRequest, Body(openapi_examples=RUN_EXAMPLES)],
+    s: SessionDep,
+    runner: RunnerDep,
+) -> RunAnswer:
+    plan = load_plan(s, plan_id)
+    candidates = plan.answer["candidates"]
+    if req.candidate >= len(candidates):
+        raise RequestError(("candidate",), f"candidate={req.candidate} but the plan has "
+                           f"{len(candidates)} candidates")
+    if req.backend != "local":
+        raise RequestError(("backend",), f"backend={req.backend!r} is not configured on this "
+                           "server; use 'local'")
+    row = store.RunRow(
+        id=uuid.uuid4().hex, plan_id=plan_id, candidate=req.candidate, steps=req.steps,
+        backend=req.backend, status="queued", predicted=candidates[req.candidate]["estimate"],
+        created_at=store.utcnow(),
+    )
+    s.add(row)
+    s.commit()  # visible to the worker before it starts
+    runner.submit(row.id)
+    return run_answer(row)
+
+
+@router.get("/v1/plans/{plan_id}/runs", response_model=list[RunAnswer],
+            summary="Runs of a plan, newest first", responses=NOT_FOUND)
+def list_runs(plan_id: str, s: SessionDep) -> list[RunAnswer]:
+    load_plan(s, plan_id)
+    return [run_answer(r) for r in store.runs_of_plan(s, plan_id)]
+
+
+@router.get("/v1/runs/{run_id}", response_model=RunAnswer, summary="A run's status and metrics",
+            responses=NOT_FOUND)
+def get_run(run_id: str, s: SessionDep) -> RunAnswer:
+    r = store.get_run(s, run_id)
+    if r is None:
+        raise HTTPException(404, f"no run with id {run_id!r}")
+    return run_answer(r)
+
+
+@router.delete("/v1/runs/{run_id}", response_model=RunAnswer, summary="Cancel a run",
+               dependencies=[RunAuth], responses={**NOT_FOUND, **AUTH})
+def cancel_run(run_id: str, s: SessionDep, runner: RunnerDep) -> RunAnswer:
+    if runner.cancel(run_id) is None:
+        raise HTTPException(404, f"no run with id {run_id!r}")
+    r = store.get_run(s, run_id)
+    s.refresh(r)
+    return run_answer(r)
