@@ -1,0 +1,75 @@
+"""Launch a plan's candidate on this machine with torchrun and return its metrics.
+
+    run_plan(plan, candidate, steps, out_dir) -> metrics dict (the metrics.json of rank 0)
+
+Runs `python -m torch.distributed.run --nproc-per-node N --master-port <free port>
+-m executor.train ...` with N = the plan's world size (num_nodes * gpus_per_node), streams
+the ranks' output, and raises RuntimeError with the tail of the log when a rank fails.
+On a machine without GPUs every rank is a CPU process on gloo (GLOO_SOCKET_IFNAME=lo,
+MASTER_ADDR=127.0.0.1). Multi-node launches are not done here (use the exported scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from .config import load_run
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0,
+             nproc: int | None = None, data: str | None = None, echo: bool = True) -> dict:
+    """Train `steps` steps of candidate `candidate`; return the metrics dict."""
+    run = load_run(plan, candidate)  # refuses unsupported plans before any process starts
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    world = run.world_size
+    nproc = world if nproc is None else nproc
+    if nproc != world:
+        raise ValueError(f"nproc={nproc} but the plan's cluster has {world} GPUs; run_plan "
+                         "launches the whole world on this machine")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_file = out_dir / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    metrics_file = out_dir / "metrics.json"
+    if metrics_file.exists():
+        metrics_file.unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "executor.train", "--plan", str(plan_file), "--candidate", str(candidate),
+           "--steps", str(steps), "--out", str(out_dir), "--seed", str(seed)]
+    if data:
+        cmd += ["--data", str(data)]
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    tail: deque[str] = deque(maxlen=60)
+    with open(out_dir / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        rc = proc.wait()
+    if rc != 0 or not metrics_file.exists():
+        raise RuntimeError(f"training failed (exit {rc}); last lines:\n" + "".join(tail))
+    return json.loads(metrics_file.read_text())

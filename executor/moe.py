@@ -1,0 +1,53 @@
+"""The MoE layer: router -> dispatcher -> grouped experts -> combine, plus shared experts.
+
+Legend: B sequences, S sequence length, T = B*S local tokens, D model dim, M expert rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cost_model.specs import ModelSpec
+
+from .comm import CommCounter
+from .dispatcher import make_dispatcher
+from .experts import GroupedExperts
+from .mlp import MLP
+from .parallel_dims import ParallelDims
+from .router import Router, RouterConfig
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    out_BSD: torch.Tensor
+    aux_loss: torch.Tensor  # this rank's share of router losses
+    num_dropped: int
+
+
+class MoELayer(nn.Module):
+    """Routed experts sharded over ETP x EP, a replicated router and optional shared experts."""
+
+    def __init__(self, spec: ModelSpec, dims: ParallelDims, counter: CommCounter | None,
+                 router_config: RouterConfig, dispatcher: str, kernel_backend: str = "torch"):
+        super().__init__()
+        E = spec.num_experts
+        self.router = Router(spec.hidden_size, E, spec.topk, router_config)
+        self.experts = GroupedExperts(E, spec.hidden_size, spec.expert_ffn, spec.swiglu,
+                                      dims.ep, dims.ep_rank, dims.etp, dims.etp_rank)
+        self.shared = MLP(spec.hidden_size, spec.shared_ffn, spec.swiglu) if spec.shared_ffn else None
+        self.dims, self.counter = dims, counter
+        self.dispatcher = make_dispatcher(dispatcher, E, dims, counter, kernel_backend)
+
+    def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD, self.dims, self.counter)
+        expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
+        expert_out_MD = self.experts(expert_in_MD, meta.tokens_per_expert)
+        out_TD = self.dispatcher.combine(expert_out_MD, meta)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return MoEOutput(out_TD.view(B, S, D), routing.aux_loss, routing.num_dropped)

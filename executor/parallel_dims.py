@@ -1,0 +1,134 @@
+"""The process groups of one folded mapping, held in one frozen value (no globals).
+
+`build_parallel_dims` creates every torch.distributed group of `cost_model.layout.build_layout`
+(dense tp/cp/dp/pp, expert etp/ep/edp, and dp_cp/tp_cp/tp_ep) in one fixed order, on every
+rank, as `new_group` requires. The result is passed explicitly to modules and dispatchers.
+
+Sub-worlds: `base_ranks` maps layout rank r to global rank base_ranks[r], so one launched world
+can host several smaller configurations in sequence (tests do this). Processes outside the
+sub-world still take part in every `new_group` call and get `None` back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from cost_model.layout import RankLayout, build_layout
+from cost_model.specs import Mapping
+
+# Fixed creation order: every rank must call new_group in the same sequence.
+ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep")
+
+
+@dataclass(frozen=True)
+class Group:
+    """This rank's group of one kind: its global ranks, the process group, our index in it."""
+
+    ranks: tuple[int, ...]
+    pg: object | None  # torch ProcessGroup; None when the group has one rank
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes, coordinates and process groups of one mapping, as seen from one rank."""
+
+    mapping: Mapping
+    world_size: int
+    rank: int  # rank inside this (sub-)world
+    layout: RankLayout | None
+    groups: dict[str, Group] = field(repr=False)
+    device: torch.device = torch.device("cpu")
+
+    def group(self, kind: str) -> Group:
+        return self.groups[kind]
+
+    @property
+    def dp(self) -> int:
+        return self.groups["dp"].size
+
+    @property
+    def edp(self) -> int:
+        return self.groups["edp"].size
+
+    @property
+    def ep(self) -> int:
+        return self.groups["ep"].size
+
+    @property
+    def etp(self) -> int:
+        return self.groups["etp"].size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.groups["ep"].index
+
+    @property
+    def etp_rank(self) -> int:
+        return self.groups["etp"].index
+
+    @property
+    def dp_rank(self) -> int:
+        return self.groups["dp"].index
+
+    @classmethod
+    def single(cls, mapping: Mapping | None = None, device: torch.device | str = "cpu") -> ParallelDims:
+        """The one-rank world: every group is just this rank (the reference configuration)."""
+        m = (mapping or Mapping()).model_copy(update=dict(tp=1, cp=1, pp=1, ep=1, etp=1, dp=1, edp=1))
+        groups = {k: Group((0,), None, 0) for k in ALL_KINDS}
+        return cls(m, 1, 0, None, groups, torch.device(device))
+
+
+def complete_mapping(mapping: Mapping, world_size: int) -> Mapping:
+    """Fill dp/edp when omitted (same rule as the layout)."""
+    m = mapping
+    return m.model_copy(
+        update=dict(
+            dp=m.dp or world_size // (m.tp * m.cp * m.pp),
+            edp=m.edp or world_size // (m.etp * m.ep * m.pp),
+        )
+    )
+
+
+def build_parallel_dims(
+    mapping: Mapping,
+    world_size: int,
+    gpus_per_node: int,
+    device: torch.device | str = "cpu",
+    base_ranks: list[int] | None = None,
+) -> ParallelDims | None:
+    """Create every group of `mapping`'s layout; call on every process of the default group.
+
+    Returns None on processes that are not part of the (sub-)world given by `base_ranks`.
+    Identical rank lists of different kinds (e.g. dp and dp_cp when cp == 1) share one
+    process group; the sharing is decided by the lists alone, so it is the same on every rank.
+    """
+    base = list(range(world_size)) if base_ranks is None else list(base_ranks)
+    assert len(base) == world_size, (base, world_size)
+    mapping = complete_mapping(mapping, world_size)
+    layout = build_layout(world_size, gpus_per_node, mapping)
+    me = dist.get_rank()
+    made: dict[tuple[int, ...], object] = {}
+    mine: dict[str, Group] = {}
+    for kind in ALL_KINDS:
+        for ranks in layout.groups[kind]:
+            global_ranks = tuple(base[r] for r in ranks)
+            if len(global_ranks) == 1:
+                pg = None
+            elif global_ranks in made:
+                pg = made[global_ranks]
+            else:
+                pg = dist.new_group(list(global_ranks))
+                made[global_ranks] = pg
+            if me in global_ranks:
+                mine[kind] = Group(global_ranks, pg, global_ranks.index(me))
+    if me not in base:
+        return None
+    return ParallelDims(mapping, world_size, base.index(me), layout, mine, torch.device(device))

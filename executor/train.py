@@ -1,0 +1,120 @@
+"""Rank entry point: `python -m executor.train --plan P --candidate K --steps N --out DIR`.
+
+Started by torchrun (see launch.py), one process per rank. Builds the process groups of the
+plan's folded layout, trains, and rank 0 writes DIR/metrics.json:
+  {"loss": [...], "steps": [...], "step_time_s": median excluding the first step,
+   "tokens_per_s": ..., "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
+Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
+precision (bf16 autocast; fp8 falls back to bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .comm import CommCounter
+from .config import load_run
+from .data import IndexedDataset, bundled_corpus_tokens
+from .parallel_dims import build_parallel_dims
+from .trainer import OptimConfig, Trainer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="executor.train", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", required=True, help="plan JSON file")
+    p.add_argument("--candidate", type=int, default=0)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, help="directory for metrics.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="Megatron indexed dataset prefix (default: bundled corpus)")
+    p.add_argument("--lr", type=float, default=OptimConfig.lr)
+    return p.parse_args(argv)
+
+
+def comm_summary(counter: CommCounter, world) -> dict[str, float]:
+    """Bytes per rank per step for each collective key, averaged over steps and ranks."""
+    steps = max(len(counter.per_step), 1)
+    mine: dict[str, int] = {}
+    for d in counter.per_step:
+        for k, v in d.items():
+            mine[k] = mine.get(k, 0) + v
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    keys = sorted({k for g in gathered for k in g})
+    n = len(gathered)
+    return {k: sum(g.get(k, 0) for g in gathered) / (n * steps) for k in keys}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    plan = json.loads(Path(args.plan).read_text())
+    run = load_run(plan, args.candidate)
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != run.world_size:
+        raise SystemExit(f"launched {world} ranks but the plan's cluster has {run.world_size} GPUs")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    autocast = None
+    if use_cuda and run.training.precision != "fp32":
+        autocast = torch.bfloat16
+    dims = build_parallel_dims(run.mapping, world, run.cluster.gpus_per_node, device)
+    counter = CommCounter()
+    tokens = IndexedDataset(args.data).tokens() if args.data else bundled_corpus_tokens()
+    trainer = Trainer(run.model, run.training, dims, tokens, seed=args.seed, counter=counter,
+                      optim=OptimConfig(lr=args.lr), kernel_backend="triton" if use_cuda else "torch",
+                      autocast_dtype=autocast)
+    results = []
+    for step in range(args.steps):
+        r = trainer.step(step)
+        counter.end_step()
+        results.append(r)
+        if rank == 0:
+            print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
+                  f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
+    comm = comm_summary(counter, world)
+    if rank == 0:
+        times = [r.time_s for r in results]
+        step_time = statistics.median(times[1:]) if len(times) > 1 else times[0]
+        tokens_per_step = run.training.global_batch_size * run.training.seq_length
+        metrics = {
+            "loss": [r.loss for r in results],
+            "steps": [r.step + 1 for r in results],
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time,
+            "comm_bytes": comm,
+            "aux_loss": [r.aux_loss for r in results],
+            "grad_norm": [r.grad_norm for r in results],
+            "num_dropped": [r.num_dropped for r in results],
+            "world_size": world,
+            "backend": backend,
+            "device": device.type,
+            "precision": "fp32" if autocast is None else "bf16",
+            "mapping": run.mapping.model_dump(),
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out / "metrics.json")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

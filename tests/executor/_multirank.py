@@ -1,0 +1,148 @@
+"""Helpers for multi-rank CPU tests: spawn a gloo world on a free port and collect results.
+
+Each rank runs `worker(rank, world, port, job, out_dir)` in its own process; the job writes
+`out_dir/rank<r>.json` and the test asserts on those files. Imported by test modules only.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cost_model.specs import Mapping, ModelSpec, TrainingSpec
+from executor.comm import CommCounter
+from executor.data import bundled_corpus_tokens
+from executor.parallel_dims import ParallelDims, build_parallel_dims
+from executor.router import RouterConfig
+from executor.trainer import Trainer
+
+# Small MoE with a dense layer in the middle and shared experts: 8 experts so EP 8 works.
+TEST_SPEC = ModelSpec(
+    name="test-moe", num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+    kv_channels=16, ffn_hidden_size=128, vocab_size=256, num_experts=8, moe_ffn_hidden_size=64,
+    moe_router_topk=2, moe_shared_expert_intermediate_size=32, moe_layer_freq=[1, 0, 1],
+)
+TEST_TRAINING = TrainingSpec(seq_length=32, global_batch_size=8, precision="fp32")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, job, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = JOBS[job](rank, world)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(job: str, world: int, out_dir: Path, timeout: float = 240.0) -> list[dict]:
+    """Run JOBS[job] on `world` gloo ranks; return every rank's result dict."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, job, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    codes = [p.exitcode for p in procs]
+    assert not alive, f"ranks timed out after {timeout}s"
+    assert all(c == 0 for c in codes), f"rank exit codes {codes}"
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+# --- equivalence job ----------------------------------------------------------------------
+
+NUM_STEPS = 3
+
+# (name, world, mapping fields, router options, capacity-style reference)
+EQUIV_CONFIGS = [
+    ("dp2", 2, dict(), {}, False),
+    ("ep2_allgather_w2", 2, dict(ep=2, dispatcher="allgather"), {}, False),
+    ("etp2_w2", 2, dict(etp=2), {}, False),
+    ("dp4_ep4", 4, dict(ep=4), {}, False),
+    ("dp4_etp2_ep2", 4, dict(ep=2, etp=2), {}, False),
+    ("dp4_ep2_mbs2", 4, dict(ep=2, micro_batch_size=2), {}, False),
+    ("dp8_ep8", 8, dict(ep=8), {}, False),
+    ("dp8_ep8_allgather", 8, dict(ep=8, dispatcher="allgather"), {}, False),
+    ("dp8_ep2_edp4", 8, dict(ep=2), {}, False),
+    ("dp8_etp2_ep4_allgather", 8, dict(ep=4, etp=2, dispatcher="allgather"), {}, False),
+    ("dp8_etp2_ep2_edp2", 8, dict(ep=2, etp=2), {}, False),
+    ("dp8_ep4_order_dp_first", 8, dict(ep=4, order="dp-ep-tp-cp-pp"), {}, False),
+    ("dp4_ep4_sigmoid", 4, dict(ep=4), dict(score_function="sigmoid"), False),
+    ("dp4_ep2_pre_softmax", 4, dict(ep=2, etp=2), dict(pre_softmax=True), False),
+    ("dp2_ep2_capacity", 2, dict(ep=2), dict(capacity_factor=1.0, aux_loss_coeff=0.0), True),
+    ("dp4_etp2_ep2_capacity_allgather", 4, dict(ep=2, etp=2, dispatcher="allgather"),
+     dict(capacity_factor=0.75, aux_loss_coeff=0.0), True),
+]
+
+
+def _reference(mbs: int, router: RouterConfig, tokens) -> dict:
+    mapping = Mapping(micro_batch_size=mbs)
+    t = Trainer(TEST_SPEC, TEST_TRAINING, ParallelDims.single(mapping), tokens, seed=0, router_config=router)
+    results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
+    return {"loss": [r.loss for r in results], "dropped": [r.num_dropped for r in results],
+            "grads": results[0].grads}
+
+
+def equivalence_job(rank: int, world: int) -> dict:
+    """Every config of EQUIV_CONFIGS against the single-rank reference, on sub-worlds."""
+    tokens = bundled_corpus_tokens()
+    refs: dict = {}
+    out = {}
+    for name, w, fields, router_opts, per_rank_ref in EQUIV_CONFIGS:
+        mapping = Mapping(**fields)
+        router = RouterConfig(**router_opts)
+        dp = w  # tp = cp = pp = 1
+        ref_mbs = mapping.micro_batch_size * (1 if per_rank_ref else dp)
+        key = (ref_mbs, router)
+        if key not in refs:
+            obj = [_reference(ref_mbs, router, tokens) if rank == 0 else None]
+            dist.broadcast_object_list(obj, src=0)
+            refs[key] = obj[0]
+        ref = refs[key]
+        dims = build_parallel_dims(mapping, w, gpus_per_node=4, base_ranks=list(range(w)))
+        if dims is None:
+            continue
+        counter = CommCounter()
+        t = Trainer(TEST_SPEC, TEST_TRAINING, dims, tokens, seed=0, counter=counter, router_config=router)
+        results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
+        counter.end_step()
+        grad_err = 0.0
+        worst = ""
+        modules = dict(t.model.named_modules())
+        for n, g in results[0].grads.items():
+            full = ref["grads"][n]
+            if n.endswith(("w1_EDF", "w2_EFD")):
+                mod_name, pname = n.rsplit(".", 1)
+                full = modules[mod_name].shard_of_full(pname, full)
+            err = float((g - full).abs().max() / full.norm().clamp_min(1e-12))
+            if err > grad_err:
+                grad_err, worst = err, n
+        loss_err = max(abs(a - b) / abs(b) for a, b in zip((r.loss for r in results), ref["loss"]))
+        out[name] = {
+            "loss": [r.loss for r in results], "ref_loss": ref["loss"], "loss_rel_err": loss_err,
+            "grad_err": grad_err, "worst_grad": worst,
+            "dropped": [r.num_dropped for r in results], "ref_dropped": ref["dropped"],
+            "comm_keys": sorted(counter.per_step[0]),
+            "ep_bytes": counter.per_step[0].get("ep.all_to_all", 0),
+        }
+    return out
+
+
+JOBS = {"equivalence": equivalence_job}
