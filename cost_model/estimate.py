@@ -23,7 +23,8 @@ from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import logits_cost, moe_cost
 from .layout import group_placement
-from .memory import GIB, RankMemory, layer_params, rank_layer_counts, rank_memory
+from .memory import GIB, RankMemory, inflight_chunks, layer_params, rank_layer_counts
+from .memory import rank_memory
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -181,19 +182,54 @@ class StepResult:
         return self.peak_bytes <= self.capacity_bytes
 
 
-def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
-             m: Mapping) -> StepResult:
-    """Step time and memory of a mapping already resolved by `validate.resolve_mapping`."""
-    hw = hardware(cluster)
-    ctx = make_context(model, cluster, training, m, hw)
+def layer_cost_key(m: Mapping) -> tuple:
+    """The mapping fields a layer's cost depends on (its groups' placement included: with
+    the rank order fixed, tp/cp/ep/etp groups sit the same whatever dp and pp are)."""
+    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, m.recompute, m.dispatcher,
+            m.order)
+
+
+def micro_batch_costs(ctx: Context, cache: dict | None = None):
+    """({is_moe: one layer's Cost}, embedding Cost, output Cost) for one micro-batch."""
+    key = layer_cost_key(ctx.mapping)
+    if cache is not None and key in cache:
+        return cache[key]
+    model = ctx.model
     num_moe = model.num_moe_layers
+    attn = attention_cost(ctx)
     layer_costs: dict[bool, Cost] = {}
     for is_moe in (False, True):
-        if (num_moe if is_moe else model.num_layers - num_moe):
-            c = attention_cost(ctx)
+        if num_moe if is_moe else model.num_layers - num_moe:
+            c = Cost()
+            c.add(attn)
             c.add(moe_cost(ctx) if is_moe else dense_mlp_cost(ctx, model.ffn_hidden_size))
             layer_costs[is_moe] = c
-    head, tail = embedding_cost(ctx), logits_cost(ctx)
+    out = (layer_costs, embedding_cost(ctx), logits_cost(ctx))
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def micro_batch_work(ctx: Context, cache: dict | None = None) -> float:
+    """W: one micro-batch through every layer, the embedding and the output layer."""
+    layer_costs, head, tail = micro_batch_costs(ctx, cache)
+    num_moe = ctx.model.num_moe_layers
+    w = head.total + tail.total
+    for is_moe, c in layer_costs.items():
+        w += c.total * (num_moe if is_moe else ctx.model.num_layers - num_moe)
+    return w
+
+
+def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+             m: Mapping, cache: dict | None = None) -> StepResult:
+    """Step time and memory of a mapping already resolved by `validate.resolve_mapping`.
+
+    `cache` (a dict the caller keeps for one model x cluster x training) reuses per-layer
+    costs between mappings that share `layer_cost_key`; results are identical without it.
+    """
+    hw = hardware(cluster)
+    ctx = make_context(model, cluster, training, m, hw)
+    layer_costs, head, tail = micro_batch_costs(ctx, cache)
     counts = [rank_layer_counts(model, m, r) for r in range(m.pp)]
     # Ranks with the same layers and no embedding/output cost the same: compute each once.
     memo: dict[tuple, Cost] = {}
@@ -213,11 +249,19 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     breakdown["dp_comm"] = dp_exposed
     breakdown["optimizer"] = opt
 
-    per_rank = [
-        rank_memory(model, training, m, r, ctx.act_bytes, ctx.expert_load * ctx.capacity_scale,
-                    num_mb, counts[r])
-        for r in range(m.pp)
-    ]
+    # Ranks with the same layers differ only in micro-batches in flight.
+    per_rank: list[RankMemory] = []
+    seen: dict[tuple, tuple[int, RankMemory]] = {}
+    for r in range(m.pp):
+        key = (counts[r], r == 0, r == m.pp - 1)
+        if key not in seen:
+            seen[key] = (r, rank_memory(model, training, m, r, ctx.act_bytes,
+                                        ctx.expert_load * ctx.capacity_scale, num_mb, counts[r]))
+            per_rank.append(seen[key][1])
+        else:
+            r0, mem0 = seen[key]
+            extra = inflight_chunks(m, r, num_mb) - inflight_chunks(m, r0, num_mb)
+            per_rank.append(mem0.with_chunks(extra))
     worst = max(range(m.pp), key=lambda r: per_rank[r].total)
     return StepResult(
         step_time_s=sum(breakdown.values()), breakdown=breakdown, per_rank_memory=per_rank,

@@ -71,10 +71,14 @@ def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
 
 def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int]:
     """(dense layers, MoE layers) on pipeline rank `rank`."""
+    num_moe = model.num_moe_layers
+    if num_moe in (0, model.num_layers):  # homogeneous: only the count matters
+        n = len(rank_layers(model, m, rank))
+        return (0, n) if num_moe else (n, 0)
     pattern = model.moe_layer_pattern()
     layers = rank_layers(model, m, rank)
-    num_moe = sum(pattern[i] for i in layers)
-    return len(layers) - num_moe, num_moe
+    moe = sum(pattern[i] for i in layers)
+    return len(layers) - moe, moe
 
 
 def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapping,
@@ -129,6 +133,14 @@ class RankMemory:
     optimizer: float
     activations: float
     buffers: float
+    activation_per_chunk: float = 0.0  # one in-flight model chunk (not added to the total)
+
+    def with_chunks(self, extra_chunks: float) -> RankMemory:
+        """The same rank layout holding `extra_chunks` more (or fewer) chunks in flight."""
+        act = self.activations + extra_chunks * self.activation_per_chunk
+        base = self.weights + self.gradients + self.optimizer + act
+        return RankMemory(self.weights, self.gradients, self.optimizer, act,
+                          BUFFER_FIXED_GIB * GIB + FRAGMENTATION * base, self.activation_per_chunk)
 
     @property
     def total(self) -> float:
@@ -181,7 +193,7 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
         activations += T * model.hidden_size / (m.tp if m.sp else 1) * act_bytes
     base = weights + grads + optimizer + activations
     buffers = BUFFER_FIXED_GIB * GIB + FRAGMENTATION * base
-    return RankMemory(weights, grads, optimizer, activations, buffers)
+    return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp)
 
 
 def total_params(model: ModelSpec) -> float:

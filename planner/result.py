@@ -16,6 +16,9 @@ class Candidate(BaseModel):
     mapping: Mapping = Field(..., description="Complete mapping (dp, edp filled in).")
     estimate: Estimate = Field(..., description="The cost model's answer for this mapping.")
     megatron_args: list[str] = Field(..., description="Megatron-LM command-line arguments.")
+    launch_scripts: dict[str, str] = Field(
+        default_factory=dict, description="'torchrun' (per node) and 'sbatch' scripts."
+    )
     folded: bool = Field(
         ..., description="True when the MoE layout differs from the classic one (etp != tp or "
         "ep not carved out of dp alone)."

@@ -1,12 +1,357 @@
-"""Placeholder: the CP-SAT search lands here next (see planner/result.py for the answer type)."""
+"""Find the fastest mappings that fit: bounded enumeration, then an exact CP-SAT selection.
+
+Why two stages. The step time is not separable over the mapping's axes (the micro-batch count
+couples dp with the batch, the bubble couples pp with every layer's time, memory couples pp
+with activations), so the cost model is evaluated on whole mappings. The space is large
+(~250,000 mappings for Mixtral-8x22B on 1,024 GPUs), but it factors:
+
+1. Layer configurations l = (tp, cp, ep, etp, micro-batch, recompute, dispatcher) fix the time
+   W_l of one micro-batch through every layer. For any pipeline choice,
+   step >= m * W_l / pp = GBS * tp * cp / (mbs * N) * W_l  =: LB_l   (m = GBS / (mbs * dp)),
+   because the slowest stage is at least the mean and bubble, exposed DP time and optimizer
+   are non-negative. LB_l does not depend on pp, vpp, stage split, rank order or optimizer.
+2. Layer configurations are expanded in increasing LB_l into full mappings (pp, vpp, uneven
+   first/last stage, rank order, distributed optimizer), each evaluated by the cost model;
+   expansion stops when LB_l exceeds the k-th best fitting step time found (and the best
+   classic, unfolded mapping's). What is not expanded is provably no better.
+
+CP-SAT formulation (`_select`), solved once per requested candidate:
+- variables: x_r in {0, 1} for each expanded mapping r; y_l in {0, 1} for each layer
+  configuration not expanded (standing for all its mappings, at their lower bound);
+- constraint families: exactly one variable is 1 (`_add_choice_constraints`); memory:
+  sum_r peak_r x_r <= capacity, unexpanded groups carry no memory claim
+  (`_add_memory_constraints`); candidates already returned are excluded
+  (`_add_exclusion_constraints`);
+- objective: minimise sum_r round(t_r / q) x_r + sum_l round(LB_l / q) y_l with q the stated
+  resolution (at most 1e-5 of the best step time, far below the 0.1% required).
+An optimum on an x_r is the best mapping of the whole space under the cost model (status
+OPTIMAL); one on a y_l would mean the bound was wrong, which is asserted never to happen. If
+the time limit stops the expansion first, the answer is FEASIBLE (best found, not proven).
+"""
 
 from __future__ import annotations
 
-from cost_model.specs import ClusterSpec, ModelSpec, TrainingSpec
+import heapq
+import math
+import time
+from dataclasses import dataclass
 
-from .result import PlanResult
+from ortools.sat.python import cp_model
+
+from cost_model.estimate import StepResult, evaluate, make_context, micro_batch_work
+from cost_model.estimate import to_estimate
+from cost_model.hardware import hardware
+from cost_model.memory import GIB
+from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from cost_model.validate import mapping_errors
+
+from .export import megatron_args, sbatch_script, torchrun_script
+from .result import Candidate, PlanResult, SearchInfo
+from .space import _uneven_splits, candidate_values
+
+DEFAULT_TIME_LIMIT_S = 30.0
+# Preference among mappings the cost model cannot tell apart (same time and memory).
+_DEFAULTS = dict(order="tp-cp-ep-dp-pp", distributed_optimizer=True, dispatcher="alltoall",
+                 recompute="none")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    tp: int
+    cp: int
+    ep: int
+    etp: int
+    micro_batch_size: int
+    recompute: str
+    dispatcher: str
+    work_s: float  # W: one micro-batch through every layer, embedding and output
+
+
+@dataclass(frozen=True)
+class Row:
+    mapping: Mapping
+    result: StepResult
+
+    @property
+    def step(self) -> float:
+        return self.result.step_time_s
+
+
+def is_classic(m: Mapping) -> bool:
+    """The unfolded Megatron mapping: expert TP equals attention TP, EP carved out of DP x CP."""
+    return m.etp == m.tp and (m.dp * m.cp) % m.ep == 0
+
+
+def _tie_key(m: Mapping) -> tuple:
+    return tuple(getattr(m, k) != v for k, v in _DEFAULTS.items()) + (
+        m.pp, m.vpp, m.micro_batch_size, m.tp, m.cp, m.ep, m.etp,
+        m.decoder_first_pipeline_num_layers or 0, m.decoder_last_pipeline_num_layers or 0)
+
+
+def _layer_configs(model, cluster, training, values, cache: dict) -> list[LayerConfig]:
+    """Every valid layer configuration with its lower bound, best bound first."""
+    world = cluster.world_size
+    hw = hardware(cluster)
+    out = []
+    for tp in values["tp"]:
+        for cp in values["cp"]:
+            if world % (tp * cp):
+                continue
+            for ep in values["ep"]:
+                for etp in values["etp"]:
+                    if world % (ep * etp):
+                        continue
+                    for mbs in values["micro_batch_size"]:
+                        for rc in values["recompute"]:
+                            for disp in values["dispatcher"]:
+                                probe = Mapping(tp=tp, cp=cp, ep=ep, etp=etp, micro_batch_size=mbs,
+                                                recompute=rc, dispatcher=disp, pp=1,
+                                                dp=world // (tp * cp), edp=world // (ep * etp))
+                                errors, probe = mapping_errors(model, cluster, training, probe)
+                                # Only errors about the layer itself disqualify it here.
+                                if any(e.startswith(("tp=", "ep=", "etp=", "seq_length")) for e in errors):
+                                    continue
+                                ctx = make_context(model, cluster, training, probe, hw)
+                                w = micro_batch_work(ctx, cache)
+                                out.append(LayerConfig(tp, cp, ep, etp, mbs, rc, disp, w))
+    return out
+
+
+def _pipeline_bounds(model, cluster, training, values, configs):
+    """(LB, layer config, pp, vpp), best bound first.
+
+    With W the micro-batch work of all layers and m micro-batches, the slowest stage takes at
+    least W/pp per micro-batch and the step m*t_max + (sum_i t_i - t_max)/vpp grows with
+    t_max, so step >= m*W/pp + (W - W/pp)/vpp (exact for balanced stages, before pipeline
+    sends, data-parallel and optimizer time, all non-negative)."""
+    world, gbs = cluster.world_size, training.global_batch_size
+    out = []
+    for lc in configs:
+        for pp in values["pp"]:
+            if world % (lc.tp * lc.cp * pp) or world % (lc.etp * lc.ep * pp):
+                continue
+            dp = world // (lc.tp * lc.cp * pp)
+            if gbs % (lc.micro_batch_size * dp):
+                continue
+            m = gbs // (lc.micro_batch_size * dp)
+            stage = lc.work_s / pp
+            for vpp in values["vpp"] if pp > 1 else [1]:
+                if vpp > 1 and (model.num_layers % (pp * vpp) or m % pp):
+                    continue
+                out.append((m * stage + (lc.work_s - stage) / vpp, lc, pp, vpp))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def _expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vpp: int):
+    """All full mappings of one layer and pipeline configuration, resolved."""
+    world = cluster.world_size
+    dp, edp = world // (lc.tp * lc.cp * pp), world // (lc.etp * lc.ep * pp)
+    if fixed.get("dp", dp) != dp or fixed.get("edp", edp) != edp:
+        return
+    splits = _uneven_splits(model, pp, fixed) if vpp == 1 and pp > 1 else [(None, None)]
+    orders = values["order"] if (pp > 1 and edp == dp) else [fixed.get("order", "tp-cp-ep-dp-pp")]
+    for first, last in splits:
+        for order in orders:
+            for dist in values["distributed_optimizer"]:
+                m = Mapping(tp=lc.tp, cp=lc.cp, pp=pp, vpp=vpp, ep=lc.ep, etp=lc.etp,
+                            dp=dp, edp=edp, micro_batch_size=lc.micro_batch_size,
+                            recompute=lc.recompute, dispatcher=lc.dispatcher,
+                            distributed_optimizer=dist, order=order,
+                            decoder_first_pipeline_num_layers=first,
+                            decoder_last_pipeline_num_layers=last,
+                            sequence_parallel=fixed.get("sequence_parallel"))
+                errors, resolved = mapping_errors(model, cluster, training, m)
+                if not errors:
+                    yield resolved
+
+
+def _check_fixed(fixed: dict) -> dict:
+    """Validate a partial mapping: known field names, values a Mapping accepts."""
+    unknown = sorted(set(fixed) - set(Mapping.model_fields))
+    if unknown:
+        raise ValueError(f"fixed: unknown mapping field(s) {', '.join(unknown)}")
+    return Mapping(**fixed).model_dump(include=set(fixed))
 
 
 def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: int = 5,
          fixed: dict | None = None, time_limit_s: float | None = None) -> PlanResult:
-    raise NotImplementedError("planner search not implemented yet")
+    """The `top_k` fastest mappings that fit, best first, with the search's account."""
+    t0 = time.perf_counter()
+    fixed = _check_fixed(fixed or {})
+    limit = time_limit_s if time_limit_s is not None else DEFAULT_TIME_LIMIT_S
+    deadline = t0 + limit * 0.9
+    values = candidate_values(model, cluster, training, fixed)
+    cache: dict = {}  # per-layer costs shared by every mapping of this request
+    configs = _layer_configs(model, cluster, training, values, cache)
+    triples = _pipeline_bounds(model, cluster, training, values, configs)
+    rows: list[Row] = []
+    best: list[float] = []  # max-heap (negated) of the k best distinct fitting step times
+    distinct: set = set()
+    best_classic = math.inf
+    over = math.inf  # smallest excess over capacity among mappings that do not fit
+    over_row: Row | None = None
+    expanded = 0
+    stopped_early = False
+    space_size = 0
+    for i, (lb, lc, pp, vpp) in enumerate(triples):
+        kth = -best[0] if len(best) >= top_k else math.inf
+        if lb >= max(kth, best_classic if model.is_moe else 0.0):
+            break
+        if time.perf_counter() > deadline and best:
+            stopped_early = True
+            break
+        expanded = i + 1
+        for m in _expand(model, cluster, training, values, fixed, lc, pp, vpp):
+            space_size += 1
+            r = evaluate(model, cluster, training, m, cache)
+            row = Row(m, r)
+            if r.fits_memory:
+                rows.append(row)
+                key = _equivalence_key(row)
+                if key not in distinct:
+                    distinct.add(key)
+                    heapq.heappush(best, -r.step_time_s)
+                    if len(best) > top_k:
+                        heapq.heappop(best)
+                if is_classic(m):
+                    best_classic = min(best_classic, r.step_time_s)
+            elif r.peak_bytes - r.capacity_bytes < over:
+                over, over_row = r.peak_bytes - r.capacity_bytes, row
+    bound = triples[expanded][0] if expanded < len(triples) else None
+    status, chosen, stats, resolution = _select(rows, bound, top_k, stopped_early)
+    candidates = []
+    for row in chosen:
+        args = megatron_args(model, training, row.mapping)
+        candidates.append(Candidate(
+            mapping=row.mapping, estimate=to_estimate(model, cluster, training, row.result),
+            megatron_args=args,
+            launch_scripts={
+                "torchrun": torchrun_script(args, cluster.num_nodes, cluster.gpus_per_node),
+                "sbatch": sbatch_script(args, cluster.num_nodes, cluster.gpus_per_node),
+            },
+            folded=model.is_moe and not is_classic(row.mapping)))
+    reasons: list[str] = []
+    if not candidates:
+        status = "INFEASIBLE"
+        reasons = _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row)
+    unfolded = None
+    classic = [r for r in rows if is_classic(r.mapping)]
+    if classic:
+        bc = min(classic, key=lambda r: (r.step, _tie_key(r.mapping)))
+        unfolded = {"mapping": bc.mapping.model_dump(), "step_time_s": bc.step}
+    return PlanResult(
+        candidates=candidates,
+        search=SearchInfo(
+            status=status, wall_time_s=time.perf_counter() - t0, reasons=reasons,
+            space_size=space_size,
+            num_feasible=len(rows), solver=stats | {
+                "layer_configs": len(configs), "pipeline_configs": len(triples),
+                "pipeline_configs_expanded": expanded, "mappings_evaluated": space_size},
+            objective_resolution_s=resolution, best_unfolded=unfolded,
+        ),
+    )
+
+
+def _dedupe(rows: list[Row]) -> list[Row]:
+    """Among mappings the cost model cannot tell apart, keep the one closest to defaults."""
+    seen: dict[tuple, Row] = {}
+    for row in sorted(rows, key=lambda r: (r.step, _tie_key(r.mapping))):
+        seen.setdefault(_equivalence_key(row), row)
+    return list(seen.values())
+
+
+def _equivalence_key(row: Row) -> tuple:
+    """Mappings that differ only in rank order or optimizer sharding and have the same
+    predicted time and memory are one candidate to the user."""
+    return (round(row.step, 12), round(row.result.peak_bytes),
+            row.mapping.model_copy(update={"order": "", "distributed_optimizer": True}))
+
+
+def _select(rows: list[Row], bound: float | None, top_k: int,
+            stopped_early: bool) -> tuple[str, list[Row], dict, float]:
+    """Pick the top-k rows with CP-SAT (formulation in the module docstring)."""
+    rows = _dedupe(rows)
+    if not rows:
+        return "INFEASIBLE", [], {}, 0.0
+    best = min(r.step for r in rows)
+    q = best * 1e-5
+    # Keep the model small: rows that cannot enter the top-k are left out (at most top_k *
+    # a few hundred rows stay; the exact order among kept rows is the solver's).
+    rows.sort(key=lambda r: (r.step, _tie_key(r.mapping)))
+    keep = rows[: max(top_k * 50, 200)]
+    cost = [int(round(r.step / q)) for r in keep]
+    chosen: list[Row] = []
+    stats: dict = {"solves": 0, "branches": 0, "conflicts": 0}
+    status_name = "OPTIMAL"
+    excluded: list[int] = []
+    for _ in range(min(top_k, len(keep))):
+        model = cp_model.CpModel()
+        x = [model.new_bool_var(f"x{i}") for i in range(len(keep))]
+        y = [model.new_bool_var("unexpanded")] if bound is not None else []
+        _add_choice_constraints(model, x + y)
+        _add_memory_constraints(model, x, keep)
+        _add_exclusion_constraints(model, x, excluded)
+        # Costs doubled, bounds +1: an unexpanded group wins only if strictly better.
+        model.minimize(
+            sum(2 * c * v for c, v in zip(cost, x))
+            + sum((2 * int(math.floor(bound / q)) + 1) * v for v in y)
+        )
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        st = solver.solve(model)
+        stats["solves"] += 1
+        stats["branches"] += solver.num_branches
+        stats["conflicts"] += solver.num_conflicts
+        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            break
+        picked = [i for i, v in enumerate(x) if solver.value(v)]
+        assert picked, "a pruned layer configuration beat every expanded mapping"
+        # Equal objective: take the lowest index (closest to defaults among equal times).
+        obj = solver.objective_value
+        i = min(j for j in range(len(keep)) if j not in excluded and 2 * cost[j] == round(obj))
+        chosen.append(keep[i])
+        excluded.append(i)
+        if st != cp_model.OPTIMAL:
+            status_name = "FEASIBLE"
+    if stopped_early:
+        status_name = "FEASIBLE"
+    return status_name, chosen, stats, q
+
+
+def _add_choice_constraints(model: cp_model.CpModel, variables) -> None:
+    model.add_exactly_one(variables)
+
+
+def _add_memory_constraints(model: cp_model.CpModel, x, rows: list[Row]) -> None:
+    cap = int(rows[0].result.capacity_bytes // 1024)
+    model.add(sum(int(math.ceil(r.result.peak_bytes / 1024)) * v for r, v in zip(rows, x)) <= cap)
+
+
+def _add_exclusion_constraints(model: cp_model.CpModel, x, excluded: list[int]) -> None:
+    for i in excluded:
+        model.add(x[i] == 0)
+
+
+def _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row) -> list[str]:
+    if fixed and set(fixed) >= {"tp", "cp", "pp", "ep", "etp"}:
+        errors, _ = mapping_errors(model, cluster, training, Mapping(**fixed))
+        if errors:
+            return errors
+    if not configs or over_row is None:
+        pinned = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "none"
+        return [f"no valid mapping of {model.name or 'this model'} on {cluster.world_size} GPUs "
+                f"(pinned: {pinned}): check divisibility of heads, experts, layers and the "
+                f"global batch by the parallel sizes"]
+    m = over_row.mapping
+    return [
+        f"no mapping fits in memory: the closest ({_short(m)}) needs "
+        f"{over_row.result.peak_bytes / GIB:.1f} GiB per GPU of "
+        f"{over_row.result.capacity_bytes / GIB:.1f} GiB, at least {over / GIB:.1f} GiB more per "
+        f"GPU: raise pp or ep, use full recompute, or add GPUs"
+    ]
+
+
+def _short(m: Mapping) -> str:
+    return (f"tp={m.tp} cp={m.cp} pp={m.pp} vpp={m.vpp} ep={m.ep} etp={m.etp} dp={m.dp} "
+            f"mbs={m.micro_batch_size} recompute={m.recompute}")

@@ -1,0 +1,153 @@
+"""What users run: Megatron-LM arguments and launch scripts for a candidate.
+
+Argument names are those of Megatron-LM `core_r0.13.0` (`megatron/training/arguments.py`).
+Every parallel size is written, also when it is 1; the overlap flags are the ones the cost
+model assumes (gradient reduce-scatter and parameter all-gather overlapped, no TP-comm
+overlap), so what runs is what was estimated.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from cost_model.specs import Mapping, ModelSpec, TrainingSpec
+
+MEGATRON_RELEASE = "core_r0.13.0"
+
+
+def _layer_freq_arg(model: ModelSpec) -> str:
+    freq = model.moe_layer_freq
+    if isinstance(freq, int):
+        return str(freq)
+    # Megatron parses a Python list expression, e.g. "([0]*3+[1]*58)".
+    runs: list[tuple[int, int]] = []
+    for v in freq:
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return "(" + "+".join(f"[{v}]*{n}" for v, n in runs) + ")"
+
+
+def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[str]:
+    """Megatron-LM command-line arguments for model x training x mapping."""
+    a: list[str] = [
+        "--tensor-model-parallel-size", str(m.tp),
+        "--pipeline-model-parallel-size", str(m.pp),
+        "--context-parallel-size", str(m.cp),
+        "--expert-model-parallel-size", str(m.ep),
+        "--expert-tensor-parallel-size", str(m.etp),
+    ]
+    if m.vpp > 1:
+        a += ["--num-layers-per-virtual-pipeline-stage", str(model.num_layers // (m.pp * m.vpp))]
+    if m.decoder_first_pipeline_num_layers is not None:
+        a += ["--decoder-first-pipeline-num-layers", str(m.decoder_first_pipeline_num_layers)]
+    if m.decoder_last_pipeline_num_layers is not None:
+        a += ["--decoder-last-pipeline-num-layers", str(m.decoder_last_pipeline_num_layers)]
+    if m.order == "tp-cp-ep-pp-dp":
+        a += ["--use-tp-pp-dp-mapping"]
+    if m.sp:
+        a += ["--sequence-parallel"]
+    if m.distributed_optimizer:
+        a += ["--use-distributed-optimizer", "--overlap-param-gather"]
+    a += ["--overlap-grad-reduce", "--accumulate-allreduce-grads-in-fp32"]
+    if m.recompute == "full":
+        a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+              "--recompute-num-layers", "1"]
+    elif m.recompute == "selective":
+        a += ["--recompute-granularity", "selective",
+              "--recompute-modules", "core_attn", "moe_act", "layernorm"]
+    a += [
+        "--micro-batch-size", str(m.micro_batch_size),
+        "--global-batch-size", str(training.global_batch_size),
+        "--seq-length", str(training.seq_length),
+        "--max-position-embeddings", str(training.seq_length),
+        "--num-layers", str(model.num_layers),
+        "--hidden-size", str(model.hidden_size),
+        "--ffn-hidden-size", str(model.ffn_hidden_size),
+        "--num-attention-heads", str(model.num_attention_heads),
+        "--vocab-size", str(model.vocab_size),
+        "--position-embedding-type", "rope",
+        "--normalization", "RMSNorm",
+        "--disable-bias-linear",
+        "--transformer-impl", "transformer_engine",
+    ]
+    if model.multi_latent_attention:
+        a += ["--multi-latent-attention", "--kv-lora-rank", str(model.kv_lora_rank),
+              "--qk-head-dim", str(model.qk_head_dim),
+              "--qk-pos-emb-head-dim", str(model.qk_pos_emb_head_dim),
+              "--v-head-dim", str(model.v_head_dim)]
+        if model.q_lora_rank:
+            a += ["--q-lora-rank", str(model.q_lora_rank)]
+    else:
+        if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
+            a += ["--group-query-attention", "--num-query-groups", str(model.num_query_groups)]
+        if model.kv_channels:
+            a += ["--kv-channels", str(model.kv_channels)]
+    if model.swiglu:
+        a += ["--swiglu"]
+    if model.untie_embeddings_and_output_weights:
+        a += ["--untie-embeddings-and-output-weights"]
+    if model.is_moe:
+        a += [
+            "--num-experts", str(model.num_experts),
+            "--moe-ffn-hidden-size", str(model.expert_ffn),
+            "--moe-router-topk", str(model.topk),
+            "--moe-layer-freq", _layer_freq_arg(model),
+            "--moe-token-dispatcher-type", m.dispatcher,
+            "--moe-grouped-gemm",
+            "--moe-router-load-balancing-type", "aux_loss",
+        ]
+        if model.shared_ffn:
+            a += ["--moe-shared-expert-intermediate-size", str(model.shared_ffn)]
+        if training.moe_expert_capacity_factor is not None:
+            a += ["--moe-expert-capacity-factor", str(training.moe_expert_capacity_factor),
+                  "--moe-token-drop-policy", "probs"]
+    if training.precision == "bf16":
+        a += ["--bf16"]
+    elif training.precision == "fp8":
+        a += ["--bf16", "--fp8-format", "hybrid"]
+    return a
+
+
+def torchrun_script(args: list[str], num_nodes: int, gpus_per_node: int) -> str:
+    """A per-node launch script (run the same script on every node with NODE_RANK set)."""
+    quoted = " \\\n    ".join(shlex.quote(x) for x in args)
+    return f"""#!/usr/bin/env bash
+# Generated by foldplan for Megatron-LM {MEGATRON_RELEASE}.
+# Run on every node: NODE_RANK=<0..{num_nodes - 1}> MASTER_ADDR=<node 0 host> bash launch.sh
+set -euo pipefail
+: "${{MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}}"
+: "${{MASTER_ADDR:?set MASTER_ADDR}}"
+: "${{NODE_RANK:?set NODE_RANK}}"
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+torchrun --nnodes {num_nodes} --nproc-per-node {gpus_per_node} --node-rank "$NODE_RANK" \\
+    --master-addr "$MASTER_ADDR" --master-port "${{MASTER_PORT:-29500}}" \\
+    "$MEGATRON_LM/pretrain_gpt.py" \\
+    {quoted} \\
+    --mock-data --tokenizer-type NullTokenizer --train-iters "${{TRAIN_ITERS:-100}}" \\
+    --lr 1e-4 --log-interval 1 "$@"
+"""
+
+
+def sbatch_script(args: list[str], num_nodes: int, gpus_per_node: int) -> str:
+    """A Slurm batch script that starts one torchrun per node with srun."""
+    quoted = " \\\n    ".join(shlex.quote(x) for x in args)
+    return f"""#!/usr/bin/env bash
+#SBATCH --job-name=foldplan
+#SBATCH --nodes={num_nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus_per_node}
+#SBATCH --exclusive
+# Generated by foldplan for Megatron-LM {MEGATRON_RELEASE}. Submit: sbatch job.sbatch
+set -euo pipefail
+: "${{MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}}"
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun torchrun --nnodes {num_nodes} --nproc-per-node {gpus_per_node} \\
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:29500" --rdzv-id "$SLURM_JOB_ID" \\
+    "$MEGATRON_LM/pretrain_gpt.py" \\
+    {quoted} \\
+    --mock-data --tokenizer-type NullTokenizer --train-iters "${{TRAIN_ITERS:-100}}" \\
+    --lr 1e-4 --log-interval 1
+"""

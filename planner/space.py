@@ -1,0 +1,145 @@
+"""The folded mapping space: every mapping the planner considers, and why others are out.
+
+Axes: attention tp, cp, dp; MoE etp, ep, edp; shared pp, vpp, uneven first/last pipeline
+stage, micro-batch size, recompute, distributed optimizer, dispatcher and rank order. Both
+folded mappings (etp and ep chosen freely over the same ranks) and the classic Megatron
+mapping (etp = tp, ep carved out of dp) are members. Validity is the cost model's
+`validate.mapping_errors`, so the planner never proposes what `estimate` would refuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from cost_model.validate import mapping_errors
+
+RECOMPUTE = ("none", "selective", "full")
+DISPATCHERS = ("alltoall", "allgather")
+ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+MAX_VPP = 8
+MAX_CP = 32
+# Context parallelism is for long sequences: each rank keeps at least this many tokens.
+MIN_CP_CHUNK = 2048
+
+
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    return [d for d in range(1, (limit or n) + 1) if n % d == 0]
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, v = [], 1
+    while v <= n:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                     fixed: dict) -> dict[str, list]:
+    """Values per axis before joint validity checks."""
+    world, g = cluster.world_size, cluster.gpus_per_node
+    heads = model.num_attention_heads
+    tp_vals = [t for t in _pow2_upto(min(g, heads)) if heads % t == 0]
+    cp_vals = [c for c in _pow2_upto(MAX_CP)
+               if c == 1 or (training.seq_length % (2 * c) == 0
+                             and training.seq_length // c >= MIN_CP_CHUNK)]
+    pp_vals = [p for p in _divisors(world) if p <= model.num_layers]
+    if model.is_moe:
+        ep_vals = [e for e in _divisors(model.num_experts) if world % e == 0]
+        etp_vals = [t for t in _pow2_upto(g) if model.expert_ffn % t == 0]
+        dispatchers = list(DISPATCHERS)
+    else:
+        ep_vals, etp_vals, dispatchers = [1], [1], ["alltoall"]
+    vals = {
+        "tp": tp_vals,
+        "cp": cp_vals,
+        "pp": pp_vals,
+        "vpp": list(range(1, MAX_VPP + 1)),
+        "ep": ep_vals,
+        "etp": etp_vals,
+        "micro_batch_size": list(MICRO_BATCH_SIZES),
+        "recompute": list(RECOMPUTE),
+        "distributed_optimizer": [True, False],
+        "dispatcher": dispatchers,
+        "order": list(ORDERS),
+    }
+    for key, value in fixed.items():
+        if key in vals:
+            vals[key] = [value]
+    return vals
+
+
+def _uneven_splits(model: ModelSpec, pp: int, fixed: dict) -> list[tuple[int | None, int | None]]:
+    """(first, last) stage layer counts: the even split, and splits that give the first and
+    last stage (which carry embedding and output layer) fewer layers."""
+    if "decoder_first_pipeline_num_layers" in fixed or "decoder_last_pipeline_num_layers" in fixed:
+        return [(fixed.get("decoder_first_pipeline_num_layers"),
+                 fixed.get("decoder_last_pipeline_num_layers"))]
+    L = model.num_layers
+    out: list[tuple[int | None, int | None]] = []
+    if L % pp == 0:
+        out.append((None, None))
+    if pp < 3:
+        return out
+    for first in range(1, L // pp + 2):
+        for last in range(1, L // pp + 2):
+            rest = L - first - last
+            if rest > 0 and rest % (pp - 2) == 0 and (first, last) != (L // pp, L // pp) \
+                    and abs(rest // (pp - 2) - first) <= 2 and abs(rest // (pp - 2) - last) <= 2:
+                out.append((first, last))
+    return out
+
+
+def enumerate_mappings(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                       fixed: dict) -> Iterator[Mapping]:
+    """Every valid (resolved) mapping of the space, memory not yet checked."""
+    world = cluster.world_size
+    v = candidate_values(model, cluster, training, fixed)
+    gbs = training.global_batch_size
+    for tp in v["tp"]:
+        for cp in v["cp"]:
+            for pp in v["pp"]:
+                if world % (tp * cp * pp):
+                    continue
+                dp = world // (tp * cp * pp)
+                if "dp" in fixed and fixed["dp"] != dp:
+                    continue
+                for ep in v["ep"]:
+                    for etp in v["etp"]:
+                        if world % (etp * ep * pp):
+                            continue
+                        edp = world // (etp * ep * pp)
+                        if "edp" in fixed and fixed["edp"] != edp:
+                            continue
+                        yield from _inner(model, cluster, training, fixed, v, tp, cp, pp, dp,
+                                          ep, etp, edp, gbs)
+
+
+def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs):
+    for mbs in v["micro_batch_size"]:
+        if gbs % (mbs * dp):
+            continue
+        for vpp in v["vpp"] if pp > 1 else [1]:
+            if vpp > 1 and model.num_layers % (pp * vpp):
+                continue
+            splits = _uneven_splits(model, pp, fixed) if vpp == 1 and pp > 1 else [(None, None)]
+            for first, last in splits:
+                for order in v["order"] if (pp > 1 and edp == dp) else ["tp-cp-ep-dp-pp"]:
+                    if "order" in fixed and fixed["order"] != order:
+                        continue
+                    for disp in v["dispatcher"]:
+                        for dist in v["distributed_optimizer"]:
+                            for rc in v["recompute"]:
+                                m = Mapping(
+                                    tp=tp, cp=cp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp,
+                                    edp=edp, micro_batch_size=mbs, recompute=rc,
+                                    distributed_optimizer=dist, dispatcher=disp, order=order,
+                                    decoder_first_pipeline_num_layers=first,
+                                    decoder_last_pipeline_num_layers=last,
+                                    sequence_parallel=fixed.get("sequence_parallel"),
+                                )
+                                errors, resolved = mapping_errors(model, cluster, training, m)
+                                if not errors:
+                                    yield resolved
