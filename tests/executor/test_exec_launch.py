@@ -1,0 +1,64 @@
+"""run_plan end to end (torchrun, 2 CPU ranks) and the refusals of unsupported plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cost_model.presets import preset_model
+from executor.config import UnsupportedPlan, load_run
+from executor.launch import run_plan
+
+
+def make_plan(**mapping):
+    full = dict(tp=1, cp=1, pp=1, vpp=1, ep=1, etp=1, dp=2, edp=2, micro_batch_size=1,
+                sequence_parallel=False, recompute="none", distributed_optimizer=True,
+                dispatcher="alltoall", order="tp-cp-ep-dp-pp")
+    full.update(mapping)
+    return {
+        "model": preset_model("tiny-moe").model_dump(),
+        "cluster": {"num_nodes": 1, "gpus_per_node": 2, "gpu": "cpu"},
+        "training": {"seq_length": 64, "global_batch_size": 4, "precision": "fp32",
+                     "moe_expert_capacity_factor": None},
+        "candidates": [{"mapping": full}],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_run_plan_two_ranks(tmp_path):
+    metrics = run_plan(make_plan(ep=2, edp=1, recompute="full"), 0, 4, tmp_path, seed=1, echo=False)
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == [1, 2, 3, 4] and len(metrics["loss"]) == 4
+    assert 4.0 < metrics["loss"][0] < 7.0  # about ln(256) = 5.5 at init
+    assert metrics["loss"][-1] < metrics["loss"][0]
+    assert metrics["step_time_s"] > 0 and metrics["tokens_per_s"] > 0
+    assert metrics["comm_bytes"]["ep.all_to_all"] > 0
+    assert metrics["comm_bytes"]["dp_cp.all_reduce"] > 0
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(tp=2, dp=1, edp=2), "tp=2"),
+    (dict(pp=2, dp=1, edp=1), "pp=2"),
+    (dict(cp=2, dp=1, edp=2), "cp=2"),
+    (dict(ep=3, edp=1), "ep=3"),
+])
+def test_refuses_unsupported_mappings(fields, match):
+    with pytest.raises(UnsupportedPlan, match=match):
+        load_run(make_plan(**fields))
+
+
+def test_refuses_mla(tmp_path):
+    plan = make_plan()
+    plan["model"].update(multi_latent_attention=True, kv_lora_rank=32, qk_head_dim=16,
+                         qk_pos_emb_head_dim=8, v_head_dim=16)
+    with pytest.raises(UnsupportedPlan, match="MLA"):
+        run_plan(plan, 0, 1, tmp_path)
+
+
+def test_accepts_every_mapping_field():
+    run = load_run(make_plan(ep=2, edp=1, sequence_parallel=True, recompute="selective",
+                             distributed_optimizer=False, dispatcher="allgather", order="tp-cp-dp-ep-pp"))
+    assert run.mapping.dispatcher == "allgather" and run.world_size == 2
