@@ -134,6 +134,8 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
     dense = expert = 0.0
     for is_moe, count in enumerate(rank_layer_counts(md, m, 0)):
+        if not count:
+            continue
         d, e = layer_params(md, bool(is_moe), m)
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
@@ -185,8 +187,9 @@ class StepResult:
 def layer_cost_key(m: Mapping) -> tuple:
     """The mapping fields a layer's cost depends on (its groups' placement included: with
     the rank order fixed, tp/cp/ep/etp groups sit the same whatever dp and pp are)."""
-    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, m.recompute, m.dispatcher,
-            m.order)
+    # In both standard orders tp, cp and ep come before dp and pp: same tp/cp/ep/etp groups.
+    order = "standard" if m.order in ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp") else m.order
+    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, m.recompute, m.dispatcher, order)
 
 
 def micro_batch_costs(ctx: Context, cache: dict | None = None):

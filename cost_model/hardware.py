@@ -60,9 +60,11 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     gpu = resolve_gpu(cluster.gpu)
     prof = cluster.profile or {}
     bf16 = gpu.peak_tflops * 1e12
+    fp8_rel = _value("fp8_gemm_relative_efficiency") if gpu.fp8_tflops else 1.0
     peak = {
         "bf16": bf16,
-        "fp8": (gpu.fp8_tflops or gpu.peak_tflops) * 1e12,
+        # Effective fp8 peak: the same sustained fraction as bf16 applies on top of this.
+        "fp8": (gpu.fp8_tflops or gpu.peak_tflops) * 1e12 * fp8_rel,
         "fp32": (gpu.fp32_tflops or gpu.peak_tflops / 2) * 1e12,
     }
     gemm_eff = gpu.gemm_efficiency or _value("gemm_efficiency_default")

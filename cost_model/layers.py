@@ -65,10 +65,11 @@ class Context:
 
 
 def _cast_overhead(ctx: Context, elements: float) -> float:
-    """fp8: every GEMM input is quantized (read bf16, write fp8) in fwd and again in bwd."""
+    """fp8: every GEMM input is quantized with a transposed copy for the other GEMM of the
+    pair (Transformer Engine cast-transpose: read bf16, write fp8 twice), fwd and bwd."""
     if ctx.prec != "fp8":
         return 0.0
-    return memory_time(ctx.hw, elements * 3.0)
+    return memory_time(ctx.hw, elements * 4.0)
 
 
 def _tp_collectives(ctx: Context, tokens: float, n_fwd: int, n_bwd: int) -> float:

@@ -201,6 +201,8 @@ def total_params(model: ModelSpec) -> float:
     one = Mapping()
     total = 0.0
     for is_moe, count in enumerate((model.num_layers - model.num_moe_layers, model.num_moe_layers)):
+        if not count:
+            continue
         d, e = layer_params(model, bool(is_moe), one)
         total += (d + e) * count
     v = model.vocab_size * model.hidden_size
