@@ -39,7 +39,9 @@ class MemoryEstimate(BaseModel):
     gradients_gib: float
     optimizer_gib: float
     activations_gib: float
-    buffers_gib: float = Field(..., description="Allowance: 2 GiB + 5% of the rest.")
+    buffers_gib: float = Field(
+        ..., description="Allowance: the GPU's fixed reserve (2 GiB on GPUs) + 5% of the rest."
+    )
     capacity_gib: float = Field(..., description="What one GPU offers.")
     worst_stage: int = Field(..., description="Pipeline rank with the peak.")
     per_stage_gib: list[float] = Field(..., description="Total per pipeline rank.")
@@ -259,7 +261,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         key = (counts[r], r == 0, r == m.pp - 1)
         if key not in seen:
             seen[key] = (r, rank_memory(model, training, m, r, ctx.act_bytes,
-                                        ctx.expert_load * ctx.capacity_scale, num_mb, counts[r]))
+                                        ctx.expert_load * ctx.capacity_scale, num_mb, counts[r],
+                                        hw.memory_reserve_bytes))
             per_rank.append(seen[key][1])
         else:
             r0, mem0 = seen[key]

@@ -35,6 +35,7 @@ class Hardware:
     gpu_name: str
     peak_flops: dict[str, float]  # precision -> FLOP/s
     memory_bytes: float
+    memory_reserve_bytes: float
     hbm_bps: float
     intra_bps: float
     inter_bps: float
@@ -82,6 +83,7 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         gpu_name=gpu.name,
         peak_flops=peak,
         memory_bytes=gpu.memory_gib * 2**30,
+        memory_reserve_bytes=gpu.memory_reserve_gib * 2**30,
         hbm_bps=float(prof.get("hbm_GBps") or gpu.hbm_GBps) * 1e9,
         intra_bps=intra * 1e9,
         inter_bps=inter * 1e9,

@@ -22,8 +22,7 @@ from .specs import Mapping, ModelSpec, TrainingSpec
 
 GIB = 2**30
 # Allowance for communication buffers, workspaces and allocator fragmentation: a fixed part
-# plus a share of everything else (the `reserve` the planner enforces; stated in the answer).
-BUFFER_FIXED_GIB = 2.0
+# per GPU kind (`memory_reserve_gib`, 2 GiB on GPUs) plus this share of everything else.
 FRAGMENTATION = 0.05
 
 
@@ -134,13 +133,15 @@ class RankMemory:
     activations: float
     buffers: float
     activation_per_chunk: float = 0.0  # one in-flight model chunk (not added to the total)
+    reserve: float = 0.0  # the fixed part of `buffers`
 
     def with_chunks(self, extra_chunks: float) -> RankMemory:
         """The same rank layout holding `extra_chunks` more (or fewer) chunks in flight."""
         act = self.activations + extra_chunks * self.activation_per_chunk
         base = self.weights + self.gradients + self.optimizer + act
         return RankMemory(self.weights, self.gradients, self.optimizer, act,
-                          BUFFER_FIXED_GIB * GIB + FRAGMENTATION * base, self.activation_per_chunk)
+                          self.reserve + FRAGMENTATION * base, self.activation_per_chunk,
+                          self.reserve)
 
     @property
     def total(self) -> float:
@@ -149,7 +150,7 @@ class RankMemory:
 
 def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
                 act_bytes: float, expert_factor: float, num_microbatches: int,
-                counts: tuple[int, int] | None = None) -> RankMemory:
+                counts: tuple[int, int] | None = None, reserve: float = 2 * GIB) -> RankMemory:
     """Memory of pipeline rank `rank` (`counts` = its (dense, MoE) layers, if known)."""
     prec = training.precision
     counts = counts or rank_layer_counts(model, m, rank)
@@ -192,8 +193,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     if first:
         activations += T * model.hidden_size / (m.tp if m.sp else 1) * act_bytes
     base = weights + grads + optimizer + activations
-    buffers = BUFFER_FIXED_GIB * GIB + FRAGMENTATION * base
-    return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp)
+    buffers = reserve + FRAGMENTATION * base
+    return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp, reserve)
 
 
 def total_params(model: ModelSpec) -> float:

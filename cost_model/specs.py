@@ -185,6 +185,9 @@ class GPUSpec(_Spec):
     gemm_efficiency: float | None = Field(
         None, gt=0, le=1, description="Sustained fraction of peak in large GEMMs."
     )
+    memory_reserve_gib: float = Field(
+        2.0, ge=0, le=1e5, description="Fixed allowance for buffers and workspaces, GiB."
+    )
     source: str | None = Field(None, description="Where these numbers come from.")
 
 
