@@ -8,6 +8,7 @@ one line on stderr that names the field; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
@@ -174,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             if name not in accepted:
                 raise CLIError(f"--{name.replace('_', '-')} is not supported by this executor")
             kwargs[name] = value
-    metrics = run_plan(plan, args.candidate, args.steps, out, **kwargs)
+    with contextlib.redirect_stdout(sys.stderr):  # rank output to stderr; stdout is the JSON
+        metrics = run_plan(plan, args.candidate, args.steps, out, **kwargs)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 

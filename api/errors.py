@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cost_model.validate import InvalidMapping
@@ -68,7 +69,13 @@ async def _on_value_error(_req: Request, exc: ValueError) -> JSONResponse:
     return _answer(422, [{"loc": ("body",), "msg": str(exc), "type": "value_error"}])
 
 
+async def _on_http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail, "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(ValidationError, _on_pydantic)
     app.add_exception_handler(RequestError, _on_request_error)

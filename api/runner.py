@@ -11,6 +11,7 @@ runs it left queued or running as failed instead of reattaching; only the `local
 
 from __future__ import annotations
 
+import inspect
 import threading
 import traceback
 from collections.abc import Callable
@@ -29,7 +30,10 @@ def default_run_fn(plan: dict, candidate: int, steps: int, out_dir: Path, seed: 
         from executor.launch import run_plan
     except ImportError as exc:
         raise RuntimeError(f"the executor is not available here: {exc}") from exc
-    return run_plan(plan, candidate, steps, out_dir, seed=seed)
+    kwargs: dict[str, Any] = {"seed": seed}
+    if "echo" in inspect.signature(run_plan).parameters:
+        kwargs["echo"] = False  # the ranks' output goes to out_dir/train.log, not the server log
+    return run_plan(plan, candidate, steps, out_dir, **kwargs)
 
 
 def _log_tail(out_dir: Path) -> str | None:
