@@ -71,10 +71,16 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
     return vals
 
 
+# Pinning all of these pins the whole mapping: the stage split then stays even unless pinned.
+CONTRACT_FIELDS = ("tp", "cp", "pp", "vpp", "ep", "etp", "micro_batch_size", "recompute",
+                   "distributed_optimizer", "dispatcher", "order")
+
+
 def _uneven_splits(model: ModelSpec, pp: int, fixed: dict) -> list[tuple[int | None, int | None]]:
     """(first, last) stage layer counts: the even split, and splits that give the first and
     last stage (which carry embedding and output layer) fewer layers."""
-    if "decoder_first_pipeline_num_layers" in fixed or "decoder_last_pipeline_num_layers" in fixed:
+    if ("decoder_first_pipeline_num_layers" in fixed or "decoder_last_pipeline_num_layers" in fixed
+            or all(f in fixed for f in CONTRACT_FIELDS)):
         return [(fixed.get("decoder_first_pipeline_num_layers"),
                  fixed.get("decoder_last_pipeline_num_layers"))]
     L = model.num_layers
