@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from cost_model.specs import Mapping, ModelSpec, TrainingSpec
-from executor.comm import CommCounter
+from executor.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
 from executor.data import bundled_corpus_tokens
-from executor.parallel_dims import ParallelDims, build_parallel_dims
+from executor.parallel_dims import ALL_KINDS, Group, ParallelDims, build_parallel_dims
 from executor.router import RouterConfig
 from executor.trainer import Trainer
 
@@ -100,11 +100,59 @@ def _reference(mbs: int, router: RouterConfig, tokens) -> dict:
             "grads": results[0].grads}
 
 
+def collectives_check(rank: int, world: int) -> dict:
+    """Uneven all-to-all / all-gather / reduce-scatter: values, gradients and byte counts."""
+    g = Group(tuple(range(world)), dist.group.WORLD, rank)
+    D, counter, res = 3, CommCounter(), {}
+    # all-to-all: rank r sends (r + j) % 3 rows of value 100 r + j to rank j
+    in_splits = [(rank + j) % 3 for j in range(world)]
+    out_splits = [(j + rank) % 3 for j in range(world)]
+    x = torch.cat([torch.full((n, D), 100.0 * rank + j) for j, n in enumerate(in_splits)]).requires_grad_()
+    y = all_to_all_v(x, out_splits, in_splits, g, counter, "w.a2a")
+    expect = torch.cat([torch.full((n, D), 100.0 * j + rank) for j, n in enumerate(out_splits)])
+    res["a2a_ok"] = bool(torch.equal(y, expect))
+    (y * y).sum().backward()  # grad of row sent to j comes back as 2 * its value
+    res["a2a_grad_ok"] = bool(torch.equal(x.grad, 2 * x.detach()))
+    # all-gather-v: rank r holds r + 1 rows of value r
+    sizes = [r + 1 for r in range(world)]
+    x = torch.full((rank + 1, D), float(rank), requires_grad=True)
+    y = all_gather_v(x, sizes, g, counter, "w")
+    res["ag_ok"] = bool(torch.equal(y, torch.cat([torch.full((n, D), float(r)) for r, n in enumerate(sizes)])))
+    weights = torch.arange(y.shape[0], dtype=torch.float32)[:, None].expand(-1, D)
+    (y * weights).sum().backward()  # every rank contributes the same weights: grad = world * w
+    off = sum(sizes[:rank])
+    res["ag_grad_ok"] = bool(torch.equal(x.grad, world * weights[off : off + rank + 1]))
+    # reduce-scatter-v: everyone holds rows 0..N-1 scaled by (rank + 1)
+    n_total = sum(sizes)
+    x = (torch.arange(n_total, dtype=torch.float32)[:, None].expand(-1, D) * (rank + 1)).contiguous()
+    y = reduce_scatter_v(x, sizes, g, counter, "w")
+    tri = world * (world + 1) // 2
+    res["rs_ok"] = bool(torch.equal(y, torch.arange(n_total, dtype=torch.float32)[off : off + rank + 1, None].expand(-1, D) * tri))
+    res["bytes"] = dict(counter.current)
+    res["in_splits"], res["out_splits"], res["sizes"] = in_splits, out_splits, sizes
+    return res
+
+
+def groups_check(dims: ParallelDims) -> bool:
+    """Each group holds this rank, is one of the layout's groups, and its process group works."""
+    me = dist.get_rank()
+    for kind in ALL_KINDS:
+        grp = dims.group(kind)
+        if me not in grp.ranks or list(grp.ranks) not in dims.layout.groups[kind]:
+            return False
+        if grp.pg is not None:
+            t = torch.ones(1)
+            dist.all_reduce(t, group=grp.pg)
+            if int(t) != grp.size:
+                return False
+    return True
+
+
 def equivalence_job(rank: int, world: int) -> dict:
     """Every config of EQUIV_CONFIGS against the single-rank reference, on sub-worlds."""
     tokens = bundled_corpus_tokens()
     refs: dict = {}
-    out = {}
+    out = {"_collectives": collectives_check(rank, world)}
     for name, w, fields, router_opts, per_rank_ref in EQUIV_CONFIGS:
         mapping = Mapping(**fields)
         router = RouterConfig(**router_opts)
@@ -119,6 +167,7 @@ def equivalence_job(rank: int, world: int) -> dict:
         dims = build_parallel_dims(mapping, w, gpus_per_node=4, base_ranks=list(range(w)))
         if dims is None:
             continue
+        groups_ok = groups_check(dims)
         counter = CommCounter()
         t = Trainer(TEST_SPEC, TEST_TRAINING, dims, tokens, seed=0, counter=counter, router_config=router)
         results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
@@ -140,6 +189,7 @@ def equivalence_job(rank: int, world: int) -> dict:
             "grad_err": grad_err, "worst_grad": worst,
             "dropped": [r.num_dropped for r in results], "ref_dropped": ref["dropped"],
             "comm_keys": sorted(counter.per_step[0]),
+            "groups_ok": groups_ok,
             "ep_bytes": counter.per_step[0].get("ep.all_to_all", 0),
         }
     return out

@@ -20,6 +20,9 @@ def equivalence(tmp_path_factory):
     merged: dict[str, list[dict]] = {}
     for rank_result in results:
         for name, r in rank_result.items():
+            if name.startswith("_"):
+                merged.setdefault(name, []).append(r)
+                continue
             merged.setdefault(name, []).append(r)
     return merged
 
@@ -33,3 +36,24 @@ def test_matches_single_rank(equivalence, name):
         assert r["loss_rel_err"] < 1e-5, (r["loss"], r["ref_loss"])
         assert r["grad_err"] < 1e-5, (r["worst_grad"], r["grad_err"])
         assert r["dropped"] == r["ref_dropped"]
+        assert r["groups_ok"]
+    if "capacity" in name:
+        assert min(ranks[0]["dropped"]) > 0  # the capacity rule really dropped tokens
+    if "ep" in name and "allgather" not in name and "w2" not in name:
+        assert all(r["ep_bytes"] > 0 for r in ranks)
+
+
+def test_collectives_values_gradients_and_bytes(equivalence):
+    ranks = equivalence["_collectives"]
+    assert len(ranks) == 8
+    row = 3 * 4  # D=3 fp32
+    for me, r in enumerate(ranks):
+        assert r["a2a_ok"] and r["a2a_grad_ok"] and r["ag_ok"] and r["ag_grad_ok"] and r["rs_ok"], r
+        b = r["bytes"]
+        sent = sum(r["in_splits"]) - r["in_splits"][me]
+        received = sum(r["out_splits"]) - r["out_splits"][me]
+        assert b["w.a2a"] == (sent + received) * row  # forward sends, backward returns
+        own = r["sizes"][me]
+        assert b["w.all_gather"] == 7 * own * row
+        # reduce-scatter forward (total - own) plus the all-gather's backward reduce-scatter
+        assert b["w.reduce_scatter"] == 2 * (sum(r["sizes"]) - own) * row
