@@ -250,7 +250,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
 
     breakdown = {k: num_mb * v for k, v in ranks[slow].parts.items()}
     breakdown["bubble"] = (sum(totals) - totals[slow]) / m.vpp
-    dp_exposed, opt = _dp_comm(ctx, ranks[0].fwd_compute, ranks[0].bwd_compute)
+    windows = (ranks[0].fwd_compute, ranks[0].bwd_compute) if hw.comm_overlap else (0.0, 0.0)
+    dp_exposed, opt = _dp_comm(ctx, *windows)
     breakdown["dp_comm"] = dp_exposed
     breakdown["optimizer"] = opt
 

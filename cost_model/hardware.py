@@ -36,6 +36,7 @@ class Hardware:
     peak_flops: dict[str, float]  # precision -> FLOP/s
     memory_bytes: float
     memory_reserve_bytes: float
+    comm_overlap: bool
     hbm_bps: float
     intra_bps: float
     inter_bps: float
@@ -84,6 +85,7 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         peak_flops=peak,
         memory_bytes=gpu.memory_gib * 2**30,
         memory_reserve_bytes=gpu.memory_reserve_gib * 2**30,
+        comm_overlap=gpu.comm_overlap,
         hbm_bps=float(prof.get("hbm_GBps") or gpu.hbm_GBps) * 1e9,
         intra_bps=intra * 1e9,
         inter_bps=inter * 1e9,

@@ -188,6 +188,9 @@ class GPUSpec(_Spec):
     memory_reserve_gib: float = Field(
         2.0, ge=0, le=1e5, description="Fixed allowance for buffers and workspaces, GiB."
     )
+    comm_overlap: bool = Field(
+        True, description="Collectives can run under compute (false for CPU ranks)."
+    )
     source: str | None = Field(None, description="Where these numbers come from.")
 
 

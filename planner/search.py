@@ -264,8 +264,11 @@ def _dedupe(rows: list[Row]) -> list[Row]:
 def _equivalence_key(row: Row) -> tuple:
     """Mappings that differ only in rank order or optimizer sharding and have the same
     predicted time and memory are one candidate to the user."""
-    return (round(row.step, 12), round(row.result.peak_bytes),
-            row.mapping.model_copy(update={"order": "", "distributed_optimizer": True}))
+    m = row.mapping
+    update = {"order": "", "distributed_optimizer": True}
+    if m.ep * m.etp == 1:
+        update["dispatcher"] = ""  # no expert communication: the dispatcher does not matter
+    return (round(row.step, 12), round(row.result.peak_bytes), m.model_copy(update=update))
 
 
 def _select(rows: list[Row], bound: float | None, top_k: int,

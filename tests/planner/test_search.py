@@ -22,7 +22,7 @@ class _Row:
 
     @property
     def result(self):  # for _equivalence_key
-        return type("R", (), {"peak_bytes": self.est.memory.peak_gib * 2**30})
+        return type("R", (), {"peak_bytes": self.est.memory.peak_gib * 2**30})()
 
 
 def exhaustive_top_k(model, cluster, training, k, fixed=None):
@@ -34,7 +34,7 @@ def exhaustive_top_k(model, cluster, training, k, fixed=None):
     rows.sort(key=lambda r: (r.step, _tie_key(r.mapping)))
     seen, out = set(), []
     for r in rows:
-        key = (round(r.step, 12), round(r.est.memory.peak_gib * 2**30), r.mapping.model_copy(update={"order": "", "distributed_optimizer": True}))
+        key = _equivalence_key(r)
         if key not in seen:
             seen.add(key)
             out.append(r)
