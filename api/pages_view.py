@@ -94,7 +94,9 @@ def layout_grid(plan: PlanAnswer, candidate: int) -> dict[str, Any]:
                 for r in range(drawn_ranks)
             ],
         })
-    return {"kinds": kinds, "cell": cell, "gpn": gpn, "drawn_nodes": drawn_nodes,
+    sizes = {k["kind"]: k["size"] for k in kinds}
+    default = next((k for k in ("tp", "ep", "cp", "pp", "dp", "etp", "edp") if sizes[k] > 1), "tp")
+    return {"kinds": kinds, "default": default, "cell": cell, "gpn": gpn, "drawn_nodes": drawn_nodes,
             "num_nodes": n_nodes, "truncated": n_nodes > drawn_nodes,
             "width": 40 + gpn * (cell + 2), "height": 18 + drawn_nodes * (cell + 2)}
 
@@ -115,3 +117,14 @@ def mapping_rows(plan: PlanAnswer) -> list[tuple[str, list[Any]]]:
 def full_mapping(m: Mapping) -> str:
     return ", ".join(f"{k}={v}" for k, v in m.model_dump(exclude_none=True).items()
                      if k in ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp"))
+
+
+def megatron_text(args: list[str]) -> str:
+    """One `--flag value` per line, shell continuation style, ready to paste."""
+    lines: list[str] = []
+    for token in " ".join(args).split():
+        if token.startswith("--") or not lines:
+            lines.append(token)
+        else:
+            lines[-1] += " " + token
+    return " \\\n".join(lines)

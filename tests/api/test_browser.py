@@ -1,0 +1,101 @@
+"""The plan page in real headless Chromium (Playwright), served by a real `foldplan serve`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, fake_plan_answer, free_port, start_server, store_plan
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} missing: run tests/api/install_system_deps.sh")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def server(tmp_path, db_url):
+    plan = fake_plan_answer()
+    store_plan(db_url, plan)
+    port = free_port()
+    proc = start_server(db_url, port, tmp_path)
+    yield f"http://127.0.0.1:{port}", plan
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_plan_page_reads_well(browser, server):
+    base, plan = server
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    external: list[str] = []
+    page = ctx.new_page()
+    page.on("request", lambda req: None if req.url.startswith(base) else external.append(req.url))
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{base}/plans/{plan['id']}")
+    assert "mixtral-8x22b" in page.locator("#plan-title").inner_text()
+    # Candidates side by side: one column per candidate, best first.
+    headers = page.locator("#candidates thead th")
+    assert headers.count() == 1 + len(plan["candidates"])
+    best_time = plan["candidates"][0]["estimate"]["step_time_s"]
+    assert f"{best_time:.3f} s" in page.locator("#candidates td.step-time").first.inner_text()
+    # Charts: one bar row per candidate, one rect per non-zero component.
+    nonzero = sum(1 for v in plan["candidates"][0]["estimate"]["breakdown"].values() if v > 0)
+    assert page.locator("#time-chart g").first.locator("rect").count() == nonzero
+    assert page.locator("#memory-chart line").count() == len(plan["candidates"])
+    # Layout grid: 16 nodes x 8 GPUs, tp groups shown first; switching to ep shows ep groups.
+    shown = page.locator(".layout-kind.shown")
+    assert shown.get_attribute("data-kind") == "tp"
+    assert shown.locator("rect").count() == 128
+    page.locator("#layout-tabs input[value=ep]").check()
+    assert page.locator(".layout-kind.shown").get_attribute("data-kind") == "ep"
+    # Megatron args and the copy button.
+    assert "--tensor-model-parallel-size" in page.locator("#megatron-args").inner_text()
+    page.locator("#copy-args").click()
+    page.wait_for_function("document.getElementById('copy-status').textContent.length > 0")
+    assert page.locator("#run-form").is_visible()
+    page.locator("#layout-tabs input[value=tp]").check()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "plan_page.png"), full_page=True)
+    assert not errors, errors
+    assert not external, external  # nothing from a CDN
+    # Choosing another candidate's layout from the table.
+    page.goto(f"{base}/plans/{plan['id']}?c=1")
+    assert "candidate #2" in page.locator("#layout").inner_text()
+    ctx.close()
+
+
+def test_index_lists_plans_and_form_creates_one(browser, server):
+    from conftest import planner_ready
+
+    base, plan = server
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    page.goto(base + "/")
+    assert page.locator("#plans tbody tr").count() == 1
+    page.locator("#plans a").first.click()
+    page.wait_for_url(f"**/plans/{plan['id']}")
+    page.goto(base + "/")
+    page.screenshot(path=str(ARTIFACTS / "index_page.png"), full_page=True)
+    if planner_ready():
+        page.select_option("#f-preset", "mixtral-8x7b")
+        page.fill("#f-nodes", "2")
+        page.click("#f-submit")
+        page.wait_for_url("**/plans/*", timeout=60_000)
+        assert "mixtral-8x7b" in page.locator("#plan-title").inner_text()
+        assert page.locator("#candidates thead th").count() >= 2
+        page.screenshot(path=str(ARTIFACTS / "plan_page_planner.png"), full_page=True)
+    ctx.close()
