@@ -198,7 +198,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
         kth = -best[0] if len(best) >= top_k else math.inf
         if lb >= max(kth, best_classic if model.is_moe else 0.0):
             break
-        if time.perf_counter() > deadline and best:
+        if time.perf_counter() > deadline:
             stopped_early = True
             break
         expanded = i + 1
@@ -219,7 +219,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             elif r.peak_bytes - r.capacity_bytes < over:
                 over, over_row = r.peak_bytes - r.capacity_bytes, row
     bound = triples[expanded][0] if expanded < len(triples) else None
-    status, chosen, stats, resolution = _select(rows, bound, top_k, stopped_early)
+    status, chosen, stats, resolution = _select(rows, bound, top_k, stopped_early,
+                                                max(0.05, t0 + limit - time.perf_counter()))
     candidates = []
     for row in chosen:
         args = megatron_args(model, training, row.mapping)
@@ -234,7 +235,11 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     reasons: list[str] = []
     if not candidates:
         status = "INFEASIBLE"
-        reasons = _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row)
+        if stopped_early:
+            reasons = [f"time limit of {limit:g} s reached after {space_size} mappings without "
+                       f"one that fits; raise time_limit_s or pin more of the mapping"]
+        else:
+            reasons = _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row)
     unfolded = None
     classic = [r for r in rows if is_classic(r.mapping)]
     if classic:
@@ -271,8 +276,8 @@ def _equivalence_key(row: Row) -> tuple:
     return (round(row.step, 12), round(row.result.peak_bytes), m.model_copy(update=update))
 
 
-def _select(rows: list[Row], bound: float | None, top_k: int,
-            stopped_early: bool) -> tuple[str, list[Row], dict, float]:
+def _select(rows: list[Row], bound: float | None, top_k: int, stopped_early: bool,
+            time_left_s: float) -> tuple[str, list[Row], dict, float]:
     """Pick the top-k rows with CP-SAT (formulation in the module docstring)."""
     rows = _dedupe(rows)
     if not rows:
@@ -302,6 +307,7 @@ def _select(rows: list[Row], bound: float | None, top_k: int,
         )
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1
+        solver.parameters.max_time_in_seconds = time_left_s / top_k
         st = solver.solve(model)
         stats["solves"] += 1
         stats["branches"] += solver.num_branches
