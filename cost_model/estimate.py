@@ -195,23 +195,41 @@ def layer_cost_key(m: Mapping) -> tuple:
 
 
 def micro_batch_costs(ctx: Context, cache: dict | None = None):
-    """({is_moe: one layer's Cost}, embedding Cost, output Cost) for one micro-batch."""
-    key = layer_cost_key(ctx.mapping)
-    if cache is not None and key in cache:
+    """({is_moe: one layer's Cost}, embedding Cost, output Cost) for one micro-batch.
+
+    With a `cache`, each block's cost is kept under the mapping fields it depends on, so the
+    planner pays for attention once per (tp, cp, micro-batch, recompute), not per expert
+    layout."""
+    cache = {} if cache is None else cache
+    m = ctx.mapping
+    key = layer_cost_key(m)
+    if key in cache:
         return cache[key]
+    base = (m.tp, m.cp, m.micro_batch_size, m.sp, key[-1])
     model = ctx.model
     num_moe = model.num_moe_layers
-    attn = attention_cost(ctx)
+
+    def part(name, extra, fn):
+        k = (name,) + base + extra
+        if k not in cache:
+            cache[k] = fn()
+        return cache[k]
+
+    attn = part("attention", (m.recompute,), lambda: attention_cost(ctx))
     layer_costs: dict[bool, Cost] = {}
-    for is_moe in (False, True):
-        if num_moe if is_moe else model.num_layers - num_moe:
-            c = Cost()
-            c.add(attn)
-            c.add(moe_cost(ctx) if is_moe else dense_mlp_cost(ctx, model.ffn_hidden_size))
-            layer_costs[is_moe] = c
-    out = (layer_costs, embedding_cost(ctx), logits_cost(ctx))
-    if cache is not None:
-        cache[key] = out
+    if num_moe:
+        c = Cost()
+        c.add(attn)
+        c.add(part("moe", (m.recompute, m.ep, m.etp, m.dispatcher), lambda: moe_cost(ctx)))
+        layer_costs[True] = c
+    if model.num_layers - num_moe:
+        c = Cost()
+        c.add(attn)
+        c.add(part("mlp", (m.recompute,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size)))
+        layer_costs[False] = c
+    out = (layer_costs, part("embedding", (), lambda: embedding_cost(ctx)),
+           part("output", (), lambda: logits_cost(ctx)))
+    cache[key] = out
     return out
 
 

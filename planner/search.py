@@ -41,7 +41,8 @@ from ortools.sat.python import cp_model
 from cost_model.estimate import StepResult, evaluate, make_context, micro_batch_work
 from cost_model.estimate import to_estimate
 from cost_model.hardware import hardware
-from cost_model.memory import GIB
+from cost_model.flops import padded_vocab
+from cost_model.memory import FRAGMENTATION, GIB, layer_params
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors
 
@@ -65,6 +66,8 @@ class LayerConfig:
     recompute: str
     dispatcher: str
     work_s: float  # W: one micro-batch through every layer, embedding and output
+    dense_params: float  # parameters of all layers + embedding + output, one tp shard
+    expert_params: float  # expert parameters of all layers, one ep x etp shard
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,34 @@ def _layer_configs(model, cluster, training, values, cache: dict) -> list[LayerC
                                     continue
                                 ctx = make_context(model, cluster, training, probe, hw)
                                 w = micro_batch_work(ctx, cache)
-                                out.append(LayerConfig(tp, cp, ep, etp, mbs, rc, disp, w))
+                                dense, expert = _param_totals(model, probe)
+                                out.append(LayerConfig(tp, cp, ep, etp, mbs, rc, disp, w,
+                                                       dense, expert))
     return out
+
+
+def _param_totals(model: ModelSpec, probe: Mapping) -> tuple[float, float]:
+    num_moe = model.num_moe_layers
+    dense = expert = 0.0
+    for is_moe, count in ((False, model.num_layers - num_moe), (True, num_moe)):
+        if count:
+            d, e = layer_params(model, is_moe, probe)
+            dense, expert = dense + d * count, expert + e * count
+    vocab = padded_vocab(model.vocab_size, probe.tp) / probe.tp * model.hidden_size
+    return dense + 2 * vocab + model.hidden_size, expert
+
+
+def _memory_lower_bound(training, lc: LayerConfig, pp: int, dp: int, edp: int,
+                        sharded: bool, hw) -> float:
+    """No pipeline rank holds less than the mean of their weights, gradients and optimizer
+    state (activations and the tied/untied detail left out), so peak >= this."""
+    w_bytes = {"bf16": 2.0, "fp8": 3.0, "fp32": 4.0}[training.precision]
+    opt_bytes = 8.0 if training.precision == "fp32" else 12.0
+    params = lc.dense_params + lc.expert_params
+    opt = opt_bytes * (lc.dense_params / (dp * lc.cp) + lc.expert_params / edp
+                       if sharded else params)
+    static = (params * (w_bytes + 4.0) + opt) / pp
+    return hw.memory_reserve_bytes + (1 + FRAGMENTATION) * static
 
 
 def _pipeline_bounds(model, cluster, training, values, configs):
@@ -125,6 +154,9 @@ def _pipeline_bounds(model, cluster, training, values, configs):
     t_max, so step >= m*W/pp + (W - W/pp)/vpp (exact for balanced stages, before pipeline
     sends, data-parallel and optimizer time, all non-negative)."""
     world, gbs = cluster.world_size, training.global_batch_size
+    hw = hardware(cluster)
+    sharded = True in values["distributed_optimizer"]
+    closest: tuple = (math.inf, None, 0)  # smallest memory bound among those pruned by it
     out = []
     for lc in configs:
         for pp in values["pp"]:
@@ -133,6 +165,12 @@ def _pipeline_bounds(model, cluster, training, values, configs):
             dp = world // (lc.tp * lc.cp * pp)
             if gbs % (lc.micro_batch_size * dp):
                 continue
+            edp = world // (lc.etp * lc.ep * pp)
+            need = _memory_lower_bound(training, lc, pp, dp, edp, sharded, hw)
+            if need > hw.memory_bytes:
+                if need < closest[0]:
+                    closest = (need, lc, pp)
+                continue  # no expansion of it can fit
             m = gbs // (lc.micro_batch_size * dp)
             stage = lc.work_s / pp
             for vpp in values["vpp"] if pp > 1 else [1]:
@@ -140,7 +178,7 @@ def _pipeline_bounds(model, cluster, training, values, configs):
                     continue
                 out.append((m * stage + (lc.work_s - stage) / vpp, lc, pp, vpp))
     out.sort(key=lambda t: t[0])
-    return out
+    return out, closest
 
 
 def _expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vpp: int):
@@ -184,7 +222,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     values = candidate_values(model, cluster, training, fixed)
     cache: dict = {}  # per-layer costs shared by every mapping of this request
     configs = _layer_configs(model, cluster, training, values, cache)
-    triples = _pipeline_bounds(model, cluster, training, values, configs)
+    triples, closest = _pipeline_bounds(model, cluster, training, values, configs)
     rows: list[Row] = []
     best: list[float] = []  # max-heap (negated) of the k best distinct fitting step times
     distinct: set = set()
@@ -239,7 +277,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             reasons = [f"time limit of {limit:g} s reached after {space_size} mappings without "
                        f"one that fits; raise time_limit_s or pin more of the mapping"]
         else:
-            reasons = _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row)
+            reasons = _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row,
+                                          closest)
     unfolded = None
     classic = [r for r in rows if is_classic(r.mapping)]
     if classic:
@@ -342,11 +381,27 @@ def _add_exclusion_constraints(model: cp_model.CpModel, x, excluded: list[int]) 
         model.add(x[i] == 0)
 
 
-def _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row) -> list[str]:
+def _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row,
+                        closest) -> list[str]:
     if fixed and set(fixed) >= {"tp", "cp", "pp", "ep", "etp"}:
         errors, _ = mapping_errors(model, cluster, training, Mapping(**fixed))
         if errors:
             return errors
+    capacity = hardware(cluster).memory_bytes
+    if over_row is None and closest[1] is not None:
+        need, lc, pp = closest
+        world = cluster.world_size
+        # With the state spread perfectly, the whole model's state over N GPUs must fit.
+        min_gpus = math.ceil(world * (need - hardware(cluster).memory_reserve_bytes)
+                             / (capacity - hardware(cluster).memory_reserve_bytes))
+        return [
+            f"no mapping fits in memory: even the best spread of weights, gradients and "
+            f"optimizer state (tp={lc.tp} pp={pp} ep={lc.ep} etp={lc.etp}, distributed "
+            f"optimizer) needs at least {need / GIB:.1f} GiB per GPU of {capacity / GIB:.1f} "
+            f"GiB, at least {(need - capacity) / GIB:.1f} GiB more per GPU before "
+            f"activations: raise pp or ep, or add GPUs (about {min_gpus} of this kind at the "
+            f"least)"
+        ]
     if not configs or over_row is None:
         pinned = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "none"
         return [f"no valid mapping of {model.name or 'this model'} on {cluster.world_size} GPUs "
