@@ -46,6 +46,7 @@ class Hardware:
     gemm_efficiency: float
     attention_fwd_efficiency: float
     attention_bwd_efficiency: float
+    attention_kv_half: float
     memory_efficiency: float
     kernel_overhead_s: float
     num_sms: int
@@ -97,6 +98,7 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         gemm_efficiency=gemm_eff,
         attention_fwd_efficiency=_value("attention_fwd_efficiency"),
         attention_bwd_efficiency=_value("attention_bwd_efficiency"),
+        attention_kv_half=0.0 if is_cpu else _value("attention_kv_half"),
         memory_efficiency=_value("memory_bound_efficiency"),
         kernel_overhead_s=float(
             prof.get("kernel_overhead_us")

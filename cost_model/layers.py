@@ -116,8 +116,15 @@ def attention_cost(ctx: Context) -> Cost:
     b_s, s = m.micro_batch_size, ctx.training.seq_length
     core = 2.0 * b_s * s * s * (n / tp) * (qk_dim + v_dim) * 0.5 / m.cp
     attn_prec = "fp32" if p == "fp32" else "bf16"
-    core_fwd = core / (hw.peak_flops[attn_prec] * hw.attention_fwd_efficiency)
-    core_bwd = 2.5 * core / (hw.peak_flops[attn_prec] * hw.attention_bwd_efficiency)
+    # Fused attention runs closer to its peak on long key blocks: each kernel call sees s keys,
+    # or with load-balanced CP a half-chunk of s/(2cp) per ring step (2cp - 1 calls).
+    kv_block = s if m.cp == 1 else s / (2 * m.cp)
+    calls = 1 if m.cp == 1 else 2 * m.cp - 1
+    length_eff = kv_block / (kv_block + hw.attention_kv_half)
+    core_fwd = core / (hw.peak_flops[attn_prec] * hw.attention_fwd_efficiency * length_eff)
+    core_bwd = 2.5 * core / (hw.peak_flops[attn_prec] * hw.attention_bwd_efficiency * length_eff)
+    core_fwd += calls * hw.kernel_overhead_s
+    core_bwd += 2 * calls * hw.kernel_overhead_s
     fwd, bwd = fwd + core_fwd, bwd + core_bwd
     # Memory-bound work: norm, residual, RoPE and layout copies; backward about twice.
     elem = T * (6 * h + 3 * qkv_elems) / tp * ctx.act_bytes
