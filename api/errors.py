@@ -7,6 +7,7 @@ Answer shape (FastAPI's own validation shape, plus a one-line `message`):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cost_model.validate import InvalidMapping
 
 from .service import RequestError
+
+log = logging.getLogger("foldplan.api")
 
 
 def _loc_text(loc: tuple | list) -> str:
@@ -74,7 +77,17 @@ async def _on_http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+async def _on_arithmetic(req: Request, exc: ArithmeticError) -> JSONResponse:
+    # Degenerate but schema-valid numbers (e.g. a bandwidth of 5e-324) that the cost model
+    # cannot evaluate. Logged with the traceback: the spec bounds should reject them upstream.
+    log.warning("arithmetic error on %s %s", req.method, req.url.path, exc_info=exc)
+    msg = (f"the cost model cannot evaluate these values ({type(exc).__name__}: {exc}); "
+           "look for degenerate inputs such as near-zero rates, bandwidths or capacity factors")
+    return _answer(422, [{"loc": ("body",), "msg": msg, "type": "value_error"}])
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ArithmeticError, _on_arithmetic)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(ValidationError, _on_pydantic)

@@ -1,0 +1,57 @@
+"""Schemathesis against the app's own OpenAPI schema: no 5xx, answers conform to the schema.
+
+Kept small (30 examples per operation). The run endpoints are fuzzed with a server token set
+and none sent, so they answer 401 and never start training.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from api.app import create_app
+from api.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+_tmp = Path(tempfile.mkdtemp(prefix="foldplan-fuzz-"))
+app = create_app(Settings(db=f"sqlite:///{_tmp / 'fuzz.db'}", run_dir=_tmp / "runs",
+                          api_token="fuzz-token", plan_time_limit_s=2, plan_time_cap_s=2,
+                          plan_grace_s=3))
+schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+
+
+# planner/search.py asserts when its time limit stops the search very early (reported to the
+# planner's owner); remove this once it answers FEASIBLE/INFEASIBLE instead.
+KNOWN_PLANNER_BUG = "a pruned layer configuration beat every expanded mapping"
+_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@schema.exclude(method="POST", path="/v1/plans").parametrize()
+@settings(max_examples=30, **_SETTINGS)
+def test_api_never_fails_on_generated_input(case):
+    case.call_and_validate(checks=CHECKS)
+
+
+@schema.include(method="POST", path="/v1/plans").parametrize()
+@settings(max_examples=10, **_SETTINGS)
+def test_plans_never_fail_on_generated_input(case):
+    """Fewer examples: each one may run the planner for up to its (capped) time limit."""
+    try:
+        case.call_and_validate(checks=CHECKS)
+    except AssertionError as exc:  # an internal assert of the planner, raised through the app
+        if KNOWN_PLANNER_BUG in str(exc):
+            pytest.xfail(f"known planner bug (reported): {exc}")
+        raise
