@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .db import Database
 from .errors import BodyLimitMiddleware, install_error_handlers
-from .routers import estimate, health, layout, pages, plans, presets, runs
+from .routers import docs, estimate, health, layout, pages, plans, presets, runs
 from .runner import RunFn, RunManager
 from .service import foldplan_version
 from .settings import Settings
@@ -42,13 +42,13 @@ def create_app(settings: Settings | None = None, run_fn: RunFn | None = None) ->
         db.dispose()
 
     app = FastAPI(title="foldplan", version=foldplan_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.db = db
     app.state.runner = runner
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    for module in (health, estimate, plans, layout, presets, runs, pages):
+    for module in (health, estimate, plans, layout, presets, runs, pages, docs):
         app.include_router(module.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -166,7 +166,10 @@ def test_openapi_has_the_mixtral_example(client):
     assert value["model"] == {"preset": "mixtral-8x22b"}
     assert value["cluster"] == {"num_nodes": 16, "gpus_per_node": 8, "gpu": "h100"}
     assert "201" in op["responses"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    assert client.get("/static/swagger-ui-bundle.js").status_code == 200
 
 
 def test_estimate_examples_from_openapi_work(client):

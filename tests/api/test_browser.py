@@ -99,3 +99,32 @@ def test_index_lists_plans_and_form_creates_one(browser, server):
         assert page.locator("#candidates thead th").count() >= 2
         page.screenshot(path=str(ARTIFACTS / "plan_page_planner.png"), full_page=True)
     ctx.close()
+
+
+def _try_operation(page, op_id: str) -> str:
+    """Expand an operation in Swagger UI, execute its first example, return the status shown."""
+    block = page.locator(f"#{op_id}")
+    block.locator(".opblock-summary").first.click()
+    block.locator("button.execute").click()
+    status = block.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for(timeout=90_000)
+    return status.inner_text().strip()
+
+
+def test_docs_served_locally_and_examples_work(browser, server):
+    from conftest import planner_ready
+
+    base, _ = server
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    external: list[str] = []
+    page.on("request", lambda req: None if req.url.startswith(base) else external.append(req.url))
+    page.goto(base + "/docs")
+    page.locator(".opblock").first.wait_for(timeout=30_000)
+    assert page.locator(".opblock").count() >= 10
+    assert _try_operation(page, "operations-estimate-post_estimate_v1_estimate_post") == "200"
+    if planner_ready():
+        assert _try_operation(page, "operations-plans-create_plan_v1_plans_post") == "201"
+    page.screenshot(path=str(ARTIFACTS / "docs_page.png"), full_page=False)
+    assert not external, external
+    ctx.close()
