@@ -1,0 +1,199 @@
+"""Closed loop on this machine: profile, predict, run, compare.
+
+Run: .venv/bin/python benchmarks/closed_loop.py [--out DIR] [--repeats 3] [--steps 5]
+     [--profile-dir DIR]   (reuse profile_n{N}.json files found there instead of measuring)
+
+Rule, fixed before any closed-loop measurement (no mapping is dropped or added after seeing
+results):
+- Three MoE models of one family, fp32, seq_length 256, global_batch_size 8, dropless,
+  byte-level vocabulary, 4 layers, 8 experts top-2, width W: `cpu-moe-64` (W 64, 4 heads x 16,
+  ffn 128), `tiny-moe` (the preset, W 128) and `cpu-moe-256` (W 256, 8 heads / 4 query groups
+  x 32, ffn 512). Width is what spreads the predicted times by more than 3x.
+- The mappings in MAPPINGS below: world sizes 2 and 4 (4 ranks share the 2 cores), the expert
+  arrangements the executor runs at that size (dp only, ep, etp, ep x etp), both dispatchers,
+  micro-batch sizes 1 to 4. TP = CP = PP = 1 (all the executor runs today).
+  World size 1 is left out: executor/train.py gives a lone rank all cores (2 threads), and on
+  this shared machine a 2-thread eager step is 5-12x slower than a 1-thread one (OpenMP
+  threads wait for a descheduled partner in every op; measured before this rule was fixed:
+  tiny-moe 6-16 s per step with 2 threads, 1.0-1.2 s with 1). Neither the profile nor the
+  cost model describes that; `--world1` adds the two world-1 mappings anyway.
+- One profile per world size N (`executor.profile.run_profile(nproc=N)`): N ranks share this
+  host, so per-rank GEMM rate, memory bandwidth and gloo bandwidth depend on N; the profile of
+  a cluster describes that cluster. Each mapping is predicted with
+  ClusterSpec(num_nodes=1, gpus_per_node=N, gpu="cpu", profile=<profile of N>).
+- Each mapping runs `--repeats` times with `executor.launch.run_plan` (`--steps` steps each;
+  the executor reports the median step time without the first step); measured = the median
+  over repeats. The table prints predicted, measured and their ratio; then the Spearman rank
+  correlation (target >= 0.8) and the median absolute relative error |pred/meas - 1|.
+Results go to DIR/closed_loop.json. The machine is shared, so timings are noisy: medians only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cost_model.estimate import estimate  # noqa: E402
+from cost_model.presets import preset_model  # noqa: E402
+from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec  # noqa: E402
+from cost_model.validate import resolve_mapping  # noqa: E402
+
+MODELS = {
+    "cpu-moe-64": ModelSpec(
+        name="cpu-moe-64", num_layers=4, hidden_size=64, num_attention_heads=4,
+        num_query_groups=4, kv_channels=16, ffn_hidden_size=128, vocab_size=256,
+        num_experts=8, moe_ffn_hidden_size=128, moe_router_topk=2,
+    ),
+    "tiny-moe": preset_model("tiny-moe"),
+    "cpu-moe-256": ModelSpec(
+        name="cpu-moe-256", num_layers=4, hidden_size=256, num_attention_heads=8,
+        num_query_groups=4, kv_channels=32, ffn_hidden_size=512, vocab_size=256,
+        num_experts=8, moe_ffn_hidden_size=512, moe_router_topk=2,
+    ),
+}
+TRAINING = TrainingSpec(seq_length=256, global_batch_size=8, precision="fp32")
+
+# (model, world size, mapping fields)
+MAPPINGS: list[tuple[str, int, dict]] = [
+    ("cpu-moe-256", 2, dict(micro_batch_size=1)),
+    ("cpu-moe-256", 2, dict(ep=2, micro_batch_size=2)),
+    ("cpu-moe-256", 2, dict(ep=2, micro_batch_size=2, dispatcher="allgather")),
+    ("cpu-moe-256", 2, dict(etp=2, micro_batch_size=2)),
+    ("cpu-moe-256", 4, dict(ep=4, micro_batch_size=1)),
+    ("cpu-moe-256", 4, dict(ep=2, etp=2, micro_batch_size=2)),
+    ("tiny-moe", 2, dict(ep=2, micro_batch_size=1)),
+    ("tiny-moe", 2, dict(etp=2, micro_batch_size=4)),
+    ("tiny-moe", 4, dict(micro_batch_size=1)),
+    ("tiny-moe", 4, dict(ep=4, micro_batch_size=2, dispatcher="allgather")),
+    ("cpu-moe-64", 2, dict(ep=2, micro_batch_size=1)),
+    ("cpu-moe-64", 4, dict(ep=4, micro_batch_size=2)),
+]
+WORLD1 = [
+    ("cpu-moe-256", 1, dict(micro_batch_size=1)),
+    ("tiny-moe", 1, dict(micro_batch_size=1)),
+]
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: Pearson correlation of the ranks (ties get their mean rank)."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def label(model: str, world: int, fields: dict) -> str:
+    m = Mapping(**fields)
+    parts = [f"{model} w{world}", f"ep{m.ep}", f"etp{m.etp}", f"mbs{m.micro_batch_size}"]
+    if m.ep > 1 or m.etp > 1:
+        parts.append(m.dispatcher)
+    return " ".join(parts)
+
+
+def profile_for(world: int, profile_dir: Path) -> dict:
+    """The profile of `world` ranks on this host: read from profile_dir or measured there."""
+    from executor.profile import run_profile
+
+    path = profile_dir / f"profile_n{world}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    print(f"profiling {world} rank(s) ...", flush=True)
+    return run_profile(path, nproc=world)
+
+
+def plan_for(model: ModelSpec, cluster: ClusterSpec, fields: dict) -> dict:
+    """A one-candidate plan in the planner/API's answer format (what run_plan reads)."""
+    m = resolve_mapping(model, cluster, TRAINING, Mapping(**fields))
+    est = estimate(model, cluster, TRAINING, m)
+    return {"model": model.model_dump(), "cluster": cluster.model_dump(),
+            "training": TRAINING.model_dump(),
+            "candidates": [{"mapping": m.model_dump(), "estimate": est.model_dump()}]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/closed_loop", help="output directory (runs/ is git-ignored)")
+    p.add_argument("--profile-dir", default=None, help="profiles to reuse (default: --out)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--only", type=int, nargs="*", default=None, help="indices into MAPPINGS")
+    p.add_argument("--world1", action="store_true", help="also run WORLD1 (see the rule)")
+    p.add_argument("--predict-only", action="store_true", help="print predictions, run nothing")
+    args = p.parse_args(argv)
+    from executor.launch import run_plan
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile_dir = Path(args.profile_dir) if args.profile_dir else out
+    t_start = time.perf_counter()
+    chosen = [MAPPINGS[i] for i in args.only] if args.only else list(MAPPINGS)
+    chosen += WORLD1 if args.world1 else []
+    profiles = {w: profile_for(w, profile_dir) for w in sorted({w for _, w, _ in chosen})}
+    rows = []
+    for i, (name, world, fields) in enumerate(chosen):
+        cluster = ClusterSpec(num_nodes=1, gpus_per_node=world, gpu="cpu", profile=profiles[world])
+        plan = plan_for(MODELS[name], cluster, fields)
+        est = plan["candidates"][0]["estimate"]
+        if args.predict_only:
+            print(f"{label(name, world, fields):<48} predicted {est['step_time_s']:.3f} s  "
+                  + " ".join(f"{k}={v:.3f}" for k, v in est["breakdown"].items() if v > 1e-4))
+            continue
+        times = []
+        for rep in range(args.repeats):
+            metrics = run_plan(plan, 0, args.steps, out / f"run{i}_{rep}", seed=rep, echo=False)
+            times.append(metrics["step_time_s"])
+        row = dict(mapping=label(name, world, fields), model=name, world_size=world,
+                   fields=fields, predicted_s=est["step_time_s"],
+                   measured_s=statistics.median(times), measured_runs_s=times,
+                   breakdown={k: v for k, v in est["breakdown"].items() if v})
+        row["ratio"] = row["predicted_s"] / row["measured_s"]
+        rows.append(row)
+        print(f"{row['mapping']:<48} predicted {row['predicted_s']:.3f} s  measured "
+              f"{row['measured_s']:.3f} s  (runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    if args.predict_only:
+        return 0
+    pred = [r["predicted_s"] for r in rows]
+    meas = [r["measured_s"] for r in rows]
+    rho = spearman(pred, meas)
+    mare = statistics.median(abs(r["ratio"] - 1) for r in rows)
+    print()
+    print(f"| {'mapping':<46} | predicted s | measured s | ratio |")
+    print(f"|{'-' * 48}|-------------|------------|-------|")
+    for r in rows:
+        print(f"| {r['mapping']:<46} | {r['predicted_s']:11.3f} | {r['measured_s']:10.3f} | "
+              f"{r['ratio']:5.2f} |")
+    print(f"\nSpearman rank correlation: {rho:.3f} (target >= 0.8)")
+    print(f"median |predicted/measured - 1|: {mare:.3f}")
+    print(f"predicted span: {max(pred) / min(pred):.1f}x, measured span: {max(meas) / min(meas):.1f}x")
+    wall = time.perf_counter() - t_start
+    print(f"wall time: {wall:.0f} s")
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()}
+    (out / "closed_loop.json").write_text(json.dumps(
+        {"rows": rows, "spearman": rho, "median_abs_rel_error": mare, "wall_s": wall,
+         "training": TRAINING.model_dump(), "profiles": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
