@@ -194,3 +194,23 @@ def test_index_and_plan_pages(client, stored_plan):
     assert "--tensor-model-parallel-size" in html
     assert "http://" not in html.replace("http://www.w3.org", "")  # nothing loaded from outside
     assert client.get("/plans/nope").status_code == 404
+
+
+def test_overrunning_planner_is_cut_off_at_its_limit(tmp_path, monkeypatch):
+    """A planner that ignores its limit: the request still answers (504) right after it."""
+    import time
+
+    import planner.search
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    monkeypatch.setattr(planner.search, "plan", lambda *a, **k: time.sleep(3))
+    settings = Settings(db=f"sqlite:///{tmp_path / 'x.db'}", run_dir=tmp_path, plan_grace_s=0.2)
+    with TestClient(create_app(settings)) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/plans", json={**MIXTRAL_REQUEST, "time_limit_s": 0.3})
+        assert r.status_code == 504 and "time_limit_s=0.3" in r.json()["message"]
+        assert time.monotonic() - t0 < 1.5
+        assert c.get("/v1/plans").json()["total"] == 0

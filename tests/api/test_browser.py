@@ -101,6 +101,31 @@ def test_index_lists_plans_and_form_creates_one(browser, server):
     ctx.close()
 
 
+def test_run_form_starts_a_real_run(browser, server, db_url):
+    """The page's run form: POST a run of tiny-moe on 2 CPU ranks, poll until it succeeds."""
+    pytest.importorskip("torch")
+    from test_cli import TINY
+
+    base, _ = server
+    tiny = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)
+    store_plan(db_url, tiny)
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.goto(f"{base}/plans/{tiny['id']}")
+    page.fill("#r-steps", "2")
+    page.click("#r-submit")
+    page.wait_for_function(
+        "/succeeded|failed/.test(document.getElementById('run-status').textContent)",
+        timeout=180_000)
+    text = page.locator("#run-status").inner_text()
+    assert "succeeded" in text and "measured" in text, text
+    page.reload()
+    assert page.locator("#runs tbody tr").count() == 1
+    assert "succeeded" in page.locator("#runs").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "plan_page_run.png"), full_page=True)
+    ctx.close()
+
+
 def _try_operation(page, op_id: str) -> str:
     """Expand an operation in Swagger UI, execute its first example, return the status shown."""
     block = page.locator(f"#{op_id}")

@@ -122,3 +122,4 @@ def test_plans_run_off_the_event_loop(client):
     assert time.monotonic() - t0 < 1.0
     t.join(60)
     assert done.is_set()
+
