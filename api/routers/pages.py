@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 
 from cost_model.presets import resolve_gpu
 
@@ -41,7 +43,14 @@ def plan_page(request: Request, plan_id: str, s: SessionDep,
     row = store.get_plan(s, plan_id)
     if row is None:
         raise HTTPException(404, f"no plan with id {plan_id!r}")
-    plan = PlanAnswer.model_validate(row.answer)
+    try:
+        plan = PlanAnswer.model_validate(row.answer)
+    except ValidationError as exc:  # stored by a version whose answer differs from this one
+        return HTMLResponse(
+            f"<!doctype html><title>foldplan plan</title><p>Plan {html.escape(plan_id)} was made "
+            f"by foldplan {html.escape(row.foldplan_version)} and cannot be drawn by this version "
+            f"({exc.error_count()} differences). <a href='/v1/plans/{html.escape(plan_id)}'>"
+            "Its JSON</a> is unchanged.</p>")
     chosen = min(c, max(len(plan.candidates) - 1, 0))
     ctx = {"plan": plan, "chosen": chosen, "version": foldplan_version(),
            "gpu_name": resolve_gpu(plan.cluster.gpu).name if isinstance(plan.cluster.gpu, str)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import db as store
@@ -34,7 +35,7 @@ async def create_plan(
     req: Annotated[PlanRequest, Body(openapi_examples=PLAN_EXAMPLES)],
     settings: SettingsDep,
     db: DatabaseDep,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """The search runs on a worker thread with `time_limit_s` (capped by the server); the
     answer is stored and `GET /v1/plans/{id}` returns it unchanged."""
     limit = effective_time_limit(req, settings)
@@ -53,7 +54,7 @@ async def create_plan(
             store.insert_plan(s, data, req.model_dump(mode="json"), cost_model_constants())
 
     await run_in_threadpool(save)
-    return data
+    return JSONResponse(data, status_code=201)
 
 
 @router.get("/v1/plans", summary="Stored plans, newest first", response_model=PlanList,
@@ -82,8 +83,9 @@ def load_plan(s: Any, plan_id: str) -> store.PlanRow:
 
 @router.get("/v1/plans/{plan_id}", summary="A stored plan, exactly as it was answered",
             response_model=PlanAnswer, responses=NOT_FOUND)
-def get_plan(plan_id: str, s: SessionDep) -> dict[str, Any]:
-    return load_plan(s, plan_id).answer
+def get_plan(plan_id: str, s: SessionDep) -> JSONResponse:
+    # The stored JSON as is: not re-validated, so plans made by older versions stay readable.
+    return JSONResponse(load_plan(s, plan_id).answer)
 
 
 @router.get("/v1/plans/{plan_id}/provenance",

@@ -214,3 +214,16 @@ def test_overrunning_planner_is_cut_off_at_its_limit(tmp_path, monkeypatch):
         assert r.status_code == 504 and "time_limit_s=0.3" in r.json()["message"]
         assert time.monotonic() - t0 < 1.5
         assert c.get("/v1/plans").json()["total"] == 0
+
+
+def test_plan_from_an_older_version_is_returned_unchanged(client, db_url):
+    from conftest import fake_plan_answer, store_plan
+
+    old = fake_plan_answer()
+    old["foldplan_version"] = "0.0.1"
+    old["candidates"][0]["retired_field"] = {"x": 1}  # a shape this version does not know
+    del old["candidates"][0]["folded"]
+    store_plan(db_url, old)
+    assert client.get(f"/v1/plans/{old['id']}").json() == old
+    page = client.get(f"/plans/{old['id']}")
+    assert page.status_code == 200 and "0.0.1" in page.text
