@@ -39,7 +39,7 @@ def _read_json(path: str | None) -> str:
 
 
 def _parse(model: type[BaseModel], text: str) -> Any:
-    from .errors import error_lines
+    from .errors import error_lines, untag
 
     try:
         data = json.loads(text)
@@ -48,7 +48,7 @@ def _parse(model: type[BaseModel], text: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise CLIError("; ".join(error_lines(exc.errors()))) from None
+        raise CLIError("; ".join(error_lines(untag(exc.errors())))) from None
 
 
 def _dump(obj: Any) -> str:

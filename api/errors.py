@@ -24,6 +24,23 @@ from .service import RequestError
 log = logging.getLogger("foldplan.api")
 
 
+_MODEL_TAGS = {"spec", "preset", "hf_config"}
+
+
+def untag(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop the model-variant tag pydantic puts after `model` ("model.spec.num_layers" ->
+    "model.num_layers"), so locations read like the contract's field names."""
+    out = []
+    for e in errors:
+        loc = list(e.get("loc", ()))
+        for i in range(len(loc) - 1):
+            if loc[i] == "model" and loc[i + 1] in _MODEL_TAGS and (i == 0 or loc[i - 1] == "body"):
+                del loc[i + 1]
+                break
+        out.append({**e, "loc": tuple(loc)})
+    return out
+
+
 def _loc_text(loc: tuple | list) -> str:
     parts = [str(p) for p in loc if p not in ("body",)]
     return ".".join(parts) or "body"
@@ -48,7 +65,7 @@ def _answer(status: int, errors: list[dict[str, Any]], **extra: Any) -> JSONResp
 
 
 async def _on_validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = list(exc.errors())
+    errs = untag(list(exc.errors()))
     for e in errs:
         if e.get("type") == "json_invalid":
             e["msg"] = f"body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
@@ -56,7 +73,7 @@ async def _on_validation(_req: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _on_pydantic(_req: Request, exc: ValidationError) -> JSONResponse:
-    return _answer(422, [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+    return _answer(422, untag([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
 
 
 async def _on_request_error(_req: Request, exc: RequestError) -> JSONResponse:

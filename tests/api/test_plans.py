@@ -123,3 +123,25 @@ def test_plans_run_off_the_event_loop(client):
     t.join(60)
     assert done.is_set()
 
+
+
+def test_custom_gpu_and_hf_config_plan_and_page(client):
+    hf = {"model_type": "qwen2_moe", "num_hidden_layers": 28, "hidden_size": 3584,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+          "vocab_size": 151936, "num_experts": 64, "moe_intermediate_size": 2560,
+          "num_experts_per_tok": 8, "shared_expert_intermediate_size": 20480,
+          "_name_or_path": "Qwen/Qwen2-57B-A14B"}
+    gpu = {"name": "Lab GPU 96G", "peak_tflops": 800, "memory_gib": 94, "hbm_GBps": 4000,
+           "intra_node_GBps": 400, "inter_node_GBps": 50}
+    body = {"model": {"hf_config": hf},
+            "cluster": {"num_nodes": 8, "gpus_per_node": 8, "gpu": gpu},
+            "training": {"seq_length": 4096, "global_batch_size": 256}, "top_k": 2,
+            "time_limit_s": 60}
+    r = client.post("/v1/plans", json=body)
+    assert r.status_code == 201, r.text
+    p = r.json()
+    assert p["model"]["num_experts"] == 64 and p["model"]["moe_shared_expert_intermediate_size"] == 20480
+    assert p["model_notes"]  # how the config.json was mapped
+    assert client.get("/v1/plans").json()["items"][0]["gpu"] == "Lab GPU 96G"
+    page = client.get(f"/plans/{p['id']}")
+    assert page.status_code == 200 and "Lab GPU 96G" in page.text
