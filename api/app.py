@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, run_fn: RunFn | None = None) ->
     app.state.settings = settings
     app.state.db = db
     app.state.runner = runner
+    app.state.plan_limiter = anyio.CapacityLimiter(settings.plan_workers)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     for module in (health, estimate, plans, layout, presets, runs, pages, docs):

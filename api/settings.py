@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     plan_time_cap_s: float = Field(
         600.0, gt=0, le=600, description="Upper bound applied to every request's time_limit_s."
     )
+    plan_workers: int = Field(
+        2, ge=1, le=64, description="Plans searched at the same time; more requests wait."
+    )
     plan_grace_s: float = Field(
         5.0, ge=0, le=600, description="How far past its time limit a plan may run before 504."
     )

@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -35,15 +35,18 @@ async def create_plan(
     req: Annotated[PlanRequest, Body(openapi_examples=PLAN_EXAMPLES)],
     settings: SettingsDep,
     db: DatabaseDep,
+    request: Request,
 ) -> JSONResponse:
-    """The search runs on a worker thread with `time_limit_s` (capped by the server); the
-    answer is stored and `GET /v1/plans/{id}` returns it unchanged."""
+    """The search runs on a worker thread with `time_limit_s` (capped by the server); at most
+    `FOLDPLAN_PLAN_WORKERS` searches run at once, and time spent waiting for a worker counts
+    against the limit. The answer is stored and `GET /v1/plans/{id}` returns it unchanged."""
     limit = effective_time_limit(req, settings)
     plan_id = uuid.uuid4().hex
     try:
         with anyio.fail_after(limit + settings.plan_grace_s):
             answer = await anyio.to_thread.run_sync(
-                lambda: run_plan(req, limit, plan_id), abandon_on_cancel=True
+                lambda: run_plan(req, limit, plan_id), abandon_on_cancel=True,
+                limiter=request.app.state.plan_limiter,
             )
     except TimeoutError:
         raise HTTPException(504, f"the planner did not answer within time_limit_s={limit:g}") from None
