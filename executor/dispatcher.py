@@ -89,12 +89,12 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         index = routing_index(routing.indices_TK, self.num_experts)
-        x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index.dest_TK, index.num_rows)
+        x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index)
         tpe = tuple(index.tokens_per_expert_E.tolist())
         return x_ND, LocalMeta(index, probs_N, x_TD.shape[0], tpe)
 
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
-        return self.unpermute(y_ND, meta.probs_N, meta.index.dest_TK, meta.num_tokens)
+        return self.unpermute(y_ND, meta.probs_N, meta.index)
 
 
 class AllToAllDispatcher:
@@ -108,7 +108,7 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         ep, etp, El = self.dims.group("ep"), self.dims.group("etp"), self.num_local
         index = routing_index(routing.indices_TK, self.num_experts)
-        x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index.dest_TK, index.num_rows)
+        x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index)
         # Exchange per-expert counts so every rank knows what it receives.
         send_counts_PE = index.tokens_per_expert_E.view(ep.size, El)
         recv_counts_PE = all_to_all_v(
@@ -134,7 +134,7 @@ class AllToAllDispatcher:
         y_GD = y_MD[meta.to_chunk]
         y_RD = reduce_scatter_v(y_GD, meta.etp_sizes, etp, self.counter, "etp")
         y_ND = all_to_all_v(y_RD, meta.send_splits, meta.recv_splits, ep, self.counter, "ep.all_to_all")
-        return self.unpermute(y_ND, meta.probs_N, meta.index.dest_TK, meta.num_tokens)
+        return self.unpermute(y_ND, meta.probs_N, meta.index)
 
 
 class AllGatherDispatcher:
@@ -156,12 +156,12 @@ class AllGatherDispatcher:
         local_GK = torch.where((local_GK >= 0) & (local_GK < self.num_local) & (idx_GK >= 0),
                                local_GK, torch.full_like(local_GK, -1))
         index = routing_index(local_GK, self.num_local)
-        x_ND, probs_N = self.permute(x_GD, probs_GK, index.dest_TK, index.num_rows)
+        x_ND, probs_N = self.permute(x_GD, probs_GK, index)
         tpe = tuple(index.tokens_per_expert_E.tolist())
         return x_ND, AllGatherMeta(index, probs_N, x_GD.shape[0], tuple(sizes), tpe)
 
     def combine(self, y_ND: torch.Tensor, meta: AllGatherMeta) -> torch.Tensor:
-        out_GD = self.unpermute(y_ND, meta.probs_N, meta.index.dest_TK, meta.num_gathered)
+        out_GD = self.unpermute(y_ND, meta.probs_N, meta.index)
         return reduce_scatter_v(out_GD, meta.token_sizes, self.dims.group("tp_ep"), self.counter, "tp_ep")
 
 

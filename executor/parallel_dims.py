@@ -12,6 +12,7 @@ sub-world still take part in every `new_group` call and get `None` back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ class ParallelDims:
     world_size: int
     rank: int  # rank inside this (sub-)world
     layout: RankLayout | None
-    groups: dict[str, Group] = field(repr=False)
+    groups: MappingProxyType = field(repr=False)  # kind -> Group, read-only
     device: torch.device = torch.device("cpu")
 
     def group(self, kind: str) -> Group:
@@ -82,7 +83,7 @@ class ParallelDims:
     def single(cls, mapping: Mapping | None = None, device: torch.device | str = "cpu") -> ParallelDims:
         """The one-rank world: every group is just this rank (the reference configuration)."""
         m = (mapping or Mapping()).model_copy(update=dict(tp=1, cp=1, pp=1, ep=1, etp=1, dp=1, edp=1))
-        groups = {k: Group((0,), None, 0) for k in ALL_KINDS}
+        groups = MappingProxyType({k: Group((0,), None, 0) for k in ALL_KINDS})
         return cls(m, 1, 0, None, groups, torch.device(device))
 
 
@@ -131,4 +132,4 @@ def build_parallel_dims(
                 mine[kind] = Group(global_ranks, pg, global_ranks.index(me))
     if me not in base:
         return None
-    return ParallelDims(mapping, world_size, base.index(me), layout, mine, torch.device(device))
+    return ParallelDims(mapping, world_size, base.index(me), layout, MappingProxyType(mine), torch.device(device))

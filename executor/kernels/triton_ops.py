@@ -143,11 +143,11 @@ class _Unpermute(torch.autograd.Function):
         return g_y_ND, g_w_N, None, None
 
 
-def permute(x_TD, probs_TK, dest_TK, num_rows: int):
-    """Triton twin of `torch_ops.permute`."""
-    return _Permute.apply(x_TD, probs_TK, dest_TK, num_rows)
+def permute(x_TD, probs_TK, index):
+    """Triton twin of `torch_ops.permute` (uses index.dest_TK)."""
+    return _Permute.apply(x_TD, probs_TK, index.dest_TK, index.num_rows)
 
 
-def unpermute(y_ND, w_N, dest_TK, num_tokens: int):
-    """Triton twin of `torch_ops.unpermute`."""
-    return _Unpermute.apply(y_ND, w_N, dest_TK, num_tokens)
+def unpermute(y_ND, w_N, index):
+    """Triton twin of `torch_ops.unpermute` (uses index.dest_TK)."""
+    return _Unpermute.apply(y_ND, w_N, index.dest_TK, index.dest_TK.shape[0])

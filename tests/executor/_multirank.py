@@ -96,7 +96,8 @@ def _reference(mbs: int, router: RouterConfig, tokens) -> dict:
     mapping = Mapping(micro_batch_size=mbs)
     t = Trainer(TEST_SPEC, TEST_TRAINING, ParallelDims.single(mapping), tokens, seed=0, router_config=router)
     results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
-    return {"loss": [r.loss for r in results], "dropped": [r.num_dropped for r in results],
+    return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
+            "dropped": [r.num_dropped for r in results],
             "grads": results[0].grads}
 
 
@@ -190,6 +191,7 @@ def equivalence_job(rank: int, world: int) -> dict:
             "dropped": [r.num_dropped for r in results], "ref_dropped": ref["dropped"],
             "comm_keys": sorted(counter.per_step[0]),
             "groups_ok": groups_ok,
+            "grad_norm": [r.grad_norm for r in results], "ref_grad_norm": ref["grad_norm"],
             "ep_bytes": counter.per_step[0].get("ep.all_to_all", 0),
         }
     return out

@@ -37,6 +37,8 @@ def test_matches_single_rank(equivalence, name):
         assert r["grad_err"] < 1e-5, (r["worst_grad"], r["grad_err"])
         assert r["dropped"] == r["ref_dropped"]
         assert r["groups_ok"]
+        for a, b in zip(r["grad_norm"], r["ref_grad_norm"]):  # global norm used for clipping
+            assert abs(a - b) <= 1e-5 * b
     if "capacity" in name:
         assert min(ranks[0]["dropped"]) > 0  # the capacity rule really dropped tokens
     if "ep" in name and "allgather" not in name and "w2" not in name:

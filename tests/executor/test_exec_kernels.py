@@ -50,8 +50,8 @@ def run_case(backend, T, D, K, E, seed, drop=0.2):
         else:
             permute, unpermute = get_ops(which)
             ri = routing_index(idx, E)
-            x_ND, p_N = permute(xr, pr, ri.dest_TK, ri.num_rows)
-            out = unpermute(torch.tanh(x_ND @ w_y), p_N, ri.dest_TK, T)
+            x_ND, p_N = permute(xr, pr, ri)
+            out = unpermute(torch.tanh(x_ND @ w_y), p_N, ri)
         loss = (out * g_out).sum() + (p_N ** 2).sum()
         gx, gp = torch.autograd.grad(loss, [xr, pr], allow_unused=True)
         gx = torch.zeros_like(x) if gx is None else gx
@@ -83,8 +83,8 @@ def test_all_dropped_gives_zero_output_and_grads():
     x = torch.randn(4, 8, requires_grad=True)
     p = torch.rand(4, 2, requires_grad=True)
     ri = routing_index(torch.full((4, 2), -1), 4)
-    x_ND, p_N = permute(x, p, ri.dest_TK, ri.num_rows)
-    out = unpermute(x_ND * 2, p_N, ri.dest_TK, 4)
+    x_ND, p_N = permute(x, p, ri)
+    out = unpermute(x_ND * 2, p_N, ri)
     assert x_ND.shape == (0, 8) and torch.equal(out, torch.zeros(4, 8))
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
@@ -129,9 +129,22 @@ def test_triton_matches_torch_on_gpu():
     outs = []
     for backend in ("torch", "triton"):
         permute, unpermute = get_ops(backend)
-        x_ND, p_N = permute(x, p, ri.dest_TK, ri.num_rows)
-        out = unpermute(x_ND * 2, p_N, ri.dest_TK, T)
+        x_ND, p_N = permute(x, p, ri)
+        out = unpermute(x_ND * 2, p_N, ri)
         gx, gp = torch.autograd.grad(out.square().sum(), [x, p])
         outs.append((x_ND, p_N, out, gx, gp))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sort_fallback_matches_counting(monkeypatch):
+    import executor.kernels.index as index_mod
+
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(-1, 16, (300, 4), generator=g)
+    counting = routing_index(idx, 16)
+    monkeypatch.setattr(index_mod, "COUNTING_LIMIT", 0)
+    sorted_ = index_mod.routing_index(idx, 16)
+    assert torch.equal(counting.dest_TK, sorted_.dest_TK)
+    assert torch.equal(counting.src_pair_N, sorted_.src_pair_N)
+    assert torch.equal(counting.tokens_per_expert_E, sorted_.tokens_per_expert_E)
