@@ -62,3 +62,14 @@ def test_accepts_every_mapping_field():
     run = load_run(make_plan(ep=2, edp=1, sequence_parallel=True, recompute="selective",
                              distributed_optimizer=False, dispatcher="allgather", order="tp-cp-dp-ep-pp"))
     assert run.mapping.dispatcher == "allgather" and run.world_size == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_run_plan_one_gpu_nccl(tmp_path):
+    plan = make_plan(dp=1, edp=1)
+    plan["cluster"] = {"num_nodes": 1, "gpus_per_node": 1, "gpu": "h100"}
+    plan["training"]["precision"] = "bf16"
+    metrics = run_plan(plan, 0, 3, tmp_path, echo=False)
+    assert metrics["backend"] == "nccl" and metrics["device"] == "cuda"
+    assert metrics["loss"][-1] < metrics["loss"][0]
