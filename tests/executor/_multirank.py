@@ -84,6 +84,8 @@ EQUIV_CONFIGS = [
     ("dp8_etp2_ep4_allgather", 8, dict(ep=4, etp=2, dispatcher="allgather"), {}, False),
     ("dp8_etp2_ep2_edp2", 8, dict(ep=2, etp=2), {}, False),
     ("dp8_ep4_order_dp_first", 8, dict(ep=4, order="dp-ep-tp-cp-pp"), {}, False),
+    ("dp4_ep4_recompute_full", 4, dict(ep=4, recompute="full"), {}, False),
+    ("dp2_ep2_recompute_selective", 2, dict(ep=2, recompute="selective"), {}, False),
     ("dp4_ep4_sigmoid", 4, dict(ep=4), dict(score_function="sigmoid"), False),
     ("dp4_ep2_pre_softmax", 4, dict(ep=2, etp=2), dict(pre_softmax=True), False),
     ("dp2_ep2_capacity", 2, dict(ep=2), dict(capacity_factor=1.0, aux_loss_coeff=0.0), True),
