@@ -11,6 +11,8 @@ takes; the cost model (cost_model/hardware.py) reads these keys:
   inter_node_GBps, inter_node_latency_us
                          the same across hosts; a run on one host cannot see a network, so
                          these are set to the intra-node numbers (see below)
+  gemm_k_half            (extra, not read by the cost model yet) k at which a GEMM reaches half
+                         its large-k rate, fitted to a sweep over k (raw.gemm.k_sweep)
 
 plus `raw` (every measurement) and `machine`. What is measured, and how:
 
@@ -71,6 +73,9 @@ GPU_SHAPES_QUICK = [(4096, 4096, 4096), (16384, 4096, 14336)]
 COLL_SIZES = [4 << 10, 32 << 10, 256 << 10, 2 << 20, 16 << 20]
 COLL_SIZES_QUICK = [4 << 10, 256 << 10, 4 << 20]
 COLL_OPS = ("all_reduce", "all_gather", "all_to_all")
+# Short-k sweep: (m = n, k values). The rate of a GEMM falls with its inner dimension k.
+K_SWEEP_CPU = (512, (64, 128, 256, 512, 1024))
+K_SWEEP_GPU = (8192, (128, 256, 512, 1024, 4096))
 
 
 def _free_port() -> int:
@@ -127,6 +132,30 @@ def _gemm(torch, timer: _Timer, device, prec: str, shapes, seconds: float) -> di
         r = timer.rates(fn, 2.0 * m * n * k / 1e12, seconds)
         res[f"{m}x{n}x{k}"] = {"tflops_windows": r, "tflops": statistics.median(r)}
     return res
+
+
+def _k_sweep(torch, timer: _Timer, device, dtype, sweep, seconds: float) -> dict:
+    mn, ks = sweep
+    res = {}
+    for k in ks:
+        a = torch.randn(mn, k, device=device, dtype=dtype)
+        b = torch.randn(k, mn, device=device, dtype=dtype)
+        r = timer.rates(lambda a=a, b=b: torch.mm(a, b), 2.0 * mn * mn * k / 1e12, seconds, windows=3)
+        res[str(k)] = statistics.median(r)
+    return {"m": mn, "n": mn, "tflops_by_k": res}
+
+
+def fit_k_half(tflops_by_k: dict[str, float]) -> tuple[float, float]:
+    """Fit rate(k) = R * k / (k + k_half) (the cost model's short-k law, cost_model/kernels.py):
+    1/rate = 1/R + (k_half/R) / k is linear in 1/k. Returns (R TFLOP/s, k_half >= 0)."""
+    import numpy as np
+
+    k = np.array([float(x) for x in tflops_by_k])
+    inv = 1.0 / np.array(list(tflops_by_k.values()))
+    slope, icpt = np.polyfit(1.0 / k, inv, 1)
+    if icpt <= 0:
+        return float(1.0 / inv.min()), 0.0
+    return float(1.0 / icpt), float(max(0.0, slope / icpt))
 
 
 def _memory(torch, timer: _Timer, device, nbytes: int, seconds: float) -> dict:
@@ -241,6 +270,10 @@ def _measure(rank: int, world: int, local_rank: int, local_world: int, init_meth
         except (RuntimeError, AttributeError, TypeError) as exc:  # fp8 needs Hopper+ and torch support
             out["gemm"][prec] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     dist.barrier()
+    dtype = torch.bfloat16 if use_cuda else torch.float32
+    out["k_sweep"] = _k_sweep(torch, timer, device, dtype, K_SWEEP_GPU if use_cuda else K_SWEEP_CPU,
+                              0.5 * scale)
+    dist.barrier()
     nbytes = (1 << 30) if use_cuda else ((32 << 20) if quick else (128 << 20))
     out["memory"] = _memory(torch, timer, device, nbytes, 2.0 * scale)
     dist.barrier()
@@ -328,6 +361,11 @@ def _aggregate(ranks: list[dict], world: int, elapsed: float) -> dict:
                       "tflops": med([p[s]["tflops"] for p in per])} for s in per[0]}
         gemm_raw[prec] = shapes
         gemm_tflops[prec] = med(v["tflops"] for v in shapes.values())
+    by_k = {k: med(r["k_sweep"]["tflops_by_k"][k] for r in ranks) for k in ranks[0]["k_sweep"]["tflops_by_k"]}
+    rate_inf, k_half = fit_k_half(by_k)
+    gemm_raw["k_sweep"] = {"precision": "bf16" if ranks[0]["device"].startswith("cuda") else "fp32",
+                           "m": ranks[0]["k_sweep"]["m"], "n": ranks[0]["k_sweep"]["n"],
+                           "tflops_by_k": by_k, "fit_tflops": rate_inf, "fit_k_half": k_half}
     mem = [r["memory"]["GBps"] for r in ranks]
     ovh = {k: med(r["overhead"][k]["us_per_op"] for r in ranks) for k in ranks[0]["overhead"]}
     prof: dict = {
@@ -335,6 +373,8 @@ def _aggregate(ranks: list[dict], world: int, elapsed: float) -> dict:
         "gemm_tflops": gemm_tflops,
         "hbm_GBps": med(mem),
         "kernel_overhead_us": ovh["add"],
+        # Not read by cost_model/hardware.py yet (CPU ranks use k_half = 0 there).
+        "gemm_k_half": k_half,
         "intra_node_GBps": None,
         "intra_node_latency_us": None,
         "inter_node_GBps": None,

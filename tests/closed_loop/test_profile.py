@@ -61,6 +61,7 @@ def test_quick_profile_has_sane_numbers(quick_profile):
     assert len(p["raw"]["collectives"]["points"]) == 9
     assert set(p["raw"]["collectives"]["fits"]) == {"all_reduce", "all_gather", "all_to_all", "joint"}
     assert p["machine"]["cpu_count"] >= 1
+    assert p["gemm_k_half"] >= 0 and len(p["raw"]["gemm"]["k_sweep"]["tflops_by_k"]) == 5
 
 
 def test_profile_feeds_the_cost_model(quick_profile):
@@ -90,3 +91,13 @@ def test_single_rank_profile_has_no_links(tmp_path):
     assert p["intra_node_GBps"] is None and "collectives" not in p["raw"]
     hw = hardware(ClusterSpec(num_nodes=1, gpus_per_node=1, gpu="cpu", profile=p))
     assert hw.intra_bps > 0  # the preset's value applies
+
+
+def test_k_half_fit_recovers_the_short_k_law():
+    from executor.profile import fit_k_half
+
+    rate, k_half = 0.04, 96.0
+    by_k = {str(k): rate * k / (k + k_half) for k in (64, 128, 256, 512, 1024)}
+    got_rate, got_k_half = fit_k_half(by_k)
+    assert got_rate == pytest.approx(rate, rel=1e-6)
+    assert got_k_half == pytest.approx(k_half, rel=1e-6)
