@@ -31,8 +31,14 @@ def free_port() -> int:
 
 
 def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0,
-             nproc: int | None = None, data: str | None = None, echo: bool = True) -> dict:
-    """Train `steps` steps of candidate `candidate`; return the metrics dict."""
+             nproc: int | None = None, data: str | None = None, echo: bool = True,
+             save_every: int = 0, resume: bool = False) -> dict:
+    """Train `steps` steps of candidate `candidate`; return the metrics dict.
+
+    `data`: Megatron indexed dataset prefix (default: the bundled corpus). `save_every`:
+    checkpoint into out_dir every K steps. `resume`: continue from the latest complete
+    checkpoint in out_dir up to `steps` in total.
+    """
     run = load_run(plan, candidate)  # refuses unsupported plans before any process starts
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
@@ -54,6 +60,10 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
            "--steps", str(steps), "--out", str(out_dir), "--seed", str(seed)]
     if data:
         cmd += ["--data", str(data)]
+    if save_every:
+        cmd += ["--save-every", str(save_every)]
+    if resume:
+        cmd += ["--resume"]
     env = dict(os.environ)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["MASTER_ADDR"] = "127.0.0.1"

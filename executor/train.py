@@ -4,6 +4,8 @@ Started by torchrun (see launch.py), one process per rank. Builds the process gr
 plan's folded layout, trains, and rank 0 writes DIR/metrics.json:
   {"loss": [...], "steps": [...], "step_time_s": median excluding the first step,
    "tokens_per_s": ..., "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
+--save-every K checkpoints into DIR every K steps; --resume continues from the latest
+complete checkpoint up to --steps in total (metrics then hold only the steps run now).
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
 precision (bf16 autocast; fp8 falls back to bf16).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .comm import CommCounter
 from .config import load_run
 from .data import IndexedDataset, bundled_corpus_tokens
@@ -36,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="Megatron indexed dataset prefix (default: bundled corpus)")
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     return p.parse_args(argv)
 
 
@@ -78,14 +83,25 @@ def main(argv=None) -> int:
     trainer = Trainer(run.model, run.training, dims, tokens, seed=args.seed, counter=counter,
                       optim=OptimConfig(lr=args.lr), kernel_backend="triton" if use_cuda else "torch",
                       autocast_dtype=autocast)
+    meta = {"world_size": world, "mapping": run.mapping.model_dump(mode="json"), "seed": args.seed}
+    start = 0
+    if args.resume and (last := checkpoint.latest_complete(Path(args.out))) is not None:
+        checkpoint.load(Path(args.out), last, rank, trainer.model, trainer.optimizer, meta)
+        start = last
+        if rank == 0:
+            print(f"resumed from step {last}", flush=True)
+    if start >= args.steps:
+        raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
-    for step in range(args.steps):
+    for step in range(start, args.steps):
         r = trainer.step(step)
         counter.end_step()
         results.append(r)
         if rank == 0:
             print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            checkpoint.save(Path(args.out), step + 1, rank, trainer.model, trainer.optimizer, meta)
     comm = comm_summary(counter, world)
     if rank == 0:
         times = [r.time_s for r in results]

@@ -25,11 +25,20 @@ def make_plan(**mapping):
     }
 
 
+RUN_PLAN = make_plan(ep=2, edp=1, recompute="full")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return out, run_plan(RUN_PLAN, 0, 4, out, seed=1, echo=False)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_run_plan_two_ranks(tmp_path):
-    metrics = run_plan(make_plan(ep=2, edp=1, recompute="full"), 0, 4, tmp_path, seed=1, echo=False)
-    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+def test_run_plan_two_ranks(full_run):
+    out, metrics = full_run
+    assert metrics == json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == [1, 2, 3, 4] and len(metrics["loss"]) == 4
     assert 4.0 < metrics["loss"][0] < 7.0  # about ln(256) = 5.5 at init
     assert metrics["loss"][-1] < metrics["loss"][0]
@@ -73,3 +82,15 @@ def test_run_plan_one_gpu_nccl(tmp_path):
     metrics = run_plan(plan, 0, 3, tmp_path, echo=False)
     assert metrics["backend"] == "nccl" and metrics["device"] == "cuda"
     assert metrics["loss"][-1] < metrics["loss"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_checkpoint_resume_continues_identically(full_run, tmp_path):
+    full = full_run[1]
+    first = run_plan(RUN_PLAN, 0, 2, tmp_path, seed=1, echo=False, save_every=2)
+    assert (tmp_path / "checkpoints/step_00000002/COMPLETE").exists()
+    second = run_plan(RUN_PLAN, 0, 4, tmp_path, seed=1, echo=False, resume=True)
+    assert first["steps"] == [1, 2] and second["steps"] == [3, 4]
+    for a, b in zip(first["loss"] + second["loss"], full["loss"]):
+        assert abs(a - b) <= 1e-6 * abs(b)
