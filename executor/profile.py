@@ -448,6 +448,12 @@ def run_profile(out: Path, nproc: int = 2, backend: str | None = None, quick: bo
         raise ValueError(f"nproc={nproc} must be >= 1")
     if backend not in (None, "gloo", "nccl"):
         raise ValueError(f"backend={backend!r} must be gloo, nccl or None (auto)")
+    if backend != "gloo":
+        import torch
+
+        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+            raise ValueError(f"nproc={nproc} but this host has {torch.cuda.device_count()} CUDA "
+                             "devices: one rank per GPU (or --backend gloo)")
     out = Path(out)
     port = _free_port()
     env = dict(os.environ)
