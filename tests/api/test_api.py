@@ -214,7 +214,7 @@ def test_overrunning_planner_is_cut_off_at_its_limit(tmp_path, monkeypatch):
         t0 = time.monotonic()
         r = c.post("/v1/plans", json={**MIXTRAL_REQUEST, "time_limit_s": 0.3})
         assert r.status_code == 504 and "time_limit_s=0.3" in r.json()["message"]
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 2.5  # the fake planner sleeps 3 s
         assert c.get("/v1/plans").json()["total"] == 0
 
 

@@ -119,7 +119,7 @@ def test_plans_run_off_the_event_loop(client):
     time.sleep(0.2)
     t0 = time.monotonic()
     assert client.get("/healthz").status_code == 200
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 2.0  # a 10 s search in flight; generous for loaded CI
     t.join(60)
     assert done.is_set()
 
