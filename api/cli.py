@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=_positive, default=None, metavar="K")
     s.add_argument("--resume", action="store_true")
     s.set_defaults(fn=cmd_run)
+    sub.add_parser("profile", help="measure this machine for the cost model "
+                   "(executor.profile; see `foldplan profile --help`)")
     s = sub.add_parser("serve", help="run the HTTP service")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
@@ -256,7 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _profile(argv: list[str]) -> int:
+    """`foldplan profile ...` is `python -m executor.profile ...` (its own options and help)."""
+    try:
+        from executor.profile import main as profile_main
+    except ImportError as exc:
+        print(f"foldplan profile: error: the executor is not available: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return profile_main(argv) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:
+        return _profile(argv[1:])
     args = build_parser().parse_args(argv)
     from cost_model.validate import InvalidMapping
 

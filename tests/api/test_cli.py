@@ -116,3 +116,23 @@ def test_run_tiny_plan_writes_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(r.stdout) == metrics
     assert len(metrics["loss"]) == 3 and metrics["step_time_s"] > 0 and metrics["tokens_per_s"] > 0
+
+
+def test_profile_is_wired_to_the_executor():
+    pytest.importorskip("executor.profile")
+    r = foldplan("profile", "--help")
+    assert r.returncode == 0 and "--out" in r.stdout and "foldplan profile" in r.stdout
+
+
+def test_cluster_profile_changes_the_estimate():
+    profile = {"foldplan_profile_version": 1, "gemm_tflops": {"fp32": 0.011},
+               "hbm_GBps": 1.6, "kernel_overhead_us": 10.3, "intra_node_GBps": 0.78,
+               "intra_node_latency_us": 150.0, "inter_node_GBps": 0.78,
+               "inter_node_latency_us": 150.0}
+    body = {**TINY, "training": {**TINY["training"], "precision": "fp32"},
+            "mapping": {"ep": 2}}
+    plain = json.loads(foldplan("estimate", stdin=json.dumps(body)).stdout)
+    with_profile = {**body, "cluster": {**TINY["cluster"], "profile": profile}}
+    r = foldplan("estimate", stdin=json.dumps(with_profile))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["step_time_s"] != plain["step_time_s"]
