@@ -111,11 +111,17 @@ def test_run_tiny_plan_writes_metrics(tmp_path):
     plan.write_text(json.dumps(fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)))
     out = tmp_path / "out"
     r = foldplan("run", "--plan", str(plan), "--candidate", "0", "--steps", "3", "--out",
-                 str(out), "--seed", "1", timeout=300)
+                 str(out), "--seed", "1", "--save-every", "1", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(r.stdout) == metrics
     assert len(metrics["loss"]) == 3 and metrics["step_time_s"] > 0 and metrics["tokens_per_s"] > 0
+    # --resume continues from the last checkpoint up to --steps in total.
+    r = foldplan("run", "--plan", str(plan), "--steps", "4", "--out", str(out), "--seed", "1",
+                 "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["steps"] == [4] and len(resumed["loss"]) == 1
 
 
 def test_profile_is_wired_to_the_executor():
