@@ -52,6 +52,8 @@ def chunk_permutation(counts_CE: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @dataclass(frozen=True)
 class LocalMeta:
+    """What LocalDispatcher.combine needs: the local permutation and permuted probabilities."""
+
     index: RoutingIndex
     probs_N: torch.Tensor
     num_tokens: int
@@ -60,6 +62,8 @@ class LocalMeta:
 
 @dataclass(frozen=True)
 class AllToAllMeta:
+    """What AllToAllDispatcher.combine needs to reverse the dispatch exactly."""
+
     index: RoutingIndex
     probs_N: torch.Tensor
     num_tokens: int
@@ -73,6 +77,8 @@ class AllToAllMeta:
 
 @dataclass(frozen=True)
 class AllGatherMeta:
+    """What AllGatherDispatcher.combine needs: permutation of the gathered pairs and sizes."""
+
     index: RoutingIndex
     probs_N: torch.Tensor
     num_gathered: int
@@ -88,12 +94,14 @@ class LocalDispatcher:
         self.permute, self.unpermute = get_ops(backend)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """Sort the kept (token, expert) pairs by expert: (x_ND, meta)."""
         index = routing_index(routing.indices_TK, self.num_experts)
         x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index)
         tpe = tuple(index.tokens_per_expert_E.tolist())
         return x_ND, LocalMeta(index, probs_N, x_TD.shape[0], tpe)
 
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
+        """Probability-weighted sum of each token's expert outputs: out_TD."""
         return self.unpermute(y_ND, meta.probs_N, meta.index)
 
 
@@ -106,6 +114,7 @@ class AllToAllDispatcher:
         self.permute, self.unpermute = get_ops(backend)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """Send pairs to the EP rank owning their expert, gather over ETP: (x_MD, meta)."""
         ep, etp, El = self.dims.group("ep"), self.dims.group("etp"), self.num_local
         index = routing_index(routing.indices_TK, self.num_experts)
         x_ND, probs_N = self.permute(x_TD, routing.probs_TK, index)
@@ -130,6 +139,7 @@ class AllToAllDispatcher:
         return x_GD[to_expert], meta
 
     def combine(self, y_MD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        """Reduce-scatter over ETP, return rows over EP, unpermute: out_TD."""
         ep, etp = self.dims.group("ep"), self.dims.group("etp")
         y_GD = y_MD[meta.to_chunk]
         y_RD = reduce_scatter_v(y_GD, meta.etp_sizes, etp, self.counter, "etp")
@@ -147,6 +157,7 @@ class AllGatherDispatcher:
         self.permute, self.unpermute = get_ops(backend)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """Gather the group's tokens, keep the pairs of local experts: (x_ND, meta)."""
         g = self.dims.group("tp_ep")
         sizes = all_gather_sizes(x_TD.shape[0], g, x_TD.device, self.counter, "tp_ep.counts")
         x_GD = all_gather_v(x_TD, sizes, g, self.counter, "tp_ep")
@@ -161,6 +172,7 @@ class AllGatherDispatcher:
         return x_ND, AllGatherMeta(index, probs_N, x_GD.shape[0], tuple(sizes), tpe)
 
     def combine(self, y_ND: torch.Tensor, meta: AllGatherMeta) -> torch.Tensor:
+        """Unpermute into the gathered tokens, reduce-scatter back: out_TD."""
         out_GD = self.unpermute(y_ND, meta.probs_N, meta.index)
         return reduce_scatter_v(out_GD, meta.token_sizes, self.dims.group("tp_ep"), self.counter, "tp_ep")
 

@@ -40,6 +40,7 @@ class GroupedExperts(nn.Module):
 
     @torch.no_grad()
     def init_from_seed(self, seed: int, prefix: str) -> None:
+        """Draw the full [E, D, F] / [E, F, D] weights from the seed and keep this shard."""
         E, D, Fh = self.num_experts, self.hidden_size, self.ffn_size
         es = slice(self.first_expert, self.first_expert + self.num_local)
         cs = slice(self.first_col, self.first_col + self.shard)
@@ -51,6 +52,7 @@ class GroupedExperts(nn.Module):
         self.w2_EFD.copy_(normal((E, Fh, D), seed, prefix + ".down")[es, cs, :])
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
+        """Rows sorted by local expert (tokens_per_expert rows each) -> partial outputs y_MD."""
         assert len(tokens_per_expert) == self.num_local, (tokens_per_expert, self.num_local)
         M = x_MD.shape[0]
         if M == 0:

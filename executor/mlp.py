@@ -12,6 +12,8 @@ from torch import nn
 
 
 class MLP(nn.Module):
+    """w_out(silu(gate) * up) for SwiGLU, w_out(gelu(w_in x)) otherwise."""
+
     def __init__(self, hidden_size: int, ffn_size: int, gated: bool = True):
         super().__init__()
         self.gated = gated

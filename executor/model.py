@@ -29,6 +29,8 @@ from .router import RouterConfig
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.weight_D = nn.Parameter(torch.ones(dim))
@@ -47,6 +49,7 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, device=None)
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of each head by the position's angles."""
     x1, x2 = x_BHSDh[..., 0::2].float(), x_BHSDh[..., 1::2].float()
     out = torch.stack([x1 * cos_SF - x2 * sin_SF, x1 * sin_SF + x2 * cos_SF], dim=-1)
     return out.flatten(-2).to(x_BHSDh.dtype)
@@ -86,6 +89,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer layer; forward returns (x, router loss share, dropped pairs)."""
+
     def __init__(self, spec: ModelSpec, is_moe: bool, dims: ParallelDims, counter, router_config,
                  dispatcher: str, kernel_backend: str, recompute: str):
         super().__init__()

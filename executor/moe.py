@@ -22,6 +22,8 @@ from .router import Router, RouterConfig
 
 @dataclass(frozen=True)
 class MoEOutput:
+    """Output of one MoE layer on this rank."""
+
     out_BSD: torch.Tensor
     aux_loss: torch.Tensor  # this rank's share of router losses
     num_dropped: int
@@ -42,6 +44,7 @@ class MoELayer(nn.Module):
         self.dispatcher = make_dispatcher(dispatcher, E, dims, counter, kernel_backend)
 
     def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
+        """Route, dispatch, run local experts, combine; add shared experts."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, self.dims, self.counter)

@@ -91,6 +91,7 @@ class Router(nn.Module):
         self.num_experts, self.topk, self.config = num_experts, topk, config
 
     def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
+        """Route the local tokens; statistics for the losses are summed over dp_cp."""
         cfg, E, K = self.config, self.num_experts, self.topk
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD, self.weight_ED).float()

@@ -31,6 +31,7 @@ from .trainer import OptimConfig, Trainer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options of one rank."""
     p = argparse.ArgumentParser(prog="executor.train", description=__doc__.splitlines()[0])
     p.add_argument("--plan", required=True, help="plan JSON file")
     p.add_argument("--candidate", type=int, default=0)
@@ -59,6 +60,7 @@ def comm_summary(counter: CommCounter, world) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    """Train one rank of the plan's candidate; rank 0 writes metrics.json."""
     args = parse_args(argv)
     plan = json.loads(Path(args.plan).read_text())
     run = load_run(plan, args.candidate)

@@ -37,6 +37,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class StepResult:
+    """Global (all-rank) numbers of one optimizer step."""
+
     step: int
     loss: float  # language-model cross-entropy, mean over the global batch
     aux_loss: float  # router losses (load balancing + z), mean over micro-batches
@@ -89,10 +91,12 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
 
     def reduce_gradients(self) -> None:
+        """Sum dense gradients over dp_cp and expert gradients over edp."""
         _bucket_reduce(self.dense_params, self.dims.group("dp_cp"), self.counter, "dp_cp")
         _bucket_reduce(self.expert_params, self.dims.group("edp"), self.counter, "edp")
 
     def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradients (see module docstring)."""
         dense = sum((p.grad.float().pow(2).sum() for p in self.dense_params), torch.zeros((), device=self.dims.device))
         expert = sum((p.grad.float().pow(2).sum() for p in self.expert_params), torch.zeros((), device=self.dims.device))
         expert = all_reduce_(expert.reshape(1), self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")[0]
