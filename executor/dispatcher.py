@@ -1,7 +1,9 @@
 """Token dispatchers: move routed tokens to the ranks that own their experts and back.
 
 Legend: T local tokens, D model dim, K top-k, E experts, El = E / ep local experts,
-N rows sent by this rank (kept pairs), M rows the local experts process, C source chunks.
+P EP peers, N rows this rank sends (its kept pairs), R rows received over EP, G rows after
+the ETP gather (alltoall) or tokens gathered over ETP x EP (allgather), M rows the local
+experts process, C source chunks (ETP rank x EP peer).
 
 One interface:
     expert_in_MD, meta = dispatcher.dispatch(x_TD, routing)
