@@ -96,7 +96,8 @@ def layout_grid(plan: PlanAnswer, candidate: int) -> dict[str, Any]:
         })
     sizes = {k["kind"]: k["size"] for k in kinds}
     default = next((k for k in ("tp", "ep", "cp", "pp", "dp", "etp", "edp") if sizes[k] > 1), "tp")
-    return {"kinds": kinds, "default": default, "cell": cell, "gpn": gpn, "drawn_nodes": drawn_nodes,
+    return {"kinds": kinds, "default": default, "cell": cell, "gpn": gpn,
+            "drawn_nodes": drawn_nodes,
             "num_nodes": n_nodes, "truncated": n_nodes > drawn_nodes,
             "width": 40 + gpn * (cell + 2), "height": 18 + drawn_nodes * (cell + 2)}
 

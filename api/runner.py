@@ -37,7 +37,9 @@ def default_run_fn(plan: dict, candidate: int, steps: int, out_dir: Path, seed: 
 
 
 def _log_tail(out_dir: Path) -> str | None:
-    logs = sorted(out_dir.glob("*.log"), key=lambda p: p.stat().st_mtime) if out_dir.is_dir() else []
+    if not out_dir.is_dir():
+        return None
+    logs = sorted(out_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
     if not logs:
         return None
     return logs[-1].read_text(errors="replace")[-LOG_TAIL_CHARS:]

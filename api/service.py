@@ -113,7 +113,8 @@ def run_estimate(req: EstimateRequest) -> Estimate | list[Estimate | EstimateErr
     return out
 
 
-def run_plan(req: PlanRequest, time_limit_s: float | None, plan_id: str | None = None) -> PlanAnswer:
+def run_plan(req: PlanRequest, time_limit_s: float | None,
+             plan_id: str | None = None) -> PlanAnswer:
     """Run the planner and wrap its result in the contract's plan answer."""
     from planner.search import plan  # imported here: the planner is the heavy dependency
 
@@ -155,7 +156,8 @@ def run_layout(req: LayoutRequest) -> LayoutAnswer:
 def presets() -> PresetsAnswer:
     return PresetsAnswer(
         models={
-            k: ModelPreset(id=k, source=preset_source(k), spec=v) for k, v in model_presets().items()
+            k: ModelPreset(id=k, source=preset_source(k), spec=v)
+            for k, v in model_presets().items()
         },
         gpus=gpu_presets(),
     )

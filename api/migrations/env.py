@@ -1,5 +1,6 @@
 """Alembic environment: run by `api.db.migrate` with a live connection in config.attributes,
-or from the command line with `-x url=...` (e.g. `alembic -c ... -x url=sqlite:///data/foldplan.db upgrade head`)."""
+or from the command line with `-x url=...`
+(e.g. `alembic -c ... -x url=sqlite:///data/foldplan.db upgrade head`)."""
 
 from __future__ import annotations
 

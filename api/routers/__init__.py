@@ -9,4 +9,6 @@ BAD_INPUT: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorAnswer, "description": "Body larger than the server's limit."},
     422: {"model": ErrorAnswer, "description": "Invalid input; `detail` names the field."},
 }
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorAnswer, "description": "No such id."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorAnswer, "description": "No such id."},
+}

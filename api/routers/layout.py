@@ -12,5 +12,7 @@ router = APIRouter(tags=["layout"])
 
 @router.post("/v1/layout", summary="Rank groups of a mapping (Megatron-Core's rule)",
              response_model=LayoutAnswer, responses=BAD_INPUT)
-def post_layout(req: Annotated[LayoutRequest, Body(openapi_examples=LAYOUT_EXAMPLES)]) -> LayoutAnswer:
+def post_layout(
+    req: Annotated[LayoutRequest, Body(openapi_examples=LAYOUT_EXAMPLES)],
+) -> LayoutAnswer:
     return run_layout(req)

@@ -49,7 +49,8 @@ async def create_plan(
                 limiter=request.app.state.plan_limiter,
             )
     except TimeoutError:
-        raise HTTPException(504, f"the planner did not answer within time_limit_s={limit:g}") from None
+        msg = f"the planner did not answer within time_limit_s={limit:g}"
+        raise HTTPException(504, msg) from None
     data = answer.model_dump(mode="json")
 
     def save() -> None:

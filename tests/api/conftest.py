@@ -71,8 +71,10 @@ def fake_plan_answer(mappings: list[dict] = MIXTRAL_MAPPINGS, request: dict = MI
             "dp": cluster.world_size // (m["tp"] * m["pp"]),
             "edp": cluster.world_size // (m["ep"] * m.get("etp", 1) * m["pp"]),
         })
-        args = [f"--tensor-model-parallel-size {full.tp}", f"--pipeline-model-parallel-size {full.pp}",
-                f"--expert-model-parallel-size {full.ep}", f"--expert-tensor-parallel-size {full.etp}",
+        args = [f"--tensor-model-parallel-size {full.tp}",
+                f"--pipeline-model-parallel-size {full.pp}",
+                f"--expert-model-parallel-size {full.ep}",
+                f"--expert-tensor-parallel-size {full.etp}",
                 f"--context-parallel-size {full.cp}", f"--micro-batch-size {full.micro_batch_size}"]
         cands.append(Candidate(mapping=full, estimate=est, megatron_args=args,
                                folded=full.etp != full.tp))
@@ -123,7 +125,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db_url: str, port: int, tmp_path: Path, env: dict | None = None) -> subprocess.Popen:
+def start_server(db_url: str, port: int, tmp_path: Path,
+                 env: dict | None = None) -> subprocess.Popen:
     """`foldplan serve` in a subprocess, waited for until /healthz answers."""
     log = open(tmp_path / f"serve-{port}.log", "ab")
     proc = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import MIXTRAL_MAPPINGS, MIXTRAL_REQUEST
 
 EST = {**MIXTRAL_REQUEST, "mapping": MIXTRAL_MAPPINGS[0]}
@@ -95,11 +94,12 @@ def test_bad_input_is_422_naming_the_field(client, patch, field):
 
 
 def test_non_json_and_wrong_shapes_are_4xx(client):
-    r = client.post("/v1/estimate", content=b"{not json", headers={"content-type": "application/json"})
+    json_ct = {"content-type": "application/json"}
+    r = client.post("/v1/estimate", content=b"{not json", headers=json_ct)
     assert r.status_code == 422 and "not valid JSON" in r.json()["message"]
     r = client.post("/v1/estimate", json=[1, 2, 3])
     assert r.status_code == 422
-    r = client.post("/v1/layout", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    r = client.post("/v1/layout", content=b"[" * 100_000, headers=json_ct)
     assert 400 <= r.status_code < 500
 
 
@@ -202,9 +202,9 @@ def test_overrunning_planner_is_cut_off_at_its_limit(tmp_path, monkeypatch):
     """A planner that ignores its limit: the request still answers (504) right after it."""
     import time
 
-    import planner.search
     from fastapi.testclient import TestClient
 
+    import planner.search
     from api.app import create_app
     from api.settings import Settings
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, fake_plan_answer, free_port, start_server, store_plan
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,14 @@ import json
 import subprocess
 
 import pytest
-
-from conftest import MIXTRAL_MAPPINGS, MIXTRAL_REQUEST, REPO, VENV_BIN, fake_plan_answer, needs_planner
+from conftest import (
+    MIXTRAL_MAPPINGS,
+    MIXTRAL_REQUEST,
+    REPO,
+    VENV_BIN,
+    fake_plan_answer,
+    needs_planner,
+)
 
 FOLDPLAN = [str(VENV_BIN / "python"), "-m", "api.cli"]
 TINY = {"model": {"preset": "tiny-moe"},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import MIXTRAL_REQUEST, needs_planner
 
 pytestmark = needs_planner
@@ -140,7 +139,8 @@ def test_custom_gpu_and_hf_config_plan_and_page(client):
     r = client.post("/v1/plans", json=body)
     assert r.status_code == 201, r.text
     p = r.json()
-    assert p["model"]["num_experts"] == 64 and p["model"]["moe_shared_expert_intermediate_size"] == 20480
+    assert p["model"]["num_experts"] == 64
+    assert p["model"]["moe_shared_expert_intermediate_size"] == 20480
     assert p["model_notes"]  # how the config.json was mapped
     assert client.get("/v1/plans").json()["items"][0]["gpu"] == "Lab GPU 96G"
     page = client.get(f"/plans/{p['id']}")

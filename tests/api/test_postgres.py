@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import MIXTRAL_REQUEST, fake_plan_answer, free_port, planner_ready, store_plan
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import Settings
-from conftest import MIXTRAL_REQUEST, fake_plan_answer, free_port, planner_ready, store_plan
 
 pytestmark = pytest.mark.slow
 

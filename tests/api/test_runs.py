@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -134,11 +133,14 @@ def test_restart_marks_unfinished_runs_failed(settings, stored_plan):
     with make_client(settings, fake) as c:
         run = c.post(f"/v1/plans/{stored_plan['id']}/runs", json={"steps": 1}).json()
         assert fake.entered.wait(5)
-    # The first app is gone with its run 'running'; a new app over the same database:
-    fake.release.set()
+    # The first app is gone with its run 'running' (its worker still blocked, as if the
+    # process had died); a new app over the same database:
     with make_client(settings, FakeExecutor()) as c2:
         again = c2.get(f"/v1/runs/{run['id']}").json()
         assert again["status"] == "failed" and "not reattached" in again["error"]
+        fake.release.set()  # the stale worker finishing late must not overwrite that
+        time.sleep(0.3)
+        assert c2.get(f"/v1/runs/{run['id']}").json()["status"] == "failed"
 
 
 def test_missing_executor_fails_the_run_not_the_server(settings, stored_plan, monkeypatch):

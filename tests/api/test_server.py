@@ -8,9 +8,14 @@ import time
 
 import httpx
 import pytest
-
-from conftest import MIXTRAL_REQUEST, fake_plan_answer, free_port, planner_ready, start_server
-from conftest import store_plan
+from conftest import (
+    MIXTRAL_REQUEST,
+    fake_plan_answer,
+    free_port,
+    planner_ready,
+    start_server,
+    store_plan,
+)
 from test_cli import TINY
 
 pytestmark = pytest.mark.slow
@@ -39,7 +44,8 @@ def test_plans_and_runs_survive_kill_9(tmp_path, db_url):
             time.sleep(0.5)
         assert status["status"] == "succeeded", status.get("error")
         assert len(status["metrics"]["loss"]) == 2 and status["metrics"]["step_time_s"] > 0
-        assert status["predicted"]["step_time_s"] == tiny["candidates"][0]["estimate"]["step_time_s"]
+        predicted = tiny["candidates"][0]["estimate"]["step_time_s"]
+        assert status["predicted"]["step_time_s"] == predicted
         assert (tmp_path / "runs" / run_id / "metrics.json").exists()
     finally:
         os.kill(proc.pid, signal.SIGKILL)
