@@ -155,6 +155,7 @@ def test_triton_kernels_compile_for_h100_without_gpu(monkeypatch, tmp_path):
     """Ahead-of-time compile every kernel to an sm_90 cubin (catches typing errors that the
     interpreter lets through) with the dtypes the GPU path uses: bf16 rows, fp32 probs."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile for real, leave no cache
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
