@@ -55,7 +55,8 @@ async def create_plan(
 
     def save() -> None:
         with db.session() as s:
-            store.insert_plan(s, data, req.model_dump(mode="json"), cost_model_constants())
+            request_record = {"body": req.model_dump(mode="json"), "time_limit_s_used": limit}
+            store.insert_plan(s, data, request_record, cost_model_constants())
 
     await run_in_threadpool(save)
     return JSONResponse(data, status_code=201)

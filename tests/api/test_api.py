@@ -229,3 +229,12 @@ def test_plan_from_an_older_version_is_returned_unchanged(client, db_url):
     assert client.get(f"/v1/plans/{old['id']}").json() == old
     page = client.get(f"/plans/{old['id']}")
     assert page.status_code == 200 and "0.0.1" in page.text
+
+
+def test_healthz_reports_an_unreachable_database(client, monkeypatch):
+    from sqlalchemy import create_engine
+
+    bad = create_engine("sqlite:////nonexistent/dir/x.db")
+    monkeypatch.setattr(client.app.state.db, "engine", bad)
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"

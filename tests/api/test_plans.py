@@ -36,6 +36,11 @@ def test_mixtral_example_returns_ranked_plans(client, mixtral_plan):
     assert client.get(f"/v1/plans/{p['id']}").json() == p
     assert client.get("/v1/plans").json()["items"][0]["id"] == p["id"]
     assert client.get(f"/plans/{p['id']}").status_code == 200
+    prov = client.get(f"/v1/plans/{p['id']}/provenance").json()
+    assert prov["request"]["body"]["model"] == {"preset": "mixtral-8x22b"}
+    assert prov["request"]["time_limit_s_used"] == 60
+    assert prov["foldplan_version"] == p["foldplan_version"]
+    assert "h100" in prov["cost_model_constants"]["gpus.json"]
 
 
 def test_candidate_estimate_equals_estimate_endpoint(client, mixtral_plan):
