@@ -23,8 +23,8 @@ from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import logits_cost, moe_cost
 from .layout import group_placement
-from .memory import GIB, RankMemory, inflight_chunks, layer_params, rank_layer_counts
-from .memory import rank_memory
+from .memory import GIB, RankMemory, inflight_chunks, layer_params, plain_mapping
+from .memory import rank_layer_counts, rank_memory
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -112,13 +112,14 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     )
 
 
-def _rank_cost(ctx: Context, layer_costs: dict[bool, Cost], rank: int,
-               counts: tuple[int, int], head: Cost, tail: Cost) -> Cost:
+def _rank_cost(ctx: Context, slot_costs: list, rank: int,
+               counts: tuple[int, int, int, int], head: Cost, tail: Cost) -> Cost:
+    """One micro-batch on pipeline rank `rank`; `slot_costs` match `rank_layer_counts`."""
     m = ctx.mapping
     c = Cost()
-    for is_moe, count in enumerate(counts):
+    for slot, count in enumerate(counts):
         if count:
-            c.add(layer_costs[bool(is_moe)], count)
+            c.add(slot_costs[slot], count)
     if rank == 0:
         c.add(head)
     if rank == m.pp - 1:
@@ -135,10 +136,10 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
     """(exposed gradient reduction + parameter gather seconds, optimizer step seconds)."""
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
     dense = expert = 0.0
-    for is_moe, count in enumerate(rank_layer_counts(md, m, 0)):
+    for slot, count in enumerate(rank_layer_counts(md, m, 0)):
         if not count:
             continue
-        d, e = layer_params(md, bool(is_moe), m)
+        d, e = layer_params(md, bool(slot % 2), m)
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
     from .flops import padded_vocab
@@ -253,6 +254,12 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     hw = hardware(cluster)
     ctx = make_context(model, cluster, training, m, hw)
     layer_costs, head, tail = micro_batch_costs(ctx, cache)
+    if m.partial_recompute:  # layers past the first N of a chunk keep their activations
+        plain, _, _ = micro_batch_costs(
+            make_context(model, cluster, training, plain_mapping(m), hw), cache)
+    else:
+        plain = layer_costs
+    slot_costs = [plain.get(False), plain.get(True), layer_costs.get(False), layer_costs.get(True)]
     counts = [rank_layer_counts(model, m, r) for r in range(m.pp)]
     # Ranks with the same layers and no embedding/output cost the same: compute each once.
     memo: dict[tuple, Cost] = {}
@@ -260,7 +267,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     for r in range(m.pp):
         key = (counts[r], r == 0, r == m.pp - 1)
         if key not in memo:
-            memo[key] = _rank_cost(ctx, layer_costs, r, counts[r], head, tail)
+            memo[key] = _rank_cost(ctx, slot_costs, r, counts[r], head, tail)
         ranks.append(memo[key])
     totals = [r.total for r in ranks]
     slow = max(range(m.pp), key=lambda r: totals[r])

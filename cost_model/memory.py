@@ -47,8 +47,8 @@ def layer_params(model: ModelSpec, moe: bool, m: Mapping) -> tuple[float, float]
     return dense, expert
 
 
-def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
-    """Indices of the layers pipeline rank `rank` holds (vpp chunks; uneven first/last)."""
+def rank_chunks(model: ModelSpec, m: Mapping, rank: int) -> list[range]:
+    """The layer ranges (one per model chunk) pipeline rank `rank` holds."""
     first, last = m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers
     if first is not None or last is not None:
         middle = m.pp - (first is not None) - (last is not None)
@@ -59,25 +59,44 @@ def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
         if last is not None:
             counts[-1] = last
         start = sum(counts[:rank])
-        return tuple(range(start, start + counts[rank]))
+        return [range(start, start + counts[rank])]
     per_chunk = model.num_layers // (m.pp * m.vpp)
-    layers: list[int] = []
-    for chunk in range(m.vpp):
-        start = (chunk * m.pp + rank) * per_chunk
-        layers.extend(range(start, start + per_chunk))
-    return tuple(layers)
+    return [range((c * m.pp + rank) * per_chunk, (c * m.pp + rank + 1) * per_chunk)
+            for c in range(m.vpp)]
 
 
-def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int]:
-    """(dense layers, MoE layers) on pipeline rank `rank`."""
+def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
+    """Indices of the layers pipeline rank `rank` holds (vpp chunks; uneven first/last)."""
+    return tuple(i for r in rank_chunks(model, m, rank) for i in r)
+
+
+def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int, int, int]:
+    """(dense, MoE) layers run in the mapping's recompute mode, then (dense, MoE) layers fully
+    recomputed under partial recompute (the first `recompute_num_layers` of each chunk)."""
+    r = m.recompute_num_layers if m.partial_recompute else 0
     num_moe = model.num_moe_layers
-    if num_moe in (0, model.num_layers):  # homogeneous: only the count matters
-        n = len(rank_layers(model, m, rank))
-        return (0, n) if num_moe else (n, 0)
+    if num_moe in (0, model.num_layers):  # all layers alike: only the counts matter
+        chunks = rank_chunks(model, m, rank)
+        n = sum(len(c) for c in chunks)
+        n_rc = sum(min(r, len(c)) for c in chunks)
+        return (0, n - n_rc, 0, n_rc) if num_moe else (n - n_rc, 0, n_rc, 0)
     pattern = model.moe_layer_pattern()
-    layers = rank_layers(model, m, rank)
-    moe = sum(pattern[i] for i in layers)
-    return len(layers) - moe, moe
+    plain_d = plain_m = rc_d = rc_m = 0
+    for chunk in rank_chunks(model, m, rank):
+        n_rc = min(r, len(chunk))
+        moe_rc = sum(pattern[i] for i in chunk[:n_rc])
+        moe_all = sum(pattern[i] for i in chunk)
+        rc_m += moe_rc
+        rc_d += n_rc - moe_rc
+        plain_m += moe_all - moe_rc
+        plain_d += len(chunk) - n_rc - (moe_all - moe_rc)
+    return plain_d, plain_m, rc_d, rc_m
+
+
+def plain_mapping(m: Mapping) -> Mapping:
+    """The recompute mode of the layers not recomputed: 'none' under partial recompute."""
+    return m.model_copy(update={"recompute": "none", "recompute_num_layers": None}) \
+        if m.partial_recompute else m
 
 
 def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapping,
@@ -150,25 +169,31 @@ class RankMemory:
 
 def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
                 act_bytes: float, expert_factor: float, num_microbatches: int,
-                counts: tuple[int, int] | None = None, reserve: float = 2 * GIB) -> RankMemory:
-    """Memory of pipeline rank `rank` (`counts` = its (dense, MoE) layers, if known)."""
+                counts: tuple[int, int, int, int] | None = None,
+                reserve: float = 2 * GIB) -> RankMemory:
+    """Memory of pipeline rank `rank` (`counts` as `rank_layer_counts`, if known)."""
     prec = training.precision
     counts = counts or rank_layer_counts(model, m, rank)
     dense = expert = 0.0
     act_layers = 0.0
     act_full = 0.0  # one layer's activations without recompute (full recompute's peak)
-    no_rc = m.model_copy(update={"recompute": "none"}) if m.recompute == "full" else m
-    for is_moe, count in enumerate(counts):
+    plain = plain_mapping(m)
+    no_rc = m.model_copy(update={"recompute": "none", "recompute_num_layers": None}) \
+        if m.recompute == "full" else m
+    full_rc = m.model_copy(update={"recompute_num_layers": None})
+    for slot, count in enumerate(counts):
         if not count:
             continue
-        d, e = layer_params(model, bool(is_moe), m)
+        is_moe, recomputed = bool(slot % 2), slot >= 2
+        d, e = layer_params(model, is_moe, m)
         dense, expert = dense + d * count, expert + e * count
+        mode = full_rc if recomputed else plain
         act_layers += count * activation_bytes_per_layer(
-            model, training, m, bool(is_moe), act_bytes, expert_factor
+            model, training, mode, is_moe, act_bytes, expert_factor
         )
-        if m.recompute == "full":
+        if mode.recompute == "full":
             act_full = max(act_full, activation_bytes_per_layer(
-                model, training, no_rc, bool(is_moe), act_bytes, expert_factor))
+                model, training, no_rc, is_moe, act_bytes, expert_factor))
     v = padded_vocab(model.vocab_size, m.tp) / m.tp * model.hidden_size
     first, last = rank == 0, rank == m.pp - 1
     if first:
@@ -201,6 +226,7 @@ def total_params(model: ModelSpec) -> float:
     """All parameters of the model (no sharding)."""
     one = Mapping()
     total = 0.0
+    # (dense, MoE) layer counts of the whole model
     for is_moe, count in enumerate((model.num_layers - model.num_moe_layers, model.num_moe_layers)):
         if not count:
             continue

@@ -270,6 +270,11 @@ class Mapping(_Spec):
     micro_batch_size: PositiveInt = Field(1, description="Sequences per micro-batch.")
     sequence_parallel: bool | None = Field(None, description="Sequence parallel; default tp>1.")
     recompute: Literal["none", "selective", "full"] = Field("none", description="Recompute.")
+    recompute_num_layers: PositiveInt | None = Field(
+        None,
+        description="With recompute='full': recompute only the first N layers of each pipeline "
+        "stage (virtual chunk), Megatron's --recompute-method block; null = every layer.",
+    )
     distributed_optimizer: bool = Field(True, description="Shard optimizer state over DP.")
     dispatcher: Literal["alltoall", "allgather"] = Field("alltoall", description="MoE dispatcher.")
     order: str = Field("tp-cp-ep-dp-pp", description="Rank order, leftmost fastest.")
@@ -283,6 +288,10 @@ class Mapping(_Spec):
                 f"order={v!r} must be a permutation of tp, cp, ep, dp, pp joined by '-'"
             )
         return "-".join(tokens)
+
+    @property
+    def partial_recompute(self) -> bool:
+        return self.recompute == "full" and self.recompute_num_layers is not None
 
     @property
     def sp(self) -> bool:

@@ -80,6 +80,11 @@ def mapping_errors(
                 f"num_layers={model.num_layers} minus first={first} and last={last} stage "
                 f"layers does not split evenly over the other {middle_stages} stages"
             )
+    if m.recompute_num_layers is not None and m.recompute != "full":
+        errors.append(
+            f"recompute_num_layers={m.recompute_num_layers} needs recompute='full' "
+            f"(got {m.recompute!r})"
+        )
     if m.vpp > 1 and m.pp == 1:
         errors.append(f"vpp={m.vpp} needs pp > 1")
 

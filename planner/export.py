@@ -51,7 +51,10 @@ def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[
     if m.distributed_optimizer:
         a += ["--use-distributed-optimizer", "--overlap-param-gather"]
     a += ["--overlap-grad-reduce", "--accumulate-allreduce-grads-in-fp32"]
-    if m.recompute == "full":
+    if m.partial_recompute:
+        a += ["--recompute-granularity", "full", "--recompute-method", "block",
+              "--recompute-num-layers", str(m.recompute_num_layers)]
+    elif m.recompute == "full":
         a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
               "--recompute-num-layers", "1"]
     elif m.recompute == "selective":

@@ -31,14 +31,16 @@ the time limit stops the expansion first, the answer is FEASIBLE (best found, no
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from cost_model.estimate import StepResult, evaluate, make_context, micro_batch_work
+from cost_model.estimate import StepResult, evaluate, make_context, micro_batch_costs
+from cost_model.estimate import micro_batch_work
+from cost_model.kernels import p2p_time
+from cost_model.layout import group_placement
 from cost_model.estimate import to_estimate
 from cost_model.hardware import hardware
 from cost_model.flops import padded_vocab
@@ -48,7 +50,8 @@ from cost_model.validate import mapping_errors
 
 from .export import megatron_args, sbatch_script, torchrun_script
 from .result import Candidate, PlanResult, SearchInfo
-from .space import _uneven_splits, candidate_values
+from .space import CONTRACT_FIELDS, candidate_values, pinned_split
+from .stages import solve_stages
 
 DEFAULT_TIME_LIMIT_S = 30.0
 # Preference among mappings the cost model cannot tell apart (same time and memory).
@@ -66,8 +69,13 @@ class LayerConfig:
     recompute: str
     dispatcher: str
     work_s: float  # W: one micro-batch through every layer, embedding and output
+    work_floor_s: float  # W of the same layout without recompute (partial recompute's floor)
     dense_params: float  # parameters of all layers + embedding + output, one tp shard
     expert_params: float  # expert parameters of all layers, one ep x etp shard
+    head_s: float  # embedding, one micro-batch
+    tail_s: float  # output layer and loss, one micro-batch
+    layer_floor_s: float  # the cheapest single layer, one micro-batch
+    send_bytes: float  # one pipeline send of activations
 
 
 @dataclass(frozen=True)
@@ -116,9 +124,18 @@ def _layer_configs(model, cluster, training, values, cache: dict) -> list[LayerC
                                     continue
                                 ctx = make_context(model, cluster, training, probe, hw)
                                 w = micro_batch_work(ctx, cache)
+                                floor_ctx = ctx
+                                if rc == "full":
+                                    plain = probe.model_copy(update={"recompute": "none"})
+                                    floor_ctx = make_context(model, cluster, training, plain, hw)
+                                floor = micro_batch_work(floor_ctx, cache)
+                                layers, head, tail = micro_batch_costs(floor_ctx, cache)
                                 dense, expert = _param_totals(model, probe)
-                                out.append(LayerConfig(tp, cp, ep, etp, mbs, rc, disp, w,
-                                                       dense, expert))
+                                out.append(LayerConfig(
+                                    tp, cp, ep, etp, mbs, rc, disp, w, floor, dense, expert,
+                                    head.total, tail.total, min(c.total for c in layers.values()),
+                                    ctx.tokens_attn / (tp if probe.sp else 1) * model.hidden_size
+                                    * ctx.act_bytes))
     return out
 
 
@@ -149,10 +166,11 @@ def _memory_lower_bound(training, lc: LayerConfig, pp: int, dp: int, edp: int,
 def _pipeline_bounds(model, cluster, training, values, configs):
     """(LB, layer config, pp, vpp), best bound first.
 
-    With W the micro-batch work of all layers and m micro-batches, the slowest stage takes at
-    least W/pp per micro-batch and the step m*t_max + (sum_i t_i - t_max)/vpp grows with
-    t_max, so step >= m*W/pp + (W - W/pp)/vpp (exact for balanced stages, before pipeline
-    sends, data-parallel and optimizer time, all non-negative)."""
+    With W the micro-batch work of all layers and pipeline sends and m micro-batches, the
+    slowest stage takes t_max >= max(W/pp, embedding + one layer, output + one layer) per
+    micro-batch, and the step m*t_max + (W - t_max)/vpp grows with t_max, so
+    step >= m*t + (W - t)/vpp at that floor t (exact for balanced stages, before
+    data-parallel and optimizer time, both non-negative)."""
     world, gbs = cluster.world_size, training.global_batch_size
     hw = hardware(cluster)
     sharded = True in values["distributed_optimizer"]
@@ -172,11 +190,25 @@ def _pipeline_bounds(model, cluster, training, values, configs):
                     closest = (need, lc, pp)
                 continue  # no expansion of it can fit
             m = gbs // (lc.micro_batch_size * dp)
-            stage = lc.work_s / pp
+            # Pipeline sends on every rank (the cheaper of the rank orders' links).
+            sends = 0.0
+            if pp > 1:
+                crosses = min(group_placement(world, cluster.gpus_per_node, o,
+                                              (lc.tp, lc.cp, 1, dp, pp), "pp").crosses_node
+                              for o in values["order"])
+                sends = 2 * p2p_time(hw, crosses, lc.send_bytes)
             for vpp in values["vpp"] if pp > 1 else [1]:
                 if vpp > 1 and (model.num_layers % (pp * vpp) or m % pp):
                     continue
-                out.append((m * stage + (lc.work_s - stage) / vpp, lc, pp, vpp))
+                # Partial recompute (pp >= 2, vpp == 1) can be as fast as none at all.
+                w = (lc.work_floor_s if (pp >= 2 and vpp == 1) else lc.work_s) + pp * sends
+                # The slowest rank holds at least the mean, and the first and last ranks at
+                # least one layer besides the embedding / output layer.
+                t_max = w / pp
+                if pp > 1:
+                    t_max = max(t_max, lc.head_s + lc.layer_floor_s + sends,
+                                lc.tail_s + lc.layer_floor_s + sends)
+                out.append((m * t_max + (w - t_max) / vpp, lc, pp, vpp))
     out.sort(key=lambda t: t[0])
     return out, closest
 
@@ -187,7 +219,7 @@ def _expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, v
     dp, edp = world // (lc.tp * lc.cp * pp), world // (lc.etp * lc.ep * pp)
     if fixed.get("dp", dp) != dp or fixed.get("edp", edp) != edp:
         return
-    splits = _uneven_splits(model, pp, fixed) if vpp == 1 and pp > 1 else [(None, None)]
+    splits = pinned_split(fixed)
     orders = values["order"] if (pp > 1 and edp == dp) else [fixed.get("order", "tp-cp-ep-dp-pp")]
     for first, last in splits:
         for order in orders:
@@ -198,6 +230,7 @@ def _expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, v
                             distributed_optimizer=dist, order=order,
                             decoder_first_pipeline_num_layers=first,
                             decoder_last_pipeline_num_layers=last,
+                            recompute_num_layers=fixed.get("recompute_num_layers"),
                             sequence_parallel=fixed.get("sequence_parallel"))
                 errors, resolved = mapping_errors(model, cluster, training, m)
                 if not errors:
@@ -223,39 +256,77 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     cache: dict = {}  # per-layer costs shared by every mapping of this request
     configs = _layer_configs(model, cluster, training, values, cache)
     triples, closest = _pipeline_bounds(model, cluster, training, values, configs)
-    rows: list[Row] = []
-    best: list[float] = []  # max-heap (negated) of the k best distinct fitting step times
-    distinct: set = set()
+    class_best: dict[Mapping, Row] = {}  # best fitting row of each configuration
+    super_best: dict[Mapping, float] = {}  # ... of each configuration up to order/optimizer
+    kth_cache: list[float] = [math.inf]  # k-th best over `leaders`, the k best so far
+    leaders: dict[Mapping, float] = {}
     best_classic = math.inf
     over = math.inf  # smallest excess over capacity among mappings that do not fit
     over_row: Row | None = None
+    space_size = 0
+
+    def consider(m: Mapping) -> None:
+        nonlocal space_size, over, over_row, best_classic
+        space_size += 1
+        r = evaluate(model, cluster, training, m, cache)
+        row = Row(m, r)
+        if not r.fits_memory:
+            if r.peak_bytes - r.capacity_bytes < over:
+                over, over_row = r.peak_bytes - r.capacity_bytes, row
+            return
+        ck = class_key(m)
+        cur = class_best.get(ck)
+        if cur is None or (row.step, _tie_key(m)) < (cur.step, _tie_key(cur.mapping)):
+            class_best[ck] = row
+        sk = _super_key(m)
+        if row.step < super_best.get(sk, math.inf):
+            super_best[sk] = row.step
+            if row.step < kth_cache[0] or sk in leaders:
+                leaders[sk] = row.step
+                if len(leaders) > top_k:
+                    del leaders[max(leaders, key=leaders.get)]
+                if len(leaders) == top_k:
+                    kth_cache[0] = max(leaders.values())
+        if is_classic(m):
+            best_classic = min(best_classic, row.step)
+
+    def cutoff() -> float:
+        return max(kth_cache[0], best_classic if model.is_moe else 0.0)
+
+    # Pass 1: every configuration with its even stage split, best bound first.
     expanded = 0
     stopped_early = False
-    space_size = 0
     for i, (lb, lc, pp, vpp) in enumerate(triples):
-        kth = -best[0] if len(best) >= top_k else math.inf
-        if lb >= max(kth, best_classic if model.is_moe else 0.0):
+        if lb >= cutoff():
             break
         if time.perf_counter() > deadline:
             stopped_early = True
             break
         expanded = i + 1
         for m in _expand(model, cluster, training, values, fixed, lc, pp, vpp):
-            space_size += 1
-            r = evaluate(model, cluster, training, m, cache)
-            row = Row(m, r)
-            if r.fits_memory:
-                rows.append(row)
-                key = _equivalence_key(row)
-                if key not in distinct:
-                    distinct.add(key)
-                    heapq.heappush(best, -r.step_time_s)
-                    if len(best) > top_k:
-                        heapq.heappop(best)
-                if is_classic(m):
-                    best_classic = min(best_classic, r.step_time_s)
-            elif r.peak_bytes - r.capacity_bytes < over:
-                over, over_row = r.peak_bytes - r.capacity_bytes, row
+            consider(m)
+    # Pass 2 (CP-SAT per configuration, planner/stages.py): uneven stages and recompute
+    # depth where they can still beat the k-th best.
+    stage_solves = 0
+    if not stopped_early and _stages_free(fixed):
+        for lb, lc, pp, vpp in triples[:expanded]:
+            if lb >= cutoff():
+                break
+            if vpp != 1 or pp < 2:
+                continue
+            if time.perf_counter() > deadline:
+                stopped_early = True
+                break
+            for base in _stage_bases(model, cluster, training, values, fixed, lc, pp):
+                stage_solves += 1
+                ans = solve_stages(model, cluster, training, base, cache,
+                                   max(0.01, deadline - time.perf_counter()))
+                if ans is None:
+                    continue
+                errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
+                assert not errors, errors
+                consider(resolved)
+    rows = list(class_best.values())
     bound = triples[expanded][0] if expanded < len(triples) else None
     status, chosen, stats, resolution = _select(rows, bound, top_k, stopped_early,
                                                 max(0.05, t0 + limit - time.perf_counter()))
@@ -291,10 +362,55 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             space_size=space_size,
             num_feasible=len(rows), solver=stats | {
                 "layer_configs": len(configs), "pipeline_configs": len(triples),
-                "pipeline_configs_expanded": expanded, "mappings_evaluated": space_size},
+                "pipeline_configs_expanded": expanded, "mappings_evaluated": space_size,
+                "stage_solves": stage_solves},
             objective_resolution_s=resolution, best_unfolded=unfolded,
         ),
     )
+
+
+def class_key(m: Mapping) -> Mapping:
+    """A configuration: the mapping without its stage split and recompute depth (the planner
+    reports the best of those for each configuration)."""
+    return m.model_copy(update={"decoder_first_pipeline_num_layers": None,
+                                "decoder_last_pipeline_num_layers": None,
+                                "recompute_num_layers": None})
+
+
+def _super_key(m: Mapping) -> Mapping:
+    """Configurations that may merge into one candidate (rank order, optimizer sharding and,
+    without expert parallelism, the dispatcher, when time and memory agree)."""
+    update = {"order": "", "distributed_optimizer": True}
+    if m.ep * m.etp == 1:
+        update["dispatcher"] = ""
+    return class_key(m).model_copy(update=update)
+
+
+def _stages_free(fixed: dict) -> bool:
+    pinned = {"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+              "recompute_num_layers"}
+    return not (pinned & set(fixed)) and not all(f in fixed for f in CONTRACT_FIELDS)
+
+
+def _stage_bases(model, cluster, training, values, fixed, lc: LayerConfig, pp: int):
+    """The configurations of (layer config, pp, vpp=1) for the stage solver: every rank order
+    and optimizer choice, stage split left open (validity of the split is the solver's)."""
+    world = cluster.world_size
+    dp, edp = world // (lc.tp * lc.cp * pp), world // (lc.etp * lc.ep * pp)
+    orders = values["order"] if edp == dp else [fixed.get("order", "tp-cp-ep-dp-pp")]
+    sp = lc.tp > 1 if fixed.get("sequence_parallel") is None else (fixed["sequence_parallel"] and lc.tp > 1)
+    for order in orders:
+        for dist in values["distributed_optimizer"]:
+            base = Mapping(tp=lc.tp, cp=lc.cp, pp=pp, ep=lc.ep, etp=lc.etp, dp=dp, edp=edp,
+                           micro_batch_size=lc.micro_batch_size, recompute=lc.recompute,
+                           dispatcher=lc.dispatcher, distributed_optimizer=dist, order=order,
+                           sequence_parallel=sp)
+            # Every check but the layer split (the solver picks a valid one).
+            probe = base.model_copy(update={"decoder_first_pipeline_num_layers": 1,
+                                            "decoder_last_pipeline_num_layers": 1})
+            errors, _ = mapping_errors(model, cluster, training, probe)
+            if not [e for e in errors if "does not split evenly" not in e]:
+                yield base
 
 
 def _dedupe(rows: list[Row]) -> list[Row]:

@@ -76,26 +76,52 @@ CONTRACT_FIELDS = ("tp", "cp", "pp", "vpp", "ep", "etp", "micro_batch_size", "re
                    "distributed_optimizer", "dispatcher", "order")
 
 
-def _uneven_splits(model: ModelSpec, pp: int, fixed: dict) -> list[tuple[int | None, int | None]]:
-    """(first, last) stage layer counts: the even split, and splits that give the first and
-    last stage (which carry embedding and output layer) fewer layers."""
-    if ("decoder_first_pipeline_num_layers" in fixed or "decoder_last_pipeline_num_layers" in fixed
-            or all(f in fixed for f in CONTRACT_FIELDS)):
-        return [(fixed.get("decoder_first_pipeline_num_layers"),
-                 fixed.get("decoder_last_pipeline_num_layers"))]
+def pinned_split(fixed: dict) -> list[tuple[int | None, int | None]]:
+    """The stage split of pass 1: the pinned one, else the even split."""
+    return [(fixed.get("decoder_first_pipeline_num_layers"),
+             fixed.get("decoder_last_pipeline_num_layers"))]
+
+
+def all_splits(model: ModelSpec, pp: int, fixed: dict) -> list[tuple[int | None, int | None]]:
+    """Every (first, last) stage layer count: the even split (None, None) and every uneven
+    one (middle stages even, at least one layer per stage)."""
+    if not _split_free(fixed):
+        return pinned_split(fixed)
     L = model.num_layers
-    out: list[tuple[int | None, int | None]] = []
-    if L % pp == 0:
-        out.append((None, None))
-    if pp < 3:
-        return out
-    for first in range(1, L // pp + 2):
-        for last in range(1, L // pp + 2):
+    out: list[tuple[int | None, int | None]] = [(None, None)]
+    for first in range(1, L):
+        for last in range(1, L - first + 1):
             rest = L - first - last
-            if rest > 0 and rest % (pp - 2) == 0 and (first, last) != (L // pp, L // pp) \
-                    and abs(rest // (pp - 2) - first) <= 2 and abs(rest // (pp - 2) - last) <= 2:
+            if pp == 2:
+                ok = rest == 0
+            else:
+                ok = rest >= pp - 2 and rest % (pp - 2) == 0
+            if ok and not (L % pp == 0 and first == last == L // pp):
                 out.append((first, last))
     return out
+
+
+def recompute_depths(model: ModelSpec, recompute: str, pp: int, vpp: int, first, last,
+                     fixed: dict) -> list[int | None]:
+    """Recompute depths (Megatron block method): None = every layer, else 1..largest stage-1.
+    Partial depths are in the space where the stage solver picks them: pp >= 2, vpp == 1."""
+    if "recompute_num_layers" in fixed:
+        return [fixed["recompute_num_layers"]]
+    if recompute != "full" or not _split_free(fixed) or pp < 2 or vpp != 1:
+        return [None]
+    L = model.num_layers
+    if first is None and last is None:
+        largest = L // (pp * vpp)
+    else:
+        middle = pp - (first is not None) - (last is not None)
+        rest = L - (first or 0) - (last or 0)
+        largest = max(first or 0, last or 0, rest // middle if middle else 0)
+    return [None] + list(range(1, largest))
+
+
+def _split_free(fixed: dict) -> bool:
+    return not ({"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"}
+                & set(fixed)) and not all(f in fixed for f in CONTRACT_FIELDS)
 
 
 def enumerate_mappings(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
@@ -130,7 +156,7 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
         for vpp in v["vpp"] if pp > 1 else [1]:
             if vpp > 1 and model.num_layers % (pp * vpp):
                 continue
-            splits = _uneven_splits(model, pp, fixed) if vpp == 1 and pp > 1 else [(None, None)]
+            splits = all_splits(model, pp, fixed) if vpp == 1 and pp > 1 else pinned_split(fixed)
             for first, last in splits:
                 for order in v["order"] if (pp > 1 and edp == dp) else ["tp-cp-ep-dp-pp"]:
                     if "order" in fixed and fixed["order"] != order:
@@ -138,14 +164,16 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
                     for disp in v["dispatcher"]:
                         for dist in v["distributed_optimizer"]:
                             for rc in v["recompute"]:
-                                m = Mapping(
-                                    tp=tp, cp=cp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp,
-                                    edp=edp, micro_batch_size=mbs, recompute=rc,
-                                    distributed_optimizer=dist, dispatcher=disp, order=order,
-                                    decoder_first_pipeline_num_layers=first,
-                                    decoder_last_pipeline_num_layers=last,
-                                    sequence_parallel=fixed.get("sequence_parallel"),
-                                )
-                                errors, resolved = mapping_errors(model, cluster, training, m)
-                                if not errors:
-                                    yield resolved
+                                for depth in recompute_depths(model, rc, pp, vpp, first, last, fixed):
+                                    m = Mapping(
+                                        tp=tp, cp=cp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp,
+                                        edp=edp, micro_batch_size=mbs, recompute=rc,
+                                        recompute_num_layers=depth,
+                                        distributed_optimizer=dist, dispatcher=disp, order=order,
+                                        decoder_first_pipeline_num_layers=first,
+                                        decoder_last_pipeline_num_layers=last,
+                                        sequence_parallel=fixed.get("sequence_parallel"),
+                                    )
+                                    errors, resolved = mapping_errors(model, cluster, training, m)
+                                    if not errors:
+                                        yield resolved

@@ -1,0 +1,304 @@
+"""CP-SAT: the layers of each pipeline stage and how many of them to recompute, jointly.
+
+For one configuration (every mapping field fixed except the stage split and the recompute
+depth, pp >= 2, no interleaving) choose
+- n_f, n_l: layers of the first and last stage (they also carry the embedding and the output
+  layer); the pp - 2 middle stages take k layers each, n_f + n_l + (pp - 2) k = L;
+- r (only with recompute='full'): recompute the first r layers of every stage (Megatron's
+  --recompute-method block); layers past the r-th keep their activations,
+under a memory limit on every stage (stage i holds min(pp - i, m) micro-batches in flight, so
+early stages want fewer layers or more recompute, late stages more layers).
+
+Formulation. Variables: n_f, n_l, k, r; per stage s its range [lo_s, hi_s) (affine in n_f, k,
+n_l), its recomputed count rc_s = min(r, hi_s - lo_s) and mid_s = lo_s + rc_s; table lookups
+(AddElement) into prefix sums over layers of: time with and without recompute, forward and
+backward compute, activation bytes with and without recompute, weight/gradient/optimizer
+bytes, MoE-layer count; T = slowest stage time; e_r, e_g = exposed gradient reduce-scatter
+and parameter all-gather of stage 0 (max(0, comm - compute window)).
+Constraint families: `_add_layer_split_constraints` (layers sum to L, each stage >= 1),
+`_add_recompute_constraints` (rc_s = min(r, stage size)), `_add_stage_constraints`
+(per-stage time <= T, per-stage memory <= capacity, exact integer form of the cost model's
+reserve + 1.05 x (weights + gradients + optimizer + activations)), `_add_dp_constraints`.
+Objective: (m - 1) T + sum_s time_s + e_r + e_g + optimizer(stage 0), the cost model's step
+time for these choices, times in integer units of `TIME_UNIT_S`, memory in bytes.
+The answer is then evaluated by the cost model itself; the test suite checks the optimum
+against exhaustive enumeration of splits and recompute depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from cost_model.estimate import make_context, micro_batch_costs
+from cost_model.flops import padded_vocab
+from cost_model.hardware import hardware
+from cost_model.kernels import memory_time, p2p_time, ring_time
+from cost_model.memory import FRAGMENTATION, activation_bytes_per_layer, layer_params, plain_mapping
+from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+
+TIME_UNIT_S = 1e-8
+
+
+@dataclass(frozen=True)
+class StageAnswer:
+    mapping: Mapping
+    objective_s: float
+    status: str
+    branches: int
+
+
+def _linear(fn, p) -> tuple[float, float]:
+    """(slope, intercept) of a collective's time in its bytes (exact: piecewise-free)."""
+    if p.size <= 1:
+        return 0.0, 0.0
+    t1, t2 = fn(p, 1e9), fn(p, 2e9)
+    return (t2 - t1) / 1e9, t1 - (t2 - t1)
+
+
+def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, base: Mapping,
+                 cache: dict, time_limit_s: float = 1.0) -> StageAnswer | None:
+    """Best (first, last, recompute depth) for `base` (resolved, pp >= 2, vpp == 1), or None
+    when no split fits."""
+    assert base.pp >= 2 and base.vpp == 1
+    hw = hardware(cluster)
+    L, pp = model.num_layers, base.pp
+    full = base.recompute == "full"
+    m_rc = base.model_copy(update={"recompute_num_layers": None,
+                                   "decoder_first_pipeline_num_layers": None,
+                                   "decoder_last_pipeline_num_layers": None})
+    m_plain = plain_mapping(m_rc.model_copy(update={"recompute_num_layers": 1})) if full else m_rc
+    ctx = make_context(model, cluster, training, m_rc, hw)
+    costs_rc, head, tail = micro_batch_costs(ctx, cache)
+    costs_plain, _, _ = micro_batch_costs(make_context(model, cluster, training, m_plain, hw), cache)
+    pattern = model.moe_layer_pattern()
+    num_mb = training.global_batch_size // (base.micro_batch_size * base.dp)
+    load = ctx.expert_load * ctx.capacity_scale
+    act_b = ctx.act_bytes
+
+    q = TIME_UNIT_S
+    kinds = (False, True)
+
+    def per_kind(fn, unit):
+        """Integer per-layer coefficient of each layer kind (dense False, MoE True)."""
+        return {e: int(round(fn(e) / unit)) if e in costs_plain else 0 for e in kinds}
+
+    T_rc = per_kind(lambda e: costs_rc[e].total, q)
+    T_pl = per_kind(lambda e: costs_plain[e].total, q)
+    FW = per_kind(lambda e: costs_plain[e].fwd_compute, q)
+    BW = per_kind(lambda e: costs_plain[e].bwd_compute, q)
+    A_rc = per_kind(lambda e: activation_bytes_per_layer(model, training, m_rc, e, act_b, load), 1)
+    A_pl = per_kind(lambda e: activation_bytes_per_layer(model, training, m_plain, e, act_b, load), 1)
+    no_rc = m_rc.model_copy(update={"recompute": "none"})
+    peak = per_kind(lambda e: activation_bytes_per_layer(model, training, no_rc, e, act_b, load), 1)
+    w_bytes = {"bf16": 2.0, "fp8": 3.0, "fp32": 4.0}[training.precision]
+    opt_bytes = 8.0 if training.precision == "fp32" else 12.0
+    shard_d = base.dp * base.cp if base.distributed_optimizer else 1
+    shard_e = base.edp if base.distributed_optimizer else 1
+    params = {e: layer_params(model, e, base) for e in kinds if e in costs_plain}
+    PD = per_kind(lambda e: params[e][0], 1)  # parameters
+    PE = per_kind(lambda e: params[e][1], 1)
+    S = per_kind(lambda e: sum(params[e]) * (w_bytes + 4)
+                 + opt_bytes * (params[e][0] / shard_d + params[e][1] / shard_e), 1)
+    PM = [0]
+    for x in pattern:
+        PM.append(PM[-1] + x)
+
+    vocab = padded_vocab(model.vocab_size, base.tp) / base.tp * model.hidden_size
+    T_tok = base.micro_batch_size * training.seq_length / base.cp
+
+    def static_bytes(dense_params: float) -> float:
+        return dense_params * (w_bytes + 4) + opt_bytes * dense_params / shard_d
+
+    first_static = static_bytes(vocab)
+    last_dense = model.hidden_size + (vocab if model.untie_embeddings_and_output_weights else vocab)
+    last_static = static_bytes(last_dense)
+    first_act = T_tok * model.hidden_size / (base.tp if base.sp else 1) * act_b
+    last_act = T_tok * padded_vocab(model.vocab_size, base.tp) / base.tp * 4 * 2
+    act = ctx.tokens_attn / (base.tp if base.sp else 1) * model.hidden_size * act_b
+    pp_comm = int(round(2 * p2p_time(hw, ctx.place["pp"].crosses_node, act) / q))
+    head_t, tail_t = int(round(head.total / q)), int(round(tail.total / q))
+    head_f, head_b = int(round(head.fwd_compute / q)), int(round(head.bwd_compute / q))
+    cap = hw.memory_bytes
+    reserve = hw.memory_reserve_bytes
+
+    cm = cp_model.CpModel()
+    n_f = cm.new_int_var(1, L, "n_first")
+    n_l = cm.new_int_var(1, L, "n_last")
+    k = cm.new_int_var(1 if pp > 2 else 0, L, "k_middle")
+    r = cm.new_int_var(1, L, "recompute_depth") if full else None
+    _add_layer_split_constraints(cm, n_f, n_l, k, L, pp)
+
+    stages = []  # (lo, hi) affine expressions
+    for s in range(pp):
+        if s == 0:
+            lo, hi = 0, n_f
+        elif s == pp - 1:
+            lo, hi = L - n_l, L
+        else:
+            lo, hi = n_f + (s - 1) * k, n_f + s * k
+        stages.append((lo, hi))
+
+    homogeneous = model.num_moe_layers in (0, L)  # every layer alike: sums are linear
+
+    def var_of(expr, name):
+        v = cm.new_int_var(0, L, name)
+        cm.add(v == expr)
+        return v
+
+    def rsum(coef, a, b, name):
+        """Sum over layers [a, b) of a per-layer quantity with coefficient coef[kind];
+        `name` identifies the index pair so lookups are shared."""
+        na, nb = name
+        moe = moe_before(b, nb) - moe_before(a, na)
+        return coef[True] * moe + coef[False] * ((b - a) - moe)
+
+    moe_at: dict = {}
+
+    def moe_before(index, name):
+        """MoE layers among the first `index` layers (a table lookup unless all alike)."""
+        if model.num_moe_layers in (0, L):
+            return index if model.num_moe_layers else 0
+        if isinstance(index, int):
+            return PM[index]
+        if name not in moe_at:
+            v = cm.new_int_var(0, L, f"moe_{name}")
+            cm.add_element(index, PM, v)
+            moe_at[name] = v
+        return moe_at[name]
+
+    T = cm.new_int_var(0, max(max(T_rc.values()), max(T_pl.values())) * L + head_t + tail_t
+                       + pp_comm, "T")
+    # With identical layers the middle stages are alike: the second stage (most micro-batches
+    # in flight) stands for all of them.
+    middle_weight = {}
+    for s in range(pp):
+        if homogeneous and 2 <= s <= pp - 2:
+            middle_weight[1] = middle_weight.get(1, 1) + 1
+        else:
+            middle_weight.setdefault(s, 1)
+    stage_times = []
+    for s, weight in middle_weight.items():
+        lo, hi = stages[s]
+        if homogeneous:
+            lo_v, hi_v = lo, hi
+        else:
+            lo_v, hi_v = var_of(lo, f"lo{s}"), var_of(hi, f"hi{s}")
+        rc = _add_recompute_constraints(cm, r, lo_v, hi_v, s, L) if full else 0
+        mid_v = (lo_v + rc if homogeneous else var_of(lo_v + rc, f"mid{s}")) if full else lo_v
+        lo_n, mid_n, hi_n = f"lo{s}", f"mid{s}", f"hi{s}"
+        t = (rsum(T_rc, lo_v, mid_v, (lo_n, mid_n)) + rsum(T_pl, mid_v, hi_v, (mid_n, hi_n)) + pp_comm
+             + (head_t if s == 0 else 0) + (tail_t if s == pp - 1 else 0))
+        stage_times.append(weight * t)
+        acts = rsum(A_rc, lo_v, mid_v, (lo_n, mid_n)) + rsum(A_pl, mid_v, hi_v, (mid_n, hi_n))
+        static = rsum(S, lo_v, hi_v, (lo_n, hi_n))
+        extra = (first_static + first_act if s == 0 else 0) + (last_static + last_act if s == pp - 1 else 0)
+        inflight = min(pp - s, num_mb)
+        peak_term = 0
+        if full and homogeneous:
+            peak_term = peak[model.num_moe_layers > 0]  # r >= 1: every stage recomputes
+        elif full:
+            moe_rc = moe_before(mid_v, mid_n) - moe_before(lo_v, lo_n)
+            has_moe = cm.new_bool_var(f"moe_rc{s}")
+            has_dense = cm.new_bool_var(f"dense_rc{s}")
+            cm.add(moe_rc >= 1).only_enforce_if(has_moe)
+            cm.add(moe_rc == 0).only_enforce_if(~has_moe)
+            cm.add(rc - moe_rc >= 1).only_enforce_if(has_dense)
+            cm.add(rc - moe_rc == 0).only_enforce_if(~has_dense)
+            pk = cm.new_int_var(0, max(peak.values()), f"peak{s}")
+            cm.add_max_equality(pk, [0, peak[True] * has_moe, peak[False] * has_dense])
+            peak_term = pk
+        _add_stage_constraints(cm, T, t, static, inflight * acts + peak_term, extra, cap, reserve)
+
+    dp_terms = _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f,
+                                   head_b, q)
+    cm.minimize((num_mb - 1) * T + sum(stage_times) + dp_terms)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
+    status = solver.solve(cm)
+    assert status != cp_model.MODEL_INVALID, cm.validate()
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    nf, nl = solver.value(n_f), solver.value(n_l)
+    depth = solver.value(r) if full else None
+    sizes = [nf] + [solver.value(k)] * (pp - 2) + [nl]
+    update: dict = {"decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None}
+    if len(set(sizes)) > 1:
+        update.update(decoder_first_pipeline_num_layers=nf, decoder_last_pipeline_num_layers=nl)
+    if full:
+        update["recompute_num_layers"] = depth if depth < max(sizes) else None
+    return StageAnswer(base.model_copy(update=update), solver.objective_value * q,
+                       solver.status_name(status), solver.num_branches)
+
+
+def _add_layer_split_constraints(cm, n_f, n_l, k, L, pp) -> None:
+    if pp == 2:
+        cm.add(n_f + n_l == L)
+        cm.add(k == 0)
+    else:
+        cm.add(n_f + n_l + (pp - 2) * k == L)
+
+
+def _add_recompute_constraints(cm, r, lo_v, hi_v, s, L):
+    """rc = min(r, stage size): Megatron's block method recomputes the first r layers."""
+    size = cm.new_int_var(1, L, f"size{s}")
+    cm.add(size == hi_v - lo_v)
+    rc = cm.new_int_var(0, L, f"rc{s}")
+    cm.add_min_equality(rc, [r, size])
+    return rc
+
+
+def _add_stage_constraints(cm, T, time_expr, static, acts, extra, cap, reserve) -> None:
+    cm.add(T >= time_expr)
+    # reserve + 1.05 * (static + activations + extra) <= capacity, in integers (x100).
+    frag = int(round(FRAGMENTATION * 100))
+    cm.add((100 + frag) * (static + acts) <= int((cap - reserve) * 100 - (100 + frag) * extra))
+
+
+def _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f, head_b,
+                        q):
+    """Exposed DP communication and the optimizer step of stage 0, as the cost model has them."""
+    pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
+
+    def frac(p):
+        return (p.size - 1) / p.size if p.size > 1 else 0.0
+
+    scale = 10**7  # DP terms in units of TIME_UNIT_S / scale: per-parameter costs stay exact
+
+    def coef(p, nbytes_per_param):
+        slope, icpt = _linear(lambda pl, b: ring_time(hw, pl, b), p)
+        return (int(round(slope * nbytes_per_param * frac(p) / q * scale)),
+                int(round(icpt / q * scale)))
+
+    has_experts = ctx.model.is_moe
+    d_p = rsum(PD, 0, n_f, ("zero", "hi0")) + int(round(vocab))
+    e_p = rsum(PE, 0, n_f, ("zero", "hi0")) if has_experts else 0
+    grad_b, param_b = 4.0, ctx.act_bytes
+
+    def collective(nbytes):
+        sd, id_ = coef(pd, nbytes)
+        se, ie = coef(pe, nbytes) if has_experts else (0, 0)
+        return sd * d_p + id_ + se * e_p + ie
+
+    reduce = collective(grad_b)
+    overlap = hw.comm_overlap
+    bwd = (rsum(BW, 0, n_f, ("zero", "hi0")) + head_b) * scale if overlap else 0
+    fwd = (rsum(FW, 0, n_f, ("zero", "hi0")) + head_f) * scale if overlap else 0
+    big = 10**17
+    e_r = cm.new_int_var(0, big, "exposed_reduce")
+    if base.distributed_optimizer:
+        cm.add_max_equality(e_r, [0, reduce - bwd])
+        gather = collective(param_b)
+        e_g = cm.new_int_var(0, big, "exposed_gather")
+        cm.add_max_equality(e_g, [0, gather - fwd])
+        local_d, local_e = pd.size, pe.size
+    else:
+        cm.add_max_equality(e_r, [0, 2 * reduce - bwd])
+        e_g, local_d, local_e = 0, 1, 1
+    per_param = memory_time(hw, 4 + 4 + 8 + 4 + 8 + 2) / q * scale
+    opt = int(round(per_param / local_d)) * d_p + int(round(per_param / local_e)) * e_p
+    dp = cm.new_int_var(0, 10**11, "dp_and_optimizer")
+    cm.add(dp * scale >= e_r + e_g + opt)
+    return dp
