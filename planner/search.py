@@ -1,32 +1,36 @@
-"""Find the fastest mappings that fit: bounded enumeration, then an exact CP-SAT selection.
+"""Find the fastest mappings that fit: bounded search, CP-SAT for the stage layout, CP-SAT
+selection with an optimality proof.
 
-Why two stages. The step time is not separable over the mapping's axes (the micro-batch count
-couples dp with the batch, the bubble couples pp with every layer's time, memory couples pp
-with activations), so the cost model is evaluated on whole mappings. The space is large
-(~250,000 mappings for Mixtral-8x22B on 1,024 GPUs), but it factors:
+The step time is not separable over the mapping's axes (the micro-batch count couples dp with
+the batch, the bubble couples pp with every layer's time, memory couples pp with
+activations), so whole mappings are evaluated by the cost model; the space factors so that
+most of it is never evaluated:
 
-1. Layer configurations l = (tp, cp, ep, etp, micro-batch, recompute, dispatcher) fix the time
-   W_l of one micro-batch through every layer. For any pipeline choice,
-   step >= m * W_l / pp = GBS * tp * cp / (mbs * N) * W_l  =: LB_l   (m = GBS / (mbs * dp)),
-   because the slowest stage is at least the mean and bubble, exposed DP time and optimizer
-   are non-negative. LB_l does not depend on pp, vpp, stage split, rank order or optimizer.
-2. Layer configurations are expanded in increasing LB_l into full mappings (pp, vpp, uneven
-   first/last stage, rank order, distributed optimizer), each evaluated by the cost model;
-   expansion stops when LB_l exceeds the k-th best fitting step time found (and the best
-   classic, unfolded mapping's). What is not expanded is provably no better.
+1. Layer configurations l = (tp, cp, ep, etp, micro-batch, recompute, dispatcher) fix W_l, one
+   micro-batch through every layer. For a pipeline configuration (l, pp, vpp) the step is at
+   least m*t + (W - t)/vpp with t = max(W/pp, embedding + a layer, output + a layer)
+   (`_pipeline_bounds`), and its weights, gradients and optimizer state spread evenly must
+   fit (`_memory_lower_bound`). Neither depends on the stage split, recompute depth, rank
+   order or optimizer sharding.
+2. Pass 1 evaluates the pipeline configurations in increasing bound with their even stage
+   split, every rank order and optimizer choice; it stops where the bound reaches the k-th
+   best configuration found (and the best classic, unfolded one).
+3. Pass 2 gives every remaining candidate configuration with pp >= 2 and no interleaving to
+   the CP-SAT stage solver (`stages.py`): layers of the first and last stage and the
+   recompute depth, jointly, under a memory limit per stage. Its answer is evaluated by the
+   cost model like any other mapping.
+4. `_select` picks the top-k with CP-SAT. Variables: x_r for the best mapping of each
+   configuration found, y for everything not evaluated (at its lower bound); constraints:
+   exactly one (`_add_choice_constraints`), memory (`_add_memory_constraints`), candidates
+   already returned excluded (`_add_exclusion_constraints`); objective: step time in integer
+   units of 1e-5 of the best step (costs doubled, y's +1 so a bound never ties a real
+   mapping). An optimum on an x_r is the best mapping of the whole space under the cost
+   model: status OPTIMAL. If the time limit cuts a pass, FEASIBLE (best found, not proven).
 
-CP-SAT formulation (`_select`), solved once per requested candidate:
-- variables: x_r in {0, 1} for each expanded mapping r; y_l in {0, 1} for each layer
-  configuration not expanded (standing for all its mappings, at their lower bound);
-- constraint families: exactly one variable is 1 (`_add_choice_constraints`); memory:
-  sum_r peak_r x_r <= capacity, unexpanded groups carry no memory claim
-  (`_add_memory_constraints`); candidates already returned are excluded
-  (`_add_exclusion_constraints`);
-- objective: minimise sum_r round(t_r / q) x_r + sum_l round(LB_l / q) y_l with q the stated
-  resolution (at most 1e-5 of the best step time, far below the 0.1% required).
-An optimum on an x_r is the best mapping of the whole space under the cost model (status
-OPTIMAL); one on a y_l would mean the bound was wrong, which is asserted never to happen. If
-the time limit stops the expansion first, the answer is FEASIBLE (best found, not proven).
+Candidates are configurations: mappings that differ only in stage split or recompute depth
+are one candidate (its best variant), and configurations that differ only in rank order,
+optimizer sharding or (without expert parallelism) dispatcher with the same time and memory
+are merged, keeping the one closest to the defaults.
 """
 
 from __future__ import annotations
