@@ -29,7 +29,7 @@ def server(tmp_path, db_url):
     plan = fake_plan_answer()
     store_plan(db_url, plan)
     port = free_port()
-    proc = start_server(db_url, port, tmp_path)
+    proc = start_server(db_url, port, tmp_path, env={"FOLDPLAN_PLAN_TIME_LIMIT_S": "20"})
     yield f"http://127.0.0.1:{port}", plan
     proc.terminate()
     proc.wait(10)
@@ -89,11 +89,10 @@ def test_index_lists_plans_and_form_creates_one(browser, server):
     page.goto(base + "/")
     page.screenshot(path=str(ARTIFACTS / "index_page.png"), full_page=True)
     if planner_ready():
-        page.select_option("#f-preset", "mixtral-8x7b")
-        page.fill("#f-nodes", "2")
+        # The form's defaults: Mixtral-8x22B on 16 x 8 H100.
         page.click("#f-submit")
-        page.wait_for_url("**/plans/*", timeout=60_000)
-        assert "mixtral-8x7b" in page.locator("#plan-title").inner_text()
+        page.wait_for_url(lambda url: "/plans/" in url and plan["id"] not in url, timeout=60_000)
+        assert "mixtral-8x22b on 16 × 8" in page.locator("#plan-title").inner_text()
         assert page.locator("#candidates thead th").count() >= 2
         page.screenshot(path=str(ARTIFACTS / "plan_page_planner.png"), full_page=True)
     ctx.close()
