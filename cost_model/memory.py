@@ -191,9 +191,13 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
         act_layers += count * activation_bytes_per_layer(
             model, training, mode, is_moe, act_bytes, expert_factor
         )
-        if mode.recompute == "full":
-            act_full = max(act_full, activation_bytes_per_layer(
-                model, training, no_rc, is_moe, act_bytes, expert_factor))
+        if mode.recompute == "full" and not act_full:
+            # While a recomputed layer runs its backward it holds its full activations: one
+            # layer of the model's largest kind is allowed for.
+            kinds = [k for k, n in ((False, model.num_layers - model.num_moe_layers),
+                                    (True, model.num_moe_layers)) if n]
+            act_full = max(activation_bytes_per_layer(model, training, no_rc, k, act_bytes,
+                                                      expert_factor) for k in kinds)
     v = padded_vocab(model.vocab_size, m.tp) / m.tp * model.hidden_size
     first, last = rank == 0, rank == m.pp - 1
     if first:

@@ -155,6 +155,8 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         return coef[True] * moe + coef[False] * ((b - a) - moe)
 
     moe_at: dict = {}
+    first_moe = pattern.index(1) if 1 in pattern else L
+    dense_prefix = first_moe if all(pattern[first_moe:]) else None
 
     def moe_before(index, name):
         """MoE layers among the first `index` layers (a table lookup unless all alike)."""
@@ -164,7 +166,10 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
             return PM[index]
         if name not in moe_at:
             v = cm.new_int_var(0, L, f"moe_{name}")
-            cm.add_element(index, PM, v)
+            if dense_prefix is not None:  # [0]*a + [1]*(L-a): MoE layers before x = max(0, x-a)
+                cm.add_max_equality(v, [0, index - dense_prefix])
+            else:
+                cm.add_element(index, PM, v)
             moe_at[name] = v
         return moe_at[name]
 
@@ -195,20 +200,8 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         static = rsum(S, lo_v, hi_v, (lo_n, hi_n))
         extra = (first_static + first_act if s == 0 else 0) + (last_static + last_act if s == pp - 1 else 0)
         inflight = min(pp - s, num_mb)
-        peak_term = 0
-        if full and homogeneous:
-            peak_term = peak[model.num_moe_layers > 0]  # r >= 1: every stage recomputes
-        elif full:
-            moe_rc = moe_before(mid_v, mid_n) - moe_before(lo_v, lo_n)
-            has_moe = cm.new_bool_var(f"moe_rc{s}")
-            has_dense = cm.new_bool_var(f"dense_rc{s}")
-            cm.add(moe_rc >= 1).only_enforce_if(has_moe)
-            cm.add(moe_rc == 0).only_enforce_if(~has_moe)
-            cm.add(rc - moe_rc >= 1).only_enforce_if(has_dense)
-            cm.add(rc - moe_rc == 0).only_enforce_if(~has_dense)
-            pk = cm.new_int_var(0, max(peak.values()), f"peak{s}")
-            cm.add_max_equality(pk, [0, peak[True] * has_moe, peak[False] * has_dense])
-            peak_term = pk
+        # Full recompute: one layer of the model's largest kind holds its activations.
+        peak_term = max(peak[e] for e in kinds if e in costs_plain) if full else 0
         _add_stage_constraints(cm, T, t, static, inflight * acts + peak_term, extra, cap, reserve)
 
     dp_terms = _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f,
