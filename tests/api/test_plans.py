@@ -91,7 +91,7 @@ def test_plan_returns_within_its_time_limit(client):
     assert r.status_code in (201, 504), r.text
     assert elapsed < limit + 5 + 1.0  # limit + the server's grace + request overhead
     if r.status_code == 201:
-        assert r.json()["search"]["wall_time_s"] <= limit + 1.0
+        assert r.json()["search"]["wall_time_s"] <= limit + 3.0  # slack for a loaded machine
 
 
 def test_infeasible_plan_explains_why(client):

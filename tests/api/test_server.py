@@ -42,7 +42,7 @@ def test_plans_and_runs_survive_kill_9(tmp_path, db_url):
             if status["status"] in ("succeeded", "failed"):
                 break
             time.sleep(0.5)
-        assert status["status"] == "succeeded", status.get("error")
+        assert status["status"] == "succeeded", (status.get("error"), status.get("log_tail"))
         assert len(status["metrics"]["loss"]) == 2 and status["metrics"]["step_time_s"] > 0
         predicted = tiny["candidates"][0]["estimate"]["step_time_s"]
         assert status["predicted"]["step_time_s"] == predicted
