@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
+from .pipeline import stage_layer_ranges
+
 
 class UnsupportedPlan(ValueError):
     """A plan or mapping this executor cannot run (yet)."""
@@ -39,12 +41,33 @@ def unsupported_reasons(model: ModelSpec, training: TrainingSpec, mapping: Mappi
     m, r = mapping, []
     if model.multi_latent_attention:
         r.append("multi_latent_attention=true: MLA is not supported by the executor yet")
-    for name in ("tp", "cp", "pp"):
-        if getattr(m, name) > 1:
-            r.append(f"{name}={getattr(m, name)}: the executor supports only {name}=1 for now "
-                     "(TP/SP, CP and PP come with the next executor issue)")
-    if m.vpp > 1:
-        r.append(f"vpp={m.vpp} needs pp > 1, which the executor does not support yet")
+    if m.tp > 1:
+        if not m.sp:
+            r.append(f"sequence_parallel=false with tp={m.tp}: the executor always runs TP with "
+                     "sequence parallelism")
+        if model.query_groups % m.tp:
+            r.append(f"tp={m.tp} does not divide num_query_groups={model.query_groups}")
+        for name, size in (("ffn_hidden_size", model.ffn_hidden_size), ("vocab_size", model.vocab_size),
+                           ("moe_shared_expert_intermediate_size", model.shared_ffn)):
+            if size and size % m.tp:
+                r.append(f"tp={m.tp} does not divide {name}={size}")
+    S = training.seq_length
+    if m.cp > 1 and S % (2 * m.cp):
+        r.append(f"seq_length={S} is not divisible by 2*cp={2 * m.cp} (load-balanced CP chunks)")
+    elif S % (m.cp * m.tp):
+        r.append(f"seq_length={S} is not divisible by cp*tp={m.cp * m.tp} (sequence shards)")
+    if m.vpp > 1 and m.pp == 1:
+        r.append(f"vpp={m.vpp} needs pp > 1")
+    if m.pp > 1 and not model.untie_embeddings_and_output_weights:
+        r.append(f"untie_embeddings_and_output_weights=false with pp={m.pp}: tied embeddings across "
+                 "pipeline stages are not supported yet")
+    try:
+        stage_layer_ranges(model.num_layers, m)
+    except ValueError as e:
+        r.append(str(e))
+    if m.recompute_num_layers is not None and m.recompute != "full":
+        r.append(f"recompute_num_layers={m.recompute_num_layers} needs recompute='full' "
+                 f"(got recompute={m.recompute!r})")
     dp = m.dp or world_size // (m.tp * m.cp * m.pp)
     edp = m.edp or world_size // (m.etp * m.ep * m.pp)
     if m.tp * m.cp * dp * m.pp != world_size or m.etp * m.ep * edp * m.pp != world_size:
@@ -61,6 +84,9 @@ def unsupported_reasons(model: ModelSpec, training: TrainingSpec, mapping: Mappi
     if training.global_batch_size % per_step:
         r.append(f"global_batch_size={training.global_batch_size} is not divisible by "
                  f"micro_batch_size*dp = {m.micro_batch_size}*{dp}")
+    elif m.vpp > 1 and (training.global_batch_size // per_step) % m.pp:
+        r.append(f"vpp={m.vpp}: the number of micro-batches {training.global_batch_size // per_step} "
+                 f"must be a multiple of pp={m.pp} (interleaved schedule)")
     if model.vocab_size < 256:
         r.append(f"vocab_size={model.vocab_size} < 256: the byte-level corpus needs 256 ids")
     return r

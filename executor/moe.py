@@ -1,6 +1,10 @@
 """The MoE layer: router -> dispatcher -> grouped experts -> combine, plus shared experts.
 
-Legend: B sequences, S sequence length, T = B*S local tokens, D model dim, M expert rows.
+Legend: B sequences, s this rank's sequence shard (after cp and tp), T = B*s local tokens,
+D model dim, M expert rows.
+With TP the layer takes the sequence-parallel shard x_BsD as it is: the dispatcher moves
+those tokens over ep / etp of the folded layout, and the shared experts (tensor-parallel MLP)
+gather and reduce-scatter their own tokens over tp.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .router import Router, RouterConfig
 class MoEOutput:
     """Output of one MoE layer on this rank."""
 
-    out_BSD: torch.Tensor
+    out_BsD: torch.Tensor
     aux_loss: torch.Tensor  # this rank's share of router losses
     num_dropped: int
 
@@ -39,18 +43,20 @@ class MoELayer(nn.Module):
         self.router = Router(spec.hidden_size, E, spec.topk, router_config)
         self.experts = GroupedExperts(E, spec.hidden_size, spec.expert_ffn, spec.swiglu,
                                       dims.ep, dims.ep_rank, dims.etp, dims.etp_rank)
-        self.shared = MLP(spec.hidden_size, spec.shared_ffn, spec.swiglu) if spec.shared_ffn else None
+        self.shared = None
+        if spec.shared_ffn:
+            self.shared = MLP(spec.hidden_size, spec.shared_ffn, spec.swiglu, dims.group("tp"), counter)
         self.dims, self.counter = dims, counter
         self.dispatcher = make_dispatcher(dispatcher, E, dims, counter, kernel_backend)
 
-    def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
+    def forward(self, x_BsD: torch.Tensor) -> MoEOutput:
         """Route, dispatch, run local experts, combine; add shared experts."""
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
+        B, s, D = x_BsD.shape
+        x_TD = x_BsD.reshape(B * s, D)
         routing = self.router(x_TD, self.dims, self.counter)
         expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
         expert_out_MD = self.experts(expert_in_MD, meta.tokens_per_expert)
         out_TD = self.dispatcher.combine(expert_out_MD, meta)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return MoEOutput(out_TD.view(B, S, D), routing.aux_loss, routing.num_dropped)
+        return MoEOutput(out_TD.view(B, s, D), routing.aux_loss, routing.num_dropped)

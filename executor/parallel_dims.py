@@ -1,8 +1,10 @@
 """The process groups of one folded mapping, held in one frozen value (no globals).
 
 `build_parallel_dims` creates every torch.distributed group of `cost_model.layout.build_layout`
-(dense tp/cp/dp/pp, expert etp/ep/edp, and dp_cp/tp_cp/tp_ep) in one fixed order, on every
-rank, as `new_group` requires. The result is passed explicitly to modules and dispatchers.
+(dense tp/cp/dp/pp, expert etp/ep/edp, and dp_cp/tp_cp/tp_ep) plus `tp_cp_dp` (all ranks of one
+pipeline stage: the ranks holding distinct tokens of a micro-batch, see `stage_groups`) in one
+fixed order, on every rank, as `new_group` requires. The result is passed explicitly to
+modules and dispatchers.
 
 Sub-worlds: `base_ranks` maps layout rank r to global rank base_ranks[r], so one launched world
 can host several smaller configurations in sequence (tests do this). Processes outside the
@@ -21,7 +23,21 @@ from cost_model.layout import RankLayout, build_layout
 from cost_model.specs import Mapping
 
 # Fixed creation order: every rank must call new_group in the same sequence.
-ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep")
+ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp")
+
+
+def stage_groups(pp_groups: list[list[int]]) -> list[list[int]]:
+    """The ranks of each pipeline stage: stage i is the i-th member of every pp group.
+
+    Example: pp groups [[0, 4], [1, 5], [2, 6], [3, 7]] -> [[0, 1, 2, 3], [4, 5, 6, 7]].
+    These are the tp x cp x dp (= etp x ep x edp) ranks that share a stage's layers.
+    """
+    return [sorted(g[i] for g in pp_groups) for i in range(len(pp_groups[0]))]
+
+
+def rank_lists(layout: RankLayout, kind: str) -> list[list[int]]:
+    """Rank lists of `kind`: the layout's groups, or the derived `tp_cp_dp` stage groups."""
+    return stage_groups(layout.groups["pp"]) if kind == "tp_cp_dp" else layout.groups[kind]
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,30 @@ class ParallelDims:
         return self.groups["etp"].size
 
     @property
+    def tp(self) -> int:
+        return self.groups["tp"].size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.groups["tp"].index
+
+    @property
+    def cp(self) -> int:
+        return self.groups["cp"].size
+
+    @property
+    def cp_rank(self) -> int:
+        return self.groups["cp"].index
+
+    @property
+    def pp(self) -> int:
+        return self.groups["pp"].size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.groups["pp"].index
+
+    @property
     def ep_rank(self) -> int:
         return self.groups["ep"].index
 
@@ -82,7 +122,9 @@ class ParallelDims:
     @classmethod
     def single(cls, mapping: Mapping | None = None, device: torch.device | str = "cpu") -> ParallelDims:
         """The one-rank world: every group is just this rank (the reference configuration)."""
-        m = (mapping or Mapping()).model_copy(update=dict(tp=1, cp=1, pp=1, ep=1, etp=1, dp=1, edp=1))
+        m = (mapping or Mapping()).model_copy(update=dict(tp=1, cp=1, pp=1, vpp=1, ep=1, etp=1, dp=1, edp=1,
+                                                           decoder_first_pipeline_num_layers=None,
+                                                           decoder_last_pipeline_num_layers=None))
         groups = MappingProxyType({k: Group((0,), None, 0) for k in ALL_KINDS})
         return cls(m, 1, 0, None, groups, torch.device(device))
 
@@ -119,7 +161,7 @@ def build_parallel_dims(
     made: dict[tuple[int, ...], object] = {}
     mine: dict[str, Group] = {}
     for kind in ALL_KINDS:
-        for ranks in layout.groups[kind]:
+        for ranks in rank_lists(layout, kind):
             global_ranks = tuple(base[r] for r in ranks)
             if len(global_ranks) == 1:
                 pg = None

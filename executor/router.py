@@ -13,7 +13,8 @@ policy); dropped pairs get index -1. capacity_factor None = dropless.
 Auxiliary loss (Switch / Megatron `switch_load_balancing_loss_func`) over the tokens of the
 whole global micro-batch, so it equals the single-rank value:
   aux = coeff * E / (T_g^2 * K) * sum_e tokens_e * sum_t scores_te
-tokens_e (routed pairs per expert) and T_g are summed over the token group (dp_cp); each rank
+tokens_e (routed pairs per expert) and T_g are summed over the token group (tp_cp_dp: all
+ranks of the pipeline stage, which hold distinct tokens of the micro-batch); each rank
 adds its own sum_t scores_te term, so the sum over ranks of the local losses is the global loss.
 Z-loss: coeff * sum_t logsumexp(logits_t)^2 / T_g, split the same way.
 """
@@ -91,7 +92,7 @@ class Router(nn.Module):
         self.num_experts, self.topk, self.config = num_experts, topk, config
 
     def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
-        """Route the local tokens; statistics for the losses are summed over dp_cp."""
+        """Route the local tokens; statistics for the losses are summed over tp_cp_dp."""
         cfg, E, K = self.config, self.num_experts, self.topk
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD, self.weight_ED).float()
@@ -109,12 +110,12 @@ class Router(nn.Module):
             probs_TK = torch.softmax(top_TK, dim=-1)
             aux_scores_TE = torch.softmax(logits_TE, dim=-1)
 
-        # Global statistics of the micro-batch over the token group (dp_cp): no gradient.
-        token_group = dims.group("dp_cp")
+        # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
+        token_group = dims.group("tp_cp_dp")
         stats = torch.zeros(E + 1, dtype=torch.float32, device=x_TD.device)
         stats[:E] = torch.bincount(indices_TK.reshape(-1), minlength=E).float()
         stats[E] = T
-        all_reduce_(stats, token_group, counter, "dp_cp.router")
+        all_reduce_(stats, token_group, counter, "tp_cp_dp.router")
         tokens_per_expert_E, num_global = stats[:E], stats[E]
         aux = x_TD.new_zeros((), dtype=torch.float32)
         if cfg.aux_loss_coeff:

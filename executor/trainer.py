@@ -2,10 +2,16 @@
 
 Loss normalisation makes every rank's loss a share of the global loss, so gradients are SUMMED:
   local loss = sum over local micro-batches of (CE sum / (G * S) + router loss share / num_micro)
-  dense params (attention, norms, router, shared experts, embeddings) all-reduce over dp_cp
+  (the CE of a token is replicated over tp, its router share is not)
+  tp-sharded dense params (attention, MLPs, shared experts, embedding, output) all-reduce
+    over dp_cp: the tp collectives already summed the contributions of the tp ranks
+  replicated dense params (norms, router) all-reduce over tp_cp_dp: with sequence parallelism
+    every tp rank saw different tokens
   expert params all-reduce over edp (the ranks holding the same expert shard)
-Global gradient norm: dense params are replicated after the reduction, so their squares count
-once; expert shards are distinct over ETP x EP (the tp_ep group) and summed there.
+Global gradient norm: replicated params count once; tp shards are summed over tp, expert
+shards over ETP x EP (tp_ep), and the stages over pp.
+The micro-batches run through `pipeline.run_schedule` (with pp = 1 that is forward, backward,
+forward, backward, ...; with pp > 1 the 1F1B or interleaved 1F1B order).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .comm import CommCounter, all_reduce_
 from .data import BatchOrder
 from .model import MoETransformer
 from .parallel_dims import ParallelDims
+from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
 from .router import RouterConfig
 
 
@@ -76,11 +83,24 @@ class Trainer:
         self.optim_config = optim or OptimConfig()
         if router_config is None:
             router_config = RouterConfig(capacity_factor=training.moe_expert_capacity_factor)
-        self.model = MoETransformer(spec, dims, counter, router_config, m.dispatcher,
-                                    kernel_backend, m.recompute).to(dims.device)
-        self.model.init_weights(seed)
-        self.expert_params = [p for p in self.model.parameters() if getattr(p, "is_expert", False)]
-        self.dense_params = [p for p in self.model.parameters() if not getattr(p, "is_expert", False)]
+        ranges = stage_layer_ranges(spec.num_layers, m)[dims.pp_rank]
+        last = dims.pp_rank == dims.pp - 1
+        self.chunks = [
+            MoETransformer(spec, dims, counter, router_config, m.dispatcher, kernel_backend, m.recompute,
+                           layer_ids=r, pre=dims.pp_rank == 0 and v == 0, post=last and v == len(ranges) - 1,
+                           recompute_num_layers=m.recompute_num_layers).to(dims.device)
+            for v, r in enumerate(ranges)
+        ]
+        for chunk in self.chunks:
+            chunk.init_weights(seed)
+        self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
+        params = list(self.model.parameters())
+        self.expert_params = [p for p in params if getattr(p, "is_expert", False)]
+        self.tp_params = [p for p in params if hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
+        self.replicated_params = [p for p in params if not hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
+        self.p2p = P2P(dims.group("pp"), counter) if dims.pp > 1 else None
+        self.schedule = schedule_interleaved(training.global_batch_size // (m.micro_batch_size * dims.dp),
+                                             dims.pp, dims.pp_rank, len(ranges))
         oc = self.optim_config
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas,
                                            weight_decay=oc.weight_decay, eps=oc.eps)
@@ -90,32 +110,48 @@ class Trainer:
         assert self.num_micro * self.mbs * dims.dp == training.global_batch_size
         self.autocast_dtype = autocast_dtype
 
+    def named_parameters(self):
+        """(name, parameter) of every chunk of this stage, with the single-rank model's names."""
+        return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
+
+    def shard_of_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the single-rank tensor `full` of parameter `name`."""
+        for c in self.chunks:
+            if name in dict(c.named_parameters()):
+                return c.shard_of_full(name, full)
+        raise KeyError(name)
+
     def reduce_gradients(self) -> None:
-        """Sum dense gradients over dp_cp and expert gradients over edp."""
-        _bucket_reduce(self.dense_params, self.dims.group("dp_cp"), self.counter, "dp_cp")
+        """Sum gradients: tp shards over dp_cp, replicated over tp_cp_dp, experts over edp."""
+        _bucket_reduce(self.tp_params, self.dims.group("dp_cp"), self.counter, "dp_cp")
+        _bucket_reduce(self.replicated_params, self.dims.group("tp_cp_dp"), self.counter, "tp_cp_dp")
         _bucket_reduce(self.expert_params, self.dims.group("edp"), self.counter, "edp")
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients (see module docstring)."""
-        dense = sum((p.grad.float().pow(2).sum() for p in self.dense_params), torch.zeros((), device=self.dims.device))
-        expert = sum((p.grad.float().pow(2).sum() for p in self.expert_params), torch.zeros((), device=self.dims.device))
-        expert = all_reduce_(expert.reshape(1), self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")[0]
-        return (dense + expert).sqrt()
+        def sq(params):
+            return sum((p.grad.float().pow(2).sum() for p in params), torch.zeros(1, device=self.dims.device))
+
+        rep = sq(self.replicated_params)
+        tp = all_reduce_(sq(self.tp_params), self.dims.group("tp"), self.counter, "tp.grad_norm")
+        expert = all_reduce_(sq(self.expert_params), self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")
+        total = all_reduce_(rep + tp + expert, self.dims.group("pp"), self.counter, "pp.grad_norm")
+        return total[0].sqrt()
 
     def step(self, step: int, keep_grads: bool = False) -> StepResult:
         """One optimizer step on global batch `step` (0-based)."""
         t0 = time.perf_counter()
         dev, S, G = self.dims.device, self.training.seq_length, self.training.global_batch_size
-        totals = torch.zeros(3, dtype=torch.float64, device=dev)  # ce sum, aux, dropped
-        for micro in range(self.num_micro):
-            x, y = self.order.micro_batch(step, micro, self.mbs, self.dims.dp, self.dims.dp_rank)
-            with torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                ce_sum, aux, dropped = self.model(x.to(dev), y.to(dev))
-            loss = ce_sum / (G * S) + aux / self.num_micro
-            loss.backward()
-            totals += torch.tensor([ce_sum.item(), aux.item(), dropped], dtype=torch.float64, device=dev)
+        d = self.dims
+
+        def get_batch(micro):
+            return self.order.micro_batch(step, micro, self.mbs, d.dp, d.dp_rank)
+
+        act_shape = (self.mbs, S // (d.cp * d.tp), self.spec.hidden_size)
+        totals = run_schedule(self.chunks, self.schedule, self.p2p, get_batch, act_shape,
+                              1.0 / (G * S), 1.0 / self.num_micro, self.autocast_dtype).to(dev)
         self.reduce_gradients()
-        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()} if keep_grads else None
+        grads = {n: p.grad.detach().clone() for n, p in self.named_parameters()} if keep_grads else None
         norm = self.grad_norm()
         clip = self.optim_config.clip_grad
         if clip > 0:
@@ -124,7 +160,10 @@ class Trainer:
                 p.grad.mul_(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce_(totals, self.dims.group("dp_cp"), None)
+        # CE is replicated over tp (sum over dp_cp), router numbers are per rank (tp_cp_dp).
+        all_reduce_(totals[:1], d.group("dp_cp"), None)
+        all_reduce_(totals[1:], d.group("tp_cp_dp"), None)
+        all_reduce_(totals, d.group("pp"), None)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return StepResult(

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from cost_model.specs import Mapping, ModelSpec, TrainingSpec
 from executor.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
 from executor.data import bundled_corpus_tokens
-from executor.parallel_dims import ALL_KINDS, Group, ParallelDims, build_parallel_dims
+from executor.parallel_dims import ALL_KINDS, Group, ParallelDims, build_parallel_dims, rank_lists
 from executor.router import RouterConfig
 from executor.trainer import Trainer
 
@@ -29,6 +29,8 @@ TEST_SPEC = ModelSpec(
     moe_router_topk=2, moe_shared_expert_intermediate_size=32, moe_layer_freq=[1, 0, 1],
 )
 TEST_TRAINING = TrainingSpec(seq_length=32, global_batch_size=8, precision="fp32")
+# Four layers (dense first) for interleaved pipelines: pp2 x vpp2 = four chunks of one layer.
+SPEC_4L = ModelSpec(**dict(TEST_SPEC.model_dump(), name="test-moe-4l", num_layers=4, moe_layer_freq=[0, 1, 1, 1]))
 
 
 def free_port() -> int:
@@ -70,8 +72,24 @@ def spawn(job: str, world: int, out_dir: Path, timeout: float = 240.0) -> list[d
 
 NUM_STEPS = 3
 
-# (name, world, mapping fields, router options, capacity-style reference)
+# (name, world, mapping fields, router options, capacity-style reference[, model spec])
 EQUIV_CONFIGS = [
+    # tensor + sequence parallelism, folded with expert parallelism
+    ("tp2_sp_w2", 2, dict(tp=2), {}, False),
+    ("tp2_etp1_ep2_dp2", 4, dict(tp=2, ep=2), {}, False),
+    ("tp2_ep4_dp4_w8", 8, dict(tp=2, ep=4), {}, False),
+    ("tp2_etp2_ep4_allgather_w8", 8, dict(tp=2, etp=2, ep=4, dispatcher="allgather"), {}, False),
+    # pipelines: 1F1B with an uneven first stage, interleaved, and with EP / TP
+    ("pp2_first1_w2", 2, dict(pp=2, decoder_first_pipeline_num_layers=1), {}, False),
+    ("pp2_vpp2_w2", 2, dict(pp=2, vpp=2), {}, False, SPEC_4L),
+    ("pp2_tp2_ep2_last1", 4, dict(pp=2, tp=2, ep=2, decoder_last_pipeline_num_layers=1), {}, False),
+    ("pp2_vpp2_dp2_ep2", 4, dict(pp=2, vpp=2, ep=2), {}, False, SPEC_4L),
+    # context parallelism (load-balanced chunks, K/V all-gather)
+    ("cp2_w2", 2, dict(cp=2), {}, False),
+    ("cp2_tp2_ep4_w4", 4, dict(cp=2, tp=2, ep=4), {}, False),
+    ("cp2_dp2_tp2_ep2_etp2_w8", 8, dict(cp=2, tp=2, ep=2, etp=2), {}, False),
+    # partial recompute (first layer of each stage)
+    ("tp2_recompute1_w2", 2, dict(tp=2, recompute="full", recompute_num_layers=1), {}, False),
     ("dp2", 2, dict(), {}, False),
     ("ep2_allgather_w2", 2, dict(ep=2, dispatcher="allgather"), {}, False),
     ("etp2_w2", 2, dict(etp=2), {}, False),
@@ -94,9 +112,9 @@ EQUIV_CONFIGS = [
 ]
 
 
-def _reference(mbs: int, router: RouterConfig, tokens) -> dict:
+def _reference(mbs: int, router: RouterConfig, tokens, spec: ModelSpec = TEST_SPEC) -> dict:
     mapping = Mapping(micro_batch_size=mbs)
-    t = Trainer(TEST_SPEC, TEST_TRAINING, ParallelDims.single(mapping), tokens, seed=0, router_config=router)
+    t = Trainer(spec, TEST_TRAINING, ParallelDims.single(mapping), tokens, seed=0, router_config=router)
     results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
     return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
             "dropped": [r.num_dropped for r in results],
@@ -141,7 +159,7 @@ def groups_check(dims: ParallelDims) -> bool:
     me = dist.get_rank()
     for kind in ALL_KINDS:
         grp = dims.group(kind)
-        if me not in grp.ranks or list(grp.ranks) not in dims.layout.groups[kind]:
+        if me not in grp.ranks or list(grp.ranks) not in rank_lists(dims.layout, kind):
             return False
         if grp.pg is not None:
             t = torch.ones(1)
@@ -156,14 +174,18 @@ def equivalence_job(rank: int, world: int) -> dict:
     tokens = bundled_corpus_tokens()
     refs: dict = {}
     out = {"_collectives": collectives_check(rank, world)}
-    for name, w, fields, router_opts, per_rank_ref in EQUIV_CONFIGS:
+    only = os.environ.get("EXEC_EQUIV_ONLY")  # debugging: comma-separated config names
+    for name, w, fields, router_opts, per_rank_ref, *rest in EQUIV_CONFIGS:
+        if only and name not in only.split(","):
+            continue
+        spec = rest[0] if rest else TEST_SPEC
         mapping = Mapping(**fields)
         router = RouterConfig(**router_opts)
-        dp = w  # tp = cp = pp = 1
+        dp = w // (mapping.tp * mapping.cp * mapping.pp)
         ref_mbs = mapping.micro_batch_size * (1 if per_rank_ref else dp)
-        key = (ref_mbs, router)
+        key = (ref_mbs, router, spec.name)
         if key not in refs:
-            obj = [_reference(ref_mbs, router, tokens) if rank == 0 else None]
+            obj = [_reference(ref_mbs, router, tokens, spec) if rank == 0 else None]
             dist.broadcast_object_list(obj, src=0)
             refs[key] = obj[0]
         ref = refs[key]
@@ -172,24 +194,21 @@ def equivalence_job(rank: int, world: int) -> dict:
             continue
         groups_ok = groups_check(dims)
         counter = CommCounter()
-        t = Trainer(TEST_SPEC, TEST_TRAINING, dims, tokens, seed=0, counter=counter, router_config=router)
+        t = Trainer(spec, TEST_TRAINING, dims, tokens, seed=0, counter=counter, router_config=router)
         results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
         counter.end_step()
         grad_err = 0.0
         worst = ""
-        modules = dict(t.model.named_modules())
         for n, g in results[0].grads.items():
-            full = ref["grads"][n]
-            if n.endswith(("w1_EDF", "w2_EFD")):
-                mod_name, pname = n.rsplit(".", 1)
-                full = modules[mod_name].shard_of_full(pname, full)
+            full = t.shard_of_full(n, ref["grads"][n])
             err = float((g - full).abs().max() / full.norm().clamp_min(1e-12))
             if err > grad_err:
                 grad_err, worst = err, n
         loss_err = max(abs(a - b) / abs(b) for a, b in zip((r.loss for r in results), ref["loss"]))
         out[name] = {
             "loss": [r.loss for r in results], "ref_loss": ref["loss"], "loss_rel_err": loss_err,
-            "grad_err": grad_err, "worst_grad": worst,
+            "grad_err": grad_err, "worst_grad": worst, "num_params": len(results[0].grads),
+            "param_names": sorted(results[0].grads), "ref_param_names": sorted(ref["grads"]),
             "dropped": [r.num_dropped for r in results], "ref_dropped": ref["dropped"],
             "comm_keys": sorted(counter.per_step[0]),
             "groups_ok": groups_ok,

@@ -1,6 +1,7 @@
 """Multi-rank CPU (gloo) equivalence: every mapping trains like the single-rank reference.
 
-Same seed, data and global batch, fp32. Dropless configs: per-step loss within 1e-5 relative
+Mappings: DP / EP / ETP / EDP (folded), TP + SP, CP, PP (1F1B, uneven stages, interleaved)
+and their combinations, all in one 8-rank job (sub-worlds). Same seed, data and global batch, fp32. Dropless configs: per-step loss within 1e-5 relative
 and every parameter's gradient after step 1 within 1e-5 of its norm. Capacity configs compare
 against a reference that applies the capacity rule to each rank's local tokens.
 """
@@ -39,6 +40,11 @@ def test_matches_single_rank(equivalence, name):
         assert r["groups_ok"]
         for a, b in zip(r["grad_norm"], r["ref_grad_norm"]):  # global norm used for clipping
             assert abs(a - b) <= 1e-5 * b
+    # every parameter of the reference lives on some rank (pipeline stages split them)
+    assert set().union(*(r["param_names"] for r in ranks)) == set(ranks[0]["ref_param_names"])
+    for dim, key in (("tp", "tp.all_gather"), ("cp", "cp.all_gather"), ("pp", "pp.send")):
+        if name.startswith(dim) or f"_{dim}2" in name:
+            assert all(key in r["comm_keys"] for r in ranks), (dim, ranks[0]["comm_keys"])
     if "capacity" in name:
         assert min(ranks[0]["dropped"]) > 0  # the capacity rule really dropped tokens
     if "ep" in name and "allgather" not in name and "w2" not in name:

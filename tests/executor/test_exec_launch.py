@@ -13,7 +13,7 @@ from executor.launch import run_plan
 
 def make_plan(**mapping):
     full = dict(tp=1, cp=1, pp=1, vpp=1, ep=1, etp=1, dp=2, edp=2, micro_batch_size=1,
-                sequence_parallel=False, recompute="none", distributed_optimizer=True,
+                sequence_parallel=None, recompute="none", distributed_optimizer=True,
                 dispatcher="alltoall", order="tp-cp-ep-dp-pp")
     full.update(mapping)
     return {
@@ -49,14 +49,44 @@ def test_run_plan_two_ranks(full_run):
 
 
 @pytest.mark.parametrize("fields,match", [
-    (dict(tp=2, dp=1, edp=2), "tp=2"),
-    (dict(pp=2, dp=1, edp=1), "pp=2"),
-    (dict(cp=2, dp=1, edp=2), "cp=2"),
+    (dict(tp=2, dp=1, edp=2, sequence_parallel=False), "sequence_parallel=false with tp=2"),
+    (dict(pp=2, vpp=3, dp=1, edp=1), r"pp\*vpp=6 does not divide num_layers=4"),
+    (dict(pp=2, dp=1, edp=1, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3),
+     "num_layers=4 cannot be split over pp=2"),
+    (dict(vpp=2), "vpp=2 needs pp > 1"),
+    (dict(recompute="selective", recompute_num_layers=1), "recompute_num_layers=1 needs recompute='full'"),
     (dict(ep=3, edp=1), "ep=3"),
 ])
 def test_refuses_unsupported_mappings(fields, match):
     with pytest.raises(UnsupportedPlan, match=match):
         load_run(make_plan(**fields))
+
+
+@pytest.mark.parametrize("model,training,fields,match", [
+    (dict(num_query_groups=1), {}, dict(tp=2, dp=1, edp=2), "tp=2 does not divide num_query_groups=1"),
+    (dict(untie_embeddings_and_output_weights=False), {}, dict(pp=2, dp=1, edp=1),
+     "untie_embeddings_and_output_weights=false with pp=2"),
+    ({}, dict(seq_length=66), dict(cp=2, dp=1, edp=2), "seq_length=66 is not divisible by 2\\*cp=4"),
+    ({}, dict(seq_length=63), dict(tp=2, dp=1, edp=2), "seq_length=63 is not divisible by cp\\*tp=2"),
+    ({}, dict(global_batch_size=3), dict(pp=2, vpp=2, dp=1, edp=1), "micro-batches 3 must be a multiple of pp=2"),
+])
+def test_refuses_unsupported_shapes(model, training, fields, match):
+    plan = make_plan(**fields)
+    plan["model"].update(model)
+    plan["training"].update(training)
+    with pytest.raises(UnsupportedPlan, match=match):
+        load_run(plan)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(tp=2, dp=1, edp=2), dict(tp=2, ep=2, dp=1, edp=1), dict(cp=2, dp=1, edp=1, ep=2),
+    dict(pp=2, dp=1, edp=1), dict(pp=2, vpp=2, dp=1, edp=1),
+    dict(pp=2, dp=1, edp=1, decoder_first_pipeline_num_layers=1),
+    dict(recompute="full", recompute_num_layers=1, ep=2, edp=1),
+])
+def test_accepts_tp_cp_pp(fields):
+    mapping = load_run(make_plan(**fields)).mapping
+    assert all(getattr(mapping, k) == v for k, v in fields.items())
 
 
 def test_refuses_mla(tmp_path):
@@ -82,6 +112,18 @@ def test_run_plan_one_gpu_nccl(tmp_path):
     metrics = run_plan(plan, 0, 3, tmp_path, echo=False)
     assert metrics["backend"] == "nccl" and metrics["device"] == "cuda"
     assert metrics["loss"][-1] < metrics["loss"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_run_plan_pipeline_and_tensor_parallel(tmp_path):
+    """torchrun end to end on a pp2 plan; then tp2 x ep2 (fresh launch) trains the same data."""
+    pp = run_plan(make_plan(pp=2, dp=1, edp=1, ep=1), 0, 2, tmp_path / "pp", seed=1, echo=False)
+    tp = run_plan(make_plan(tp=2, dp=1, ep=2, edp=1), 0, 2, tmp_path / "tp", seed=1, echo=False)
+    assert pp["comm_bytes"]["pp.send"] > 0 and tp["comm_bytes"]["tp.all_gather"] > 0
+    for a, b in zip(pp["loss"], tp["loss"]):  # the same model and batches: equal losses
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert 4.0 < pp["loss"][0] < 7.0
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def test_moe_layer_matches_per_token_loop(capacity):
             gate, up = (xt @ w1[e]).chunk(2)
             acc = acc + routing.probs_TK[t, k] * ((F.silu(gate) * up) @ w2[e])
         expect.append(acc)
-    torch.testing.assert_close(out.out_BSD.reshape(10, 32), torch.stack(expect), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.out_BsD.reshape(10, 32), torch.stack(expect), rtol=1e-5, atol=1e-6)
     if capacity is not None:
         assert out.num_dropped > 0
 

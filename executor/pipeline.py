@@ -1,0 +1,171 @@
+"""Pipeline parallelism: which layers a stage holds, and the 1F1B schedules over the pp group.
+
+Legend: L layers, P = pp stages, V = vpp virtual chunks per stage, M micro-batches per step,
+B micro-batch size, s tokens of a sequence on this rank (S / (cp * tp)), D model dim.
+
+Layer split (`stage_layer_ranges`): without vpp, stage r holds a contiguous range; with
+decoder_first/last_pipeline_num_layers the first / last stage hold that many and the other
+stages split the rest evenly. With vpp, the model is cut into P * V equal chunks and chunk c
+lives on stage c % P as its virtual chunk c // P (Megatron's interleaving).
+Example: L=8, P=2, V=2 -> stage 0 holds layers [0, 2) and [4, 6), stage 1 [2, 4) and [6, 8).
+
+Schedules (Megatron-Core `forward_backward_pipelining_without_interleaving` and
+`..._with_interleaving`, PipeDream-Flush): a list of ('F' | 'B', micro-batch, chunk) steps per
+stage. 1F1B: P - r - 1 warm-up forwards, then one forward / one backward alternately, then the
+remaining backwards. Interleaved: virtual micro-batches k = 0 .. M*V-1 run chunk (k // P) % V
+of micro-batch (k // (P*V)) * P + k % P in forward (backward: chunks in reverse), with
+(P - r - 1) * 2 + (V - 1) * P warm-up forwards (M must be a multiple of P).
+Activations move with isend / irecv over the pp group (non-blocking sends, blocking
+receives; messages between two stages keep their order), so no pairing of calls is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cost_model.specs import Mapping
+
+
+def stage_layer_ranges(num_layers: int, mapping: Mapping) -> list[list[range]]:
+    """ranges[stage][virtual chunk]: the layers of each pipeline chunk (see module docstring)."""
+    P, V = mapping.pp, mapping.vpp
+    first, last = mapping.decoder_first_pipeline_num_layers, mapping.decoder_last_pipeline_num_layers
+    if V > 1:
+        if first or last:
+            raise ValueError("decoder_first/last_pipeline_num_layers with vpp > 1 is not supported")
+        if num_layers % (P * V):
+            raise ValueError(f"pp*vpp={P * V} does not divide num_layers={num_layers}")
+        n = num_layers // (P * V)
+        return [[range((v * P + r) * n, (v * P + r + 1) * n) for v in range(V)] for r in range(P)]
+    sizes: list[int | None] = [None] * P
+    if P > 1 and first:
+        sizes[0] = first
+    if P > 1 and last:
+        sizes[-1] = last
+    fixed = sum(x for x in sizes if x)
+    free = [i for i, x in enumerate(sizes) if x is None]
+    rest = num_layers - fixed
+    if rest < 0 or (free and rest % len(free)) or (not free and rest):
+        raise ValueError(f"num_layers={num_layers} cannot be split over pp={P} with "
+                         f"decoder_first_pipeline_num_layers={first}, decoder_last_pipeline_num_layers={last}")
+    for i in free:
+        sizes[i] = rest // len(free)
+    starts = [sum(sizes[:i]) for i in range(P)]
+    return [[range(starts[r], starts[r] + sizes[r])] for r in range(P)]
+
+
+def schedule_1f1b(num_micro: int, pp: int, pp_rank: int) -> list[tuple[str, int, int]]:
+    """Steps of one stage without interleaving: [('F'|'B', micro-batch, chunk 0), ...]."""
+    warm = min(pp - pp_rank - 1, num_micro)
+    steps = [("F", m, 0) for m in range(warm)]
+    for i in range(num_micro - warm):
+        steps += [("F", warm + i, 0), ("B", i, 0)]
+    steps += [("B", m, 0) for m in range(num_micro - warm, num_micro)]
+    return steps
+
+
+def schedule_interleaved(num_micro: int, pp: int, pp_rank: int, vpp: int) -> list[tuple[str, int, int]]:
+    """Steps of one stage with vpp chunks (Megatron's interleaved 1F1B order)."""
+    if vpp == 1:
+        return schedule_1f1b(num_micro, pp, pp_rank)
+    assert num_micro % pp == 0, (num_micro, pp)
+    total = num_micro * vpp
+
+    def fwd(k):
+        return (k // (pp * vpp)) * pp + k % pp, (k // pp) % vpp
+
+    def bwd(k):
+        m, c = fwd(k)
+        return m, vpp - 1 - c
+
+    warm = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp, total)
+    steps = [("F",) + fwd(k) for k in range(warm)]
+    for i in range(total - warm):
+        steps += [("F",) + fwd(warm + i), ("B",) + bwd(i)]
+    steps += [("B",) + bwd(k) for k in range(total - warm, total)]
+    return steps
+
+
+class P2P:
+    """Send / receive activations and gradients between neighbouring stages of the pp group."""
+
+    def __init__(self, pp_group, counter=None):
+        self.group, self.counter = pp_group, counter
+        self.pending: list = []
+
+    def _peer(self, delta: int) -> int:
+        return self.group.ranks[(self.group.index + delta) % self.group.size]
+
+    def send(self, t: torch.Tensor, delta: int, tag: int) -> None:
+        t = t.detach().float().contiguous()
+        if self.counter is not None:
+            self.counter.add("pp.send", t.numel() * t.element_size())
+        self.pending.append((dist.isend(t, self._peer(delta), group=self.group.pg, tag=tag), t))
+
+    def recv(self, shape, device, delta: int, tag: int) -> torch.Tensor:
+        t = torch.empty(shape, dtype=torch.float32, device=device)
+        dist.irecv(t, self._peer(delta), group=self.group.pg, tag=tag).wait()
+        return t
+
+    def flush(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+FWD, BWD = 0, 1  # message tags: activations go to stage + 1, gradients to stage - 1
+
+
+def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scale: float,
+                 aux_scale: float, autocast_dtype=None):
+    """Run one step's forward and backward passes in schedule order on this stage.
+
+    `chunks[c]` is virtual chunk c of this stage (MoETransformer with its pre/post flags),
+    `get_batch(m)` the (tokens, targets) of micro-batch m. Each micro-batch's objective is
+    ce_sum * loss_scale + router loss * aux_scale; returns float64 totals
+    [ce sum of the last stage, router loss share, dropped pairs].
+    """
+    dev = next(chunks[0].parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64)
+    saved: dict[tuple[int, int], tuple] = {}
+    for kind, m, c in steps:
+        chunk = chunks[c]
+        if kind == "F":
+            tokens, targets = (t.to(dev) for t in get_batch(m))
+            pos, rope, mask = chunk.attention_context(tokens.shape[1], dev)
+            x_in = None
+            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                if chunk.pre:
+                    x = chunk.embed_tokens(tokens, pos)
+                else:
+                    x = x_in = p2p.recv(act_shape, dev, -1, FWD).requires_grad_()
+                x, aux, dropped = chunk.run_layers(x, rope, mask)
+                obj = aux * aux_scale
+                if chunk.post:
+                    ce = chunk.loss(x, targets, pos)
+                    obj = obj + ce * loss_scale
+                    totals[0] += ce.item()
+            totals[1] += aux.item()
+            totals[2] += dropped
+            if not chunk.post:
+                p2p.send(x, +1, FWD)
+            saved[(m, c)] = (x_in, None if chunk.post else x, obj)
+        else:
+            x_in, out, obj = saved.pop((m, c))
+            outs, grads = [], []
+            if out is not None:
+                g = p2p.recv(act_shape, dev, +1, BWD)
+                outs.append(out)
+                grads.append(g.to(out.dtype))
+            if obj.requires_grad:
+                outs.append(obj)
+                grads.append(torch.ones_like(obj))
+            if outs:
+                torch.autograd.backward(outs, grads)
+            if x_in is not None:
+                p2p.send(x_in.grad if x_in.grad is not None else torch.zeros_like(x_in), -1, BWD)
+    assert not saved, sorted(saved)
+    if p2p is not None:
+        p2p.flush()
+    return totals
