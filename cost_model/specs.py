@@ -171,19 +171,19 @@ class GPUSpec(_Spec):
     """One accelerator. Rates are dense (no sparsity)."""
 
     name: str = Field(..., min_length=1, max_length=64, description="GPU name.")
-    peak_tflops: float = Field(..., gt=0, le=1e6, description="Dense bf16 peak, TFLOP/s.")
-    memory_gib: float = Field(..., gt=0, le=1e5, description="Memory usable by one process, GiB.")
-    hbm_GBps: float = Field(..., gt=0, le=1e6, description="Memory bandwidth, GB/s.")
+    peak_tflops: float = Field(..., ge=1e-3, le=1e6, description="Dense bf16 peak, TFLOP/s.")
+    memory_gib: float = Field(..., ge=1e-3, le=1e5, description="Memory usable by one process, GiB.")
+    hbm_GBps: float = Field(..., ge=1e-3, le=1e6, description="Memory bandwidth, GB/s.")
     fp8_tflops: float | None = Field(
-        None, gt=0, le=1e6, description="Dense fp8 peak; null = bf16 rate (no fp8 tensor cores)."
+        None, ge=1e-3, le=1e6, description="Dense fp8 peak; null = bf16 rate (no fp8 tensor cores)."
     )
     fp32_tflops: float | None = Field(
-        None, gt=0, le=1e6, description="fp32 (TF32 where the GPU has it) peak; null = bf16/2."
+        None, ge=1e-3, le=1e6, description="fp32 (TF32 where the GPU has it) peak; null = bf16/2."
     )
-    intra_node_GBps: float | None = Field(None, gt=0, le=1e6, description="Default NVLink GB/s.")
-    inter_node_GBps: float | None = Field(None, gt=0, le=1e6, description="Default network GB/s.")
+    intra_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default NVLink GB/s.")
+    inter_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default network GB/s.")
     gemm_efficiency: float | None = Field(
-        None, gt=0, le=1, description="Sustained fraction of peak in large GEMMs."
+        None, ge=0.01, le=1, description="Sustained fraction of peak in large GEMMs."
     )
     memory_reserve_gib: float = Field(
         2.0, ge=0, le=1e5, description="Fixed allowance for buffers and workspaces, GiB."
@@ -203,16 +203,40 @@ class ClusterSpec(_Spec):
         "h100", description="GPU preset id (h100, h200, a100-80gb, b200, cpu) or a GPU object."
     )
     intra_node_GBps: float | None = Field(
-        None, gt=0, le=1e6, description="Inside a node, GB/s per GPU per direction."
+        None, ge=1e-3, le=1e6, description="Inside a node, GB/s per GPU per direction."
     )
     inter_node_GBps: float | None = Field(
-        None, gt=0, le=1e6, description="Across nodes, GB/s per GPU per direction."
+        None, ge=1e-3, le=1e6, description="Across nodes, GB/s per GPU per direction."
     )
     intra_node_latency_us: float = Field(5.0, ge=0, le=1e6, description="Per collective step.")
     inter_node_latency_us: float = Field(12.0, ge=0, le=1e6, description="Per collective step.")
     profile: dict[str, Any] | None = Field(
         None, description="Output of `foldplan profile`; measured numbers replace datasheet ones."
     )
+
+    @field_validator("profile")
+    @classmethod
+    def _check_profile(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The numbers the cost model reads from a profile must be positive and finite."""
+        if v is None:
+            return v
+
+        def positive(key: str, x: Any) -> None:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (1e-6 <= x < 1e9):
+                raise ValueError(f"profile.{key}={x!r} must be a number in [1e-6, 1e9)")
+
+        for key in ("hbm_GBps", "intra_node_GBps", "inter_node_GBps", "intra_node_latency_us",
+                    "inter_node_latency_us", "kernel_overhead_us"):
+            if v.get(key) is not None:
+                positive(key, v[key])
+        gemm = v.get("gemm_tflops")
+        if gemm is not None:
+            if not isinstance(gemm, dict):
+                raise ValueError("profile.gemm_tflops must be an object {precision: TFLOP/s}")
+            for prec, x in gemm.items():
+                if x is not None:
+                    positive(f"gemm_tflops.{prec}", x)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ClusterSpec:
@@ -235,7 +259,7 @@ class TrainingSpec(_Spec):
     global_batch_size: int = Field(..., ge=1, le=1 << 30, description="Sequences per step.")
     precision: Literal["bf16", "fp8", "fp32"] = Field("bf16", description="GEMM precision.")
     moe_expert_capacity_factor: float | None = Field(
-        None, gt=0, le=1000, description="Token-drop capacity factor; null = dropless."
+        None, ge=0.01, le=1000, description="Token-drop capacity factor; null = dropless."
     )
     moe_expert_load_imbalance: float = Field(
         1.25,

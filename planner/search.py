@@ -217,6 +217,34 @@ def _pipeline_bounds(model, cluster, training, values, configs):
     return out, closest
 
 
+def _split_bound(model, cluster, training, values, lc: LayerConfig, pp: int) -> float:
+    """A lower bound on every stage split of (lc, pp, vpp=1), memory ignored: with identical
+    layers the slowest stage is at least the best integer balance of embedding + first-stage
+    layers, middle stages of k layers, output + last-stage layers. 0 (no bound) for models
+    whose layers differ."""
+    L = model.num_layers
+    if model.num_moe_layers not in (0, L):
+        return 0.0
+    world = cluster.world_size
+    dp = world // (lc.tp * lc.cp * pp)
+    m = training.global_batch_size // (lc.micro_batch_size * dp)
+    hw = hardware(cluster)
+    crosses = min(group_placement(world, cluster.gpus_per_node, o, (lc.tp, lc.cp, 1, dp, pp),
+                                  "pp").crosses_node for o in values["order"])
+    sends = 2 * p2p_time(hw, crosses, lc.send_bytes)
+    t, head, tail = lc.layer_floor_s, lc.head_s, lc.tail_s
+    best = math.inf
+    for k in range(0 if pp == 2 else 1, L + 1):
+        rest = L - (pp - 2) * k
+        if rest < 2 or (pp == 2 and k):
+            break
+        ideal = (rest * t + tail - head) / (2 * t)
+        for n_f in {max(1, min(rest - 1, math.floor(ideal))), max(1, min(rest - 1, math.ceil(ideal)))}:
+            best = min(best, max(head + n_f * t, tail + (rest - n_f) * t, k * t))
+    w = lc.work_floor_s + pp * sends
+    return (m - 1) * (best + sends) + w
+
+
 def _expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vpp: int):
     """All full mappings of one layer and pipeline configuration, resolved."""
     world = cluster.world_size
@@ -318,6 +346,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                 break
             if vpp != 1 or pp < 2:
                 continue
+            if _split_bound(model, cluster, training, values, lc, pp) >= cutoff():
+                continue
             if time.perf_counter() > deadline:
                 stopped_early = True
                 break
@@ -331,7 +361,9 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                 assert not errors, errors
                 consider(resolved)
     rows = list(class_best.values())
-    bound = triples[expanded][0] if expanded < len(triples) else None
+    # Unevaluated configurations enter the selection at their bound, unless the time limit
+    # cut the search (then nothing is proven and the answer is FEASIBLE).
+    bound = triples[expanded][0] if expanded < len(triples) and not stopped_early else None
     status, chosen, stats, resolution = _select(rows, bound, top_k, stopped_early,
                                                 max(0.05, t0 + limit - time.perf_counter()))
     candidates = []

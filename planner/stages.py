@@ -252,46 +252,41 @@ def _add_stage_constraints(cm, T, time_expr, static, acts, extra, cap, reserve) 
 
 def _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f, head_b,
                         q):
-    """Exposed DP communication and the optimizer step of stage 0, as the cost model has them."""
+    """Exposed DP communication and the optimizer step of stage 0, as the cost model has them,
+    in units of TIME_UNIT_S with per-layer coefficients (small integers keep CP-SAT fast)."""
     pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
+    has_experts = ctx.model.is_moe
 
     def frac(p):
         return (p.size - 1) / p.size if p.size > 1 else 0.0
 
-    scale = 10**7  # DP terms in units of TIME_UNIT_S / scale: per-parameter costs stay exact
-
-    def coef(p, nbytes_per_param):
-        slope, icpt = _linear(lambda pl, b: ring_time(hw, pl, b), p)
-        return (int(round(slope * nbytes_per_param * frac(p) / q * scale)),
-                int(round(icpt / q * scale)))
-
-    has_experts = ctx.model.is_moe
-    d_p = rsum(PD, 0, n_f, ("zero", "hi0")) + int(round(vocab))
-    e_p = rsum(PE, 0, n_f, ("zero", "hi0")) if has_experts else 0
-    grad_b, param_b = 4.0, ctx.act_bytes
-
     def collective(nbytes):
-        sd, id_ = coef(pd, nbytes)
-        se, ie = coef(pe, nbytes) if has_experts else (0, 0)
-        return sd * d_p + id_ + se * e_p + ie
+        """Seconds of a ring collective over stage 0's gradients/parameters: per layer of each
+        kind, plus the embedding and the fixed latency."""
+        sd, id_ = _linear(lambda pl, b: ring_time(hw, pl, b), pd)
+        se, ie = _linear(lambda pl, b: ring_time(hw, pl, b), pe) if has_experts else (0.0, 0.0)
+        per_layer = {e: int(round((sd * PD[e] * frac(pd) + se * PE[e] * frac(pe)) * nbytes / q))
+                     for e in (False, True)}
+        const = int(round((sd * vocab * frac(pd) * nbytes + id_ + ie) / q))
+        return rsum(per_layer, 0, n_f, ("zero", "hi0")) + const
 
-    reduce = collective(grad_b)
+    reduce = collective(4.0)
     overlap = hw.comm_overlap
-    bwd = (rsum(BW, 0, n_f, ("zero", "hi0")) + head_b) * scale if overlap else 0
-    fwd = (rsum(FW, 0, n_f, ("zero", "hi0")) + head_f) * scale if overlap else 0
-    big = 10**17
+    bwd = rsum(BW, 0, n_f, ("zero", "hi0")) + head_b if overlap else 0
+    fwd = rsum(FW, 0, n_f, ("zero", "hi0")) + head_f if overlap else 0
+    big = 10**13
     e_r = cm.new_int_var(0, big, "exposed_reduce")
     if base.distributed_optimizer:
         cm.add_max_equality(e_r, [0, reduce - bwd])
-        gather = collective(param_b)
+        gather = collective(ctx.act_bytes)
         e_g = cm.new_int_var(0, big, "exposed_gather")
         cm.add_max_equality(e_g, [0, gather - fwd])
         local_d, local_e = pd.size, pe.size
     else:
         cm.add_max_equality(e_r, [0, 2 * reduce - bwd])
         e_g, local_d, local_e = 0, 1, 1
-    per_param = memory_time(hw, 4 + 4 + 8 + 4 + 8 + 2) / q * scale
-    opt = int(round(per_param / local_d)) * d_p + int(round(per_param / local_e)) * e_p
-    dp = cm.new_int_var(0, 10**11, "dp_and_optimizer")
-    cm.add(dp * scale >= e_r + e_g + opt)
-    return dp
+    per_param = memory_time(hw, 4 + 4 + 8 + 4 + 8 + 2) / q
+    opt_layer = {e: int(round(per_param * (PD[e] / local_d + PE[e] / local_e)))
+                 for e in (False, True)}
+    opt = rsum(opt_layer, 0, n_f, ("zero", "hi0")) + int(round(per_param * vocab / local_d))
+    return e_r + e_g + opt

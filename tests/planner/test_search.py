@@ -152,3 +152,16 @@ def test_megatron_args_write_every_parallel_size():
     assert "torchrun" in c.launch_scripts["torchrun"] and "#SBATCH --nodes=8" in c.launch_scripts["sbatch"]
     assert result.search.best_unfolded is not None
     assert c.folded == (not is_classic(c.mapping))
+
+
+def test_time_limit_cuts_the_search_without_failing():
+    model = preset_model("mixtral-8x22b")
+    cluster = ClusterSpec(num_nodes=128, gpus_per_node=8)
+    training = TrainingSpec(seq_length=4096, global_batch_size=1024, moe_expert_capacity_factor=1.0)
+    result = plan(model, cluster, training, time_limit_s=0.3)
+    assert result.search.status in ("FEASIBLE", "INFEASIBLE", "OPTIMAL")
+    assert result.search.wall_time_s < 0.3 + 1.0  # the selection itself after the cut
+    if result.search.status == "INFEASIBLE":
+        assert "time limit" in result.search.reasons[0]
+    else:
+        assert result.candidates
