@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch 2.13.0 is the CPU build that lies on this machine's disk; GPU users install their own.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: serve test venv clean
+.PHONY: serve test venv clean sysdeps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/foldplan serve
 
-test: $(STAMP)
+# System packages some tests drive for real (Chromium for the browser test, PostgreSQL for
+# the database test); installed with apt-get when missing, skipped with a reason otherwise.
+sysdeps:
+	bash tests/api/install_system_deps.sh || echo "warning: could not install test system packages; those tests will skip"
+
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 clean:
