@@ -7,12 +7,15 @@ Runs `python -m torch.distributed.run --nproc-per-node N --master-port <free por
 the ranks' output, and raises RuntimeError with the tail of the log when a rank fails.
 On a machine without GPUs every rank is a CPU process on gloo (GLOO_SOCKET_IFNAME=lo,
 MASTER_ADDR=127.0.0.1). Multi-node launches are not done here (use the exported scripts).
+A rank that dies makes torchrun stop the others; the error names the rank that failed first
+(torchrun's root cause) and every rank that reported a failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -82,5 +85,11 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
                 print(line, end="", flush=True)
         rc = proc.wait()
     if rc != 0 or not metrics_file.exists():
-        raise RuntimeError(f"training failed (exit {rc}); last lines:\n" + "".join(tail))
+        text = (out_dir / "train.log").read_text(errors="replace")
+        failed = sorted({int(r) for r in re.findall(r"rank (\d+) failed", text)}
+                        | {int(r) for r in re.findall(r"rank\s*:\s*(\d+) \(local_rank", text)})
+        root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.S)
+        first = f"rank {root.group(1)} failed first (torchrun's root cause); " if root else ""
+        raise RuntimeError(f"training failed (exit {rc}); {first}ranks reporting failure: {failed}; "
+                           "last lines:\n" + "".join(tail))
     return json.loads(metrics_file.read_text())

@@ -8,6 +8,10 @@ plan's folded layout, trains, and rank 0 writes DIR/metrics.json:
 complete checkpoint up to --steps in total (metrics then hold only the steps run now).
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
 precision (bf16 autocast; fp8 falls back to bf16).
+Failures: a rank that raises prints "rank <r> failed: ..." and exits non-zero; torchrun then
+stops the other ranks. Collectives time out after FOLDPLAN_DIST_TIMEOUT_S seconds (default 300)
+so a hung peer cannot block the job forever. Test hook: FOLDPLAN_FAIL_RANK=r and
+FOLDPLAN_FAIL_STEP=k make rank r exit with code 17 at step k (simulates a dying rank).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import os
 import statistics
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -66,8 +72,19 @@ def main(argv=None) -> int:
     run = load_run(plan, args.candidate)
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend)
+    timeout = timedelta(seconds=float(os.environ.get("FOLDPLAN_DIST_TIMEOUT_S", 300)))
+    dist.init_process_group(backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        return _train(args, run, rank, world, backend, use_cuda)
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit):
+            print(f"rank {rank} failed: {exc!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
+
+
+def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> int:
+    """Everything after the process group exists (see main)."""
     if world != run.world_size:
         raise SystemExit(f"launched {world} ranks but the plan's cluster has {run.world_size} GPUs")
     if use_cuda:
@@ -95,7 +112,11 @@ def main(argv=None) -> int:
     if start >= args.steps:
         raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
+    fail_rank, fail_step = os.environ.get("FOLDPLAN_FAIL_RANK"), os.environ.get("FOLDPLAN_FAIL_STEP")
     for step in range(start, args.steps):
+        if fail_rank is not None and int(fail_rank) == rank and int(fail_step or 0) == step:
+            print(f"rank {rank} failed: injected failure at step {step}", file=sys.stderr, flush=True)
+            os._exit(17)
         r = trainer.step(step)
         counter.end_step()
         results.append(r)

@@ -26,6 +26,7 @@ from cost_model.specs import ModelSpec, TrainingSpec
 from .comm import CommCounter, all_reduce_
 from .data import BatchOrder
 from .model import MoETransformer
+from .optimizer import DistributedAdamW
 from .parallel_dims import ParallelDims
 from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
 from .router import RouterConfig
@@ -102,8 +103,16 @@ class Trainer:
         self.schedule = schedule_interleaved(training.global_batch_size // (m.micro_batch_size * dims.dp),
                                              dims.pp, dims.pp_rank, len(ranges))
         oc = self.optim_config
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas,
-                                           weight_decay=oc.weight_decay, eps=oc.eps)
+        self.distributed_optimizer = m.distributed_optimizer
+        if self.distributed_optimizer:
+            self.optimizer = DistributedAdamW(
+                [(self.tp_params, dims.group("dp_cp"), "dp_cp"),
+                 (self.replicated_params, dims.group("tp_cp_dp"), "tp_cp_dp"),
+                 (self.expert_params, dims.group("edp"), "edp")],
+                lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, counter=counter)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas,
+                                               weight_decay=oc.weight_decay, eps=oc.eps)
         self.order = BatchOrder(tokens, training.seq_length, training.global_batch_size, seed)
         self.mbs = m.micro_batch_size
         self.num_micro = training.global_batch_size // (self.mbs * dims.dp)
@@ -129,12 +138,19 @@ class Trainer:
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients (see module docstring)."""
-        def sq(params):
-            return sum((p.grad.float().pow(2).sum() for p in params), torch.zeros(1, device=self.dims.device))
+        def zero():
+            return torch.zeros(1, device=self.dims.device)
 
-        rep = sq(self.replicated_params)
-        tp = all_reduce_(sq(self.tp_params), self.dims.group("tp"), self.counter, "tp.grad_norm")
-        expert = all_reduce_(sq(self.expert_params), self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")
+        if self.distributed_optimizer:
+            sq = self.optimizer.squared_norms()
+            tp, rep, expert = (sq[k] if k in sq else zero() for k in ("dp_cp", "tp_cp_dp", "edp"))
+        else:
+            def squares(params):
+                return sum((p.grad.float().pow(2).sum() for p in params), zero())
+
+            tp, rep, expert = squares(self.tp_params), squares(self.replicated_params), squares(self.expert_params)
+        tp = all_reduce_(tp, self.dims.group("tp"), self.counter, "tp.grad_norm")
+        expert = all_reduce_(expert, self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")
         total = all_reduce_(rep + tp + expert, self.dims.group("pp"), self.counter, "pp.grad_norm")
         return total[0].sqrt()
 
@@ -150,14 +166,22 @@ class Trainer:
         act_shape = (self.mbs, S // (d.cp * d.tp), self.spec.hidden_size)
         totals = run_schedule(self.chunks, self.schedule, self.p2p, get_batch, act_shape,
                               1.0 / (G * S), 1.0 / self.num_micro, self.autocast_dtype).to(dev)
-        self.reduce_gradients()
+        if self.distributed_optimizer:
+            self.optimizer.reduce_scatter_grads()
+            if keep_grads:
+                self.optimizer.gather_grads()
+        else:
+            self.reduce_gradients()
         grads = {n: p.grad.detach().clone() for n, p in self.named_parameters()} if keep_grads else None
         norm = self.grad_norm()
         clip = self.optim_config.clip_grad
         if clip > 0:
             scale = torch.clamp(clip / (norm + 1e-6), max=1.0)
-            for p in self.model.parameters():
-                p.grad.mul_(scale)
+            if self.distributed_optimizer:
+                self.optimizer.scale_grads(scale)
+            else:
+                for p in self.model.parameters():
+                    p.grad.mul_(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # CE is replicated over tp (sum over dp_cp), router numbers are per rank (tp_cp_dp).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -44,7 +45,9 @@ def test_run_plan_two_ranks(full_run):
     assert metrics["loss"][-1] < metrics["loss"][0]
     assert metrics["step_time_s"] > 0 and metrics["tokens_per_s"] > 0
     assert metrics["comm_bytes"]["ep.all_to_all"] > 0
-    assert metrics["comm_bytes"]["dp_cp.all_reduce"] > 0
+    # distributed optimizer: gradients reduce-scattered, parameters all-gathered over dp_cp
+    assert metrics["comm_bytes"]["dp_cp.reduce_scatter"] > 0
+    assert metrics["comm_bytes"]["dp_cp.params.all_gather"] > 0
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
 
 
@@ -136,3 +139,17 @@ def test_checkpoint_resume_continues_identically(full_run, tmp_path):
     assert first["steps"] == [1, 2] and second["steps"] == [3, 4]
     for a, b in zip(first["loss"] + second["loss"], full["loss"]):
         assert abs(a - b) <= 1e-6 * abs(b)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_dying_rank_ends_the_job_and_is_named(monkeypatch, tmp_path):
+    """Rank 1 exits at step 2 while rank 0 waits in a collective: the job ends non-zero fast."""
+    monkeypatch.setenv("FOLDPLAN_FAIL_RANK", "1")
+    monkeypatch.setenv("FOLDPLAN_FAIL_STEP", "1")
+    monkeypatch.setenv("FOLDPLAN_DIST_TIMEOUT_S", "60")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exit [1-9]\d*\); rank 1 failed first"):
+        run_plan(make_plan(ep=2, edp=1), 0, 3, tmp_path, echo=False)
+    assert time.monotonic() - t0 < 150
+    assert "rank 1 failed: injected failure at step 1" in (tmp_path / "train.log").read_text()
