@@ -1,7 +1,9 @@
 """Per-rank checkpoints: DIR/checkpoints/step_<N>/rank<r>.pt plus a COMPLETE marker.
 
-Every rank writes its own model shard and optimizer state; after a barrier rank 0 writes
-COMPLETE (with the world size and mapping), so a checkpoint without the marker is ignored.
+Every rank writes its own model shard and optimizer state (native, for resuming on the same
+mapping) and the portable form of reshard.py (for resuming on another mapping or world size);
+after a barrier rank 0 writes COMPLETE (with the world size and mapping), so a checkpoint
+without the marker is ignored.
 Data order is a pure function of the step (see data.py), so resuming at step N continues with
 exactly the batches an uninterrupted run would have seen.
 """
@@ -14,17 +16,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .reshard import full_tensors, load_portable, portable_state
+
 
 def _step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save(out_dir: Path, step: int, rank: int, model, optimizer, meta: dict) -> Path:
+def save(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> Path:
     """Collective: every rank saves, then rank 0 marks the checkpoint complete."""
     d = _step_dir(out_dir, step)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f"rank{rank}.pt.tmp"
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+    torch.save({"step": step, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                "portable": portable_state(trainer)}, tmp)
     tmp.replace(d / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -40,14 +45,23 @@ def latest_complete(out_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def load(out_dir: Path, step: int, rank: int, model, optimizer, meta: dict) -> None:
-    """Load this rank's shard of checkpoint `step`; refuses a different world or mapping."""
+def load(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> bool:
+    """Load checkpoint `step` into this rank's trainer; returns whether it was resharded.
+
+    Same world size and mapping: this rank's own file. Otherwise every rank's portable state
+    is reassembled and resharded for this mapping. A different seed (data order) is refused.
+    """
     d = _step_dir(out_dir, step)
     saved = json.loads((d / "COMPLETE").read_text())
     for key, value in meta.items():
-        if saved.get(key) != value:
+        if key not in ("world_size", "mapping") and saved.get(key) != value:
             raise ValueError(f"checkpoint {d} was written with {key}={saved.get(key)!r}, "
                              f"this run has {key}={value!r}")
-    state = torch.load(d / f"rank{rank}.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if all(saved.get(k) == meta.get(k) for k in ("world_size", "mapping")):
+        state = torch.load(d / f"rank{rank}.pt", map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        return False
+    adam_step, full = full_tensors([d / f"rank{r}.pt" for r in range(saved["world_size"])])
+    load_portable(trainer, adam_step, full)
+    return True

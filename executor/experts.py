@@ -74,6 +74,11 @@ class GroupedExperts(nn.Module):
         y_ECD = torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype))
         return y_ECD[expert_M, pos_M]
 
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of parameter `name` in the unsharded (ep = etp = 1) model."""
+        E, D, Fh = self.num_experts, self.hidden_size, self.ffn_size
+        return (E, D, (2 if self.gated else 1) * Fh) if name == "w1_EDF" else (E, Fh, D)
+
     def shard_of_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of an unsharded (ep = etp = 1) tensor of parameter `name`.
 

@@ -127,6 +127,14 @@ class MoETransformer(nn.Module):
             return self.get_submodule(mod_name).shard_of_full(pname, full)
         return shard_of_full(p, full)
 
+    def full_shape_of(self, name: str) -> tuple[int, ...]:
+        """Shape of parameter `name` in the single-rank model."""
+        p = self.get_parameter(name)
+        if getattr(p, "is_expert", False):
+            mod_name, pname = name.rsplit(".", 1)
+            return self.get_submodule(mod_name).full_shape(pname)
+        return full_shape(p)
+
     def attention_context(self, seq_len: int, device):
         """(positions of the local tokens, rope tables, cp mask or None) for full length seq_len."""
         cp = self.dims.group("cp")

@@ -112,6 +112,32 @@ class DistributedAdamW:
             for p in b.params:
                 p.grad = None
 
+    def param_moments(self) -> tuple[float, dict]:
+        """(step, {param: (exp_avg, exp_avg_sq)}) at full local-parameter shape (all-gathers)."""
+        out, step = {}, 0.0
+        for b in self.buckets:
+            st = self.inner.state.get(b.master)
+            if not st:
+                continue
+            step = float(st["step"])
+            gathered = [all_gather_v(st[k], [b.chunk] * b.group.size, b.group, None, b.key) for k in ("exp_avg", "exp_avg_sq")]
+            offset = 0
+            for p in b.params:
+                n = p.numel()
+                out[p] = tuple(g[offset : offset + n].view_as(p).clone() for g in gathered)
+                offset += n
+        return step, out
+
+    @torch.no_grad()
+    def set_param_moments(self, step: float, moments: dict) -> None:
+        """Inverse of param_moments: keep this rank's shard of every bucket's moments."""
+        for b in self.buckets:
+            b.master.copy_(b.mine(b.flat([p.detach() for p in b.params])))
+            st = {"step": torch.tensor(step)}
+            for i, k in enumerate(("exp_avg", "exp_avg_sq")):
+                st[k] = b.mine(b.flat([moments[p][i] for p in b.params])).clone()
+            self.inner.state[b.master] = st
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

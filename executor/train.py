@@ -105,10 +105,10 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     meta = {"world_size": world, "mapping": run.mapping.model_dump(mode="json"), "seed": args.seed}
     start = 0
     if args.resume and (last := checkpoint.latest_complete(Path(args.out))) is not None:
-        checkpoint.load(Path(args.out), last, rank, trainer.model, trainer.optimizer, meta)
+        resharded = checkpoint.load(Path(args.out), last, rank, trainer, meta)
         start = last
         if rank == 0:
-            print(f"resumed from step {last}", flush=True)
+            print(f"resumed from step {last}" + (" (resharded to this mapping)" if resharded else ""), flush=True)
     if start >= args.steps:
         raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
@@ -124,7 +124,7 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
             print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0:
-            checkpoint.save(Path(args.out), step + 1, rank, trainer.model, trainer.optimizer, meta)
+            checkpoint.save(Path(args.out), step + 1, rank, trainer, meta)
     comm = comm_summary(counter, world)
     if rank == 0:
         times = [r.time_s for r in results]

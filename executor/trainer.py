@@ -123,12 +123,19 @@ class Trainer:
         """(name, parameter) of every chunk of this stage, with the single-rank model's names."""
         return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
 
-    def shard_of_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of the single-rank tensor `full` of parameter `name`."""
+    def _chunk_of(self, name: str) -> MoETransformer:
         for c in self.chunks:
             if name in dict(c.named_parameters()):
-                return c.shard_of_full(name, full)
+                return c
         raise KeyError(name)
+
+    def shard_of_full(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the single-rank tensor `full` of parameter `name`."""
+        return self._chunk_of(name).shard_of_full(name, full)
+
+    def full_shape_of(self, name: str) -> tuple[int, ...]:
+        """Shape of parameter `name` in the single-rank model."""
+        return self._chunk_of(name).full_shape_of(name)
 
     def reduce_gradients(self) -> None:
         """Sum gradients: tp shards over dp_cp, replicated over tp_cp_dp, experts over edp."""
