@@ -1,6 +1,7 @@
 """foldplan executor: trains an MoE transformer on the folded layout of a plan.
 
 Layers (no module imports one above it):
-  parallel_dims -> comm -> kernels -> router / dispatcher / experts -> moe -> model -> train
-  launch starts `python -m executor.train` under torchrun.
+  parallel_dims -> comm -> tensor_parallel -> kernels -> router / dispatcher / experts / mlp
+  -> moe / attention -> model -> pipeline / optimizer -> trainer -> reshard / checkpoint -> train
+  launch starts `python -m executor.train` under torchrun; config reads and checks the plan.
 """

@@ -88,7 +88,7 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
         text = (out_dir / "train.log").read_text(errors="replace")
         failed = sorted({int(r) for r in re.findall(r"rank (\d+) failed", text)}
                         | {int(r) for r in re.findall(r"rank\s*:\s*(\d+) \(local_rank", text)})
-        root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.S)
+        root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.DOTALL)
         first = f"rank {root.group(1)} failed first (torchrun's root cause); " if root else ""
         raise RuntimeError(f"training failed (exit {rc}); {first}ranks reporting failure: {failed}; "
                            "last lines:\n" + "".join(tail))

@@ -29,8 +29,15 @@ from .mlp import MLP
 from .moe import MoELayer
 from .parallel_dims import ParallelDims
 from .router import RouterConfig
-from .tensor_parallel import (VocabParallelEmbedding, full_shape, mark_tp, shard_of_full, sp_gather,
-                              sp_scatter, vocab_parallel_cross_entropy)
+from .tensor_parallel import (
+    VocabParallelEmbedding,
+    full_shape,
+    mark_tp,
+    shard_of_full,
+    sp_gather,
+    sp_scatter,
+    vocab_parallel_cross_entropy,
+)
 
 
 class RMSNorm(nn.Module):

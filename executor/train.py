@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     run = load_run(plan, args.candidate)
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
-    timeout = timedelta(seconds=float(os.environ.get("FOLDPLAN_DIST_TIMEOUT_S", 300)))
+    timeout = timedelta(seconds=float(os.environ.get("FOLDPLAN_DIST_TIMEOUT_S", "300")))
     dist.init_process_group(backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -114,7 +114,7 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     results = []
     fail_rank, fail_step = os.environ.get("FOLDPLAN_FAIL_RANK"), os.environ.get("FOLDPLAN_FAIL_STEP")
     for step in range(start, args.steps):
-        if fail_rank is not None and int(fail_rank) == rank and int(fail_step or 0) == step:
+        if fail_rank is not None and int(fail_rank) == rank and int(fail_step or "0") == step:
             print(f"rank {rank} failed: injected failure at step {step}", file=sys.stderr, flush=True)
             os._exit(17)
         r = trainer.step(step)

@@ -8,6 +8,8 @@ Loss normalisation makes every rank's loss a share of the global loss, so gradie
   replicated dense params (norms, router) all-reduce over tp_cp_dp: with sequence parallelism
     every tp rank saw different tokens
   expert params all-reduce over edp (the ranks holding the same expert shard)
+With the distributed optimizer (the default) the same sums are reduce-scatters over the same
+groups and AdamW runs on the shards (optimizer.py).
 Global gradient norm: replicated params count once; tp shards are summed over tp, expert
 shards over ETP x EP (tp_ep), and the stages over pp.
 The micro-batches run through `pipeline.run_schedule` (with pp = 1 that is forward, backward,

@@ -18,7 +18,13 @@ import torch.distributed as dist
 from cost_model.specs import Mapping, ModelSpec, TrainingSpec
 from executor.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
 from executor.data import bundled_corpus_tokens
-from executor.parallel_dims import ALL_KINDS, Group, ParallelDims, build_parallel_dims, rank_lists
+from executor.parallel_dims import (
+    ALL_KINDS,
+    Group,
+    ParallelDims,
+    build_parallel_dims,
+    rank_lists,
+)
 from executor.router import RouterConfig
 from executor.trainer import Trainer
 

@@ -9,7 +9,6 @@ against a reference that applies the capacity rule to each rank's local tokens.
 from __future__ import annotations
 
 import pytest
-
 from _multirank import EQUIV_CONFIGS, spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

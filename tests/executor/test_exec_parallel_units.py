@@ -43,10 +43,10 @@ def test_stage_groups_from_pp_groups():
 
 
 @pytest.mark.parametrize("fields,expect", [
-    (dict(pp=2), [[range(0, 4)], [range(4, 8)]]),
-    (dict(pp=3, decoder_first_pipeline_num_layers=2), [[range(0, 2)], [range(2, 5)], [range(5, 8)]]),
-    (dict(pp=3, decoder_last_pipeline_num_layers=4), [[range(0, 2)], [range(2, 4)], [range(4, 8)]]),
-    (dict(pp=2, vpp=2), [[range(0, 2), range(4, 6)], [range(2, 4), range(6, 8)]]),
+    (dict(pp=2), [[range(4)], [range(4, 8)]]),
+    (dict(pp=3, decoder_first_pipeline_num_layers=2), [[range(2)], [range(2, 5)], [range(5, 8)]]),
+    (dict(pp=3, decoder_last_pipeline_num_layers=4), [[range(2)], [range(2, 4)], [range(4, 8)]]),
+    (dict(pp=2, vpp=2), [[range(2), range(4, 6)], [range(2, 4), range(6, 8)]]),
 ])
 def test_stage_layer_ranges(fields, expect):
     assert stage_layer_ranges(8, Mapping(**fields)) == expect
@@ -78,7 +78,7 @@ def test_interleaved_schedule_covers_every_chunk():
     steps = [schedule_interleaved(4, 2, r, 2) for r in range(2)]
     _check_schedule(steps, 4, 2)
     assert steps[0][:3] == [("F", 0, 0), ("F", 1, 0), ("F", 0, 1)]  # chunk 1 starts after pp micro-batches
-    assert [s for s in steps[1] if s[0] == "B"][0] == ("B", 0, 1)  # backward starts at the last chunk
+    assert next(s for s in steps[1] if s[0] == "B") == ("B", 0, 1)  # backward starts at the last chunk
 
 
 @pytest.mark.parametrize("num_layers,expect", [(None, 4), (1, 1), (3, 3)])
