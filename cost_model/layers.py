@@ -88,7 +88,6 @@ def attention_cost(ctx: Context) -> Cost:
     md, m, hw, p = ctx.model, ctx.mapping, ctx.hw, ctx.prec
     T, h, tp = ctx.tokens_attn, md.hidden_size, m.tp
     n = md.num_attention_heads
-    c = Cost()
     fwd = bwd = 0.0
     if md.multi_latent_attention:
         dq, dr, dv = md.qk_head_dim, md.qk_pos_emb_head_dim, md.v_head_dim
@@ -132,12 +131,7 @@ def attention_cost(ctx: Context) -> Cost:
     bwd += memory_time(hw, 2 * elem)
     fwd += 12 * hw.kernel_overhead_s
     bwd += 20 * hw.kernel_overhead_s
-    c.parts["compute"] = fwd + bwd
-    c.fwd_compute, c.bwd_compute = fwd, bwd
-    if m.recompute == "selective":
-        c.parts["recompute"] = core_fwd + memory_time(hw, T * 2 * h / tp * ctx.act_bytes)
-    elif m.recompute == "full":
-        c.parts["recompute"] = fwd
+    c = _block_cost(m, fwd, bwd, core_fwd + memory_time(hw, T * 2 * h / tp * ctx.act_bytes))
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
     if m.cp > 1:
         # Ring exchange of K and V: cp-1 steps, each passes this rank's K/V chunk on; the
@@ -169,6 +163,18 @@ def _mlp_gemms(ctx: Context, tokens: float, ffn_per_rank: float, groups: int = 1
     return fwd + memory_time(hw, act), bwd + memory_time(hw, 2 * act)
 
 
+def _block_cost(m: Mapping, fwd: float, bwd: float, selective_s: float) -> Cost:
+    """A block's compute; recompute adds `selective_s` (selective) or its forward (full)."""
+    c = Cost()
+    c.parts["compute"] = fwd + bwd
+    c.fwd_compute, c.bwd_compute = fwd, bwd
+    if m.recompute == "selective":
+        c.parts["recompute"] = selective_s
+    elif m.recompute == "full":
+        c.parts["recompute"] = fwd
+    return c
+
+
 def dense_mlp_cost(ctx: Context, ffn: int) -> Cost:
     """A tp-split MLP (dense layers, and shared experts inside MoE layers)."""
     m, hw = ctx.mapping, ctx.hw
@@ -177,13 +183,7 @@ def dense_mlp_cost(ctx: Context, ffn: int) -> Cost:
     elem = T * 4 * h / m.tp * ctx.act_bytes  # norm + residual
     fwd += memory_time(hw, elem) + 6 * hw.kernel_overhead_s
     bwd += memory_time(hw, 2 * elem) + 12 * hw.kernel_overhead_s
-    c = Cost()
-    c.parts["compute"] = fwd + bwd
-    c.fwd_compute, c.bwd_compute = fwd, bwd
-    if m.recompute == "selective":
-        c.parts["recompute"] = memory_time(hw, T * ffn / m.tp * 3 * ctx.act_bytes)
-    elif m.recompute == "full":
-        c.parts["recompute"] = fwd
+    c = _block_cost(m, fwd, bwd, memory_time(hw, T * ffn / m.tp * 3 * ctx.act_bytes))
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
     return c
 
@@ -205,13 +205,8 @@ def moe_cost(ctx: Context) -> Cost:
     elem = (Te * 4 * h + assigned * 6 * h) * ctx.act_bytes
     fwd += memory_time(hw, elem) + 25 * hw.kernel_overhead_s
     bwd += memory_time(hw, 2 * elem) + 40 * hw.kernel_overhead_s
-    c = Cost()
-    c.parts["compute"] = fwd + bwd
-    c.fwd_compute, c.bwd_compute = fwd, bwd
-    if m.recompute == "selective":
-        c.parts["recompute"] = memory_time(hw, assigned * md.expert_ffn / m.etp * 3 * ctx.act_bytes)
-    elif m.recompute == "full":
-        c.parts["recompute"] = fwd
+    c = _block_cost(m, fwd, bwd,
+                    memory_time(hw, assigned * md.expert_ffn / m.etp * 3 * ctx.act_bytes))
 
     passes = 4 + (2 if m.recompute == "full" else 0)  # dispatch + combine, fwd and bwd
     tok_bytes = h * ctx.act_bytes
