@@ -87,12 +87,16 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         memory_bytes=gpu.memory_gib * 2**30,
         memory_reserve_bytes=gpu.memory_reserve_gib * 2**30,
         comm_overlap=gpu.comm_overlap,
-        hbm_bps=float(prof.get("hbm_GBps") or gpu.hbm_GBps) * 1e9,
+        # A measured bandwidth is already what kernels reach: undo the derating applied later.
+        hbm_bps=(float(prof["hbm_GBps"]) / _value("memory_bound_efficiency") if prof.get("hbm_GBps")
+                 else gpu.hbm_GBps) * 1e9,
         intra_bps=intra * 1e9,
         inter_bps=inter * 1e9,
-        intra_latency_s=float(prof.get("intra_node_latency_us") or cluster.intra_node_latency_us)
+        intra_latency_s=_first(prof.get("intra_node_latency_us"), cluster.intra_node_latency_us,
+                               gpu.intra_node_latency_us)
         * 1e-6,
-        inter_latency_s=float(prof.get("inter_node_latency_us") or cluster.inter_node_latency_us)
+        inter_latency_s=_first(prof.get("inter_node_latency_us"), cluster.inter_node_latency_us,
+                               gpu.inter_node_latency_us)
         * 1e-6,
         gpus_per_node=cluster.gpus_per_node,
         gemm_efficiency=gemm_eff,
@@ -114,6 +118,11 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         intra_alltoall_eff=1.0 if measured_links else _value("intra_alltoall_efficiency"),
         inter_alltoall_eff=1.0 if measured_links else _value("inter_alltoall_efficiency"),
     )
+
+
+def _first(*values) -> float:
+    """The first value that is set (a profile's, the cluster's, the GPU preset's)."""
+    return float(next(v for v in values if v is not None))
 
 
 def _sm_key(name: str) -> str:

@@ -191,6 +191,8 @@ class GPUSpec(_Spec):
     comm_overlap: bool = Field(
         True, description="Collectives can run under compute (false for CPU ranks)."
     )
+    intra_node_latency_us: float = Field(5.0, ge=0, le=1e6, description="Per collective step.")
+    inter_node_latency_us: float = Field(12.0, ge=0, le=1e6, description="Per collective step.")
     source: str | None = Field(None, description="Where these numbers come from.")
 
 
@@ -208,8 +210,12 @@ class ClusterSpec(_Spec):
     inter_node_GBps: float | None = Field(
         None, ge=1e-3, le=1e6, description="Across nodes, GB/s per GPU per direction."
     )
-    intra_node_latency_us: float = Field(5.0, ge=0, le=1e6, description="Per collective step.")
-    inter_node_latency_us: float = Field(12.0, ge=0, le=1e6, description="Per collective step.")
+    intra_node_latency_us: float | None = Field(
+        None, ge=0, le=1e6, description="Per collective step inside a node; null = GPU preset's."
+    )
+    inter_node_latency_us: float | None = Field(
+        None, ge=0, le=1e6, description="Per collective step across nodes; null = GPU preset's."
+    )
     profile: dict[str, Any] | None = Field(
         None, description="Output of `foldplan profile`; measured numbers replace datasheet ones."
     )
