@@ -94,6 +94,10 @@ EQUIV_CONFIGS = [
     ("cp2_w2", 2, dict(cp=2), {}, False),
     ("cp2_tp2_ep4_w4", 4, dict(cp=2, tp=2, ep=4), {}, False),
     ("cp2_dp2_tp2_ep2_etp2_w8", 8, dict(cp=2, tp=2, ep=2, etp=2), {}, False),
+    ("pp2_tp2_cp2_etp2_ep2_w8", 8, dict(pp=2, tp=2, cp=2, ep=2, etp=2, decoder_first_pipeline_num_layers=1),
+     {}, False),
+    ("pp2_cp2_w4", 4, dict(pp=2, cp=2, decoder_first_pipeline_num_layers=1), {}, False),
+    ("pp2_etp2_w4", 4, dict(pp=2, etp=2, decoder_first_pipeline_num_layers=1), {}, False),
     # partial recompute (first layer of each stage)
     ("tp2_recompute1_w2", 2, dict(tp=2, recompute="full", recompute_num_layers=1), {}, False),
     ("dp2", 2, dict(), {}, False),
@@ -223,7 +227,46 @@ def equivalence_job(rank: int, world: int) -> dict:
             "grad_norm": [r.grad_norm for r in results], "ref_grad_norm": ref["grad_norm"],
             "ep_bytes": counter.per_step[0].get("ep.all_to_all", 0),
         }
+    if not only or "_reshard" in only:
+        out["_reshard"] = reshard_check(rank, tokens, refs)
     return out
+
+
+def reshard_check(rank: int, tokens, refs: dict) -> dict:
+    """Train 2 steps on 4 ranks (tp2 x ep2, dp2), save the portable state, resume on all 8
+    ranks with another world and mapping (pp2 x tp2 x cp2, ep2 x etp2, mbs 2) for steps 3, 4: they
+    must equal the uninterrupted 4-rank run (step 4 depends on the resharded AdamW moments)."""
+    import shutil
+    import tempfile
+
+    from executor.reshard import full_tensors, load_portable, portable_state
+
+    # the reference with 2 sequences per micro-batch (the 4-rank run: micro-batch 1 x dp 2)
+    ref = refs[(2, RouterConfig(), TEST_SPEC.name)]
+    box = [tempfile.mkdtemp(prefix="reshard") if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    d = Path(box[0])
+    dims = build_parallel_dims(Mapping(tp=2, ep=2), 4, gpus_per_node=4, base_ranks=list(range(4)))
+    res = {}
+    if dims is not None:
+        t = Trainer(TEST_SPEC, TEST_TRAINING, dims, tokens, seed=0)
+        res["old_loss"] = [t.step(s).loss for s in range(2)]
+        torch.save({"portable": portable_state(t)}, d / f"rank{rank}.pt")
+        res["old_loss"] += [t.step(s).loss for s in range(2, 4)]  # uninterrupted continuation
+    dist.barrier()
+    # dp 1 x micro-batch 2 = the old dp 2 x micro-batch 1: the router's load-balancing loss is
+    # taken per global micro-batch, so both runs must cut the batch into the same micro-batches
+    mapping = Mapping(pp=2, tp=2, cp=2, ep=2, etp=2, decoder_first_pipeline_num_layers=1, micro_batch_size=2)
+    dims = build_parallel_dims(mapping, 8, gpus_per_node=4)
+    t = Trainer(TEST_SPEC, TEST_TRAINING, dims, tokens, seed=0)
+    adam_step, full = full_tensors([d / f"rank{r}.pt" for r in range(4)])
+    load_portable(t, adam_step, full)
+    res["new_loss"] = [t.step(s).loss for s in range(2, 4)]
+    res["ref_loss"] = ref["loss"]
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    return res
 
 
 JOBS = {"equivalence": equivalence_job}

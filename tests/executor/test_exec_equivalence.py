@@ -68,3 +68,17 @@ def test_collectives_values_gradients_and_bytes(equivalence):
         assert b["w.all_gather"] == 7 * own * row
         # reduce-scatter forward (total - own) plus the all-gather's backward reduce-scatter
         assert b["w.reduce_scatter"] == 2 * (sum(r["sizes"]) - own) * row
+
+
+def test_checkpoint_reshards_across_world_sizes_and_mappings(equivalence):
+    """4 ranks (tp2 x ep2) -> 8 ranks (pp2 x tp2 x cp2, ep2 x etp2) after 2 steps."""
+    ranks = equivalence["_reshard"]
+    assert len(ranks) == 8
+    ref, old = ranks[0]["ref_loss"], ranks[0]["old_loss"]
+    for r in ranks[:4]:
+        for a, b in zip(r["old_loss"], ref):  # the single-rank reference has 3 steps
+            assert abs(a - b) <= 1e-5 * b
+    assert old[3] < old[0]
+    for r in ranks:
+        for a, b in zip(r["new_loss"], old[2:]):
+            assert abs(a - b) <= 1e-5 * b, (r["new_loss"], old)

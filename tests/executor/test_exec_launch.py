@@ -129,7 +129,9 @@ def test_checkpoint_resume_continues_identically(full_run, tmp_path):
     for a, b in zip(first["loss"] + second["loss"], full["loss"]):
         assert abs(a - b) <= 1e-6 * abs(b)
     # the same step-2 checkpoint resumed on other mappings (pp2; tp2 x ep2): resharded state
-    for name, other in (("pp2", make_plan(pp=2, dp=1, edp=1)), ("tp2", make_plan(tp=2, ep=2, dp=1, edp=1))):
+    # (micro-batch 2 x dp 1 = the saved run's 1 x dp 2: the load-balancing loss is per micro-batch)
+    for name, other in (("pp2", make_plan(pp=2, dp=1, edp=1, micro_batch_size=2)),
+                        ("tp2", make_plan(tp=2, ep=2, dp=1, edp=1, micro_batch_size=2))):
         d = tmp_path / name
         (d / "checkpoints").mkdir(parents=True)
         (d / "checkpoints/step_00000002").symlink_to(tmp_path / "checkpoints/step_00000002")
@@ -139,7 +141,7 @@ def test_checkpoint_resume_continues_identically(full_run, tmp_path):
         key = "pp.send" if name == "pp2" else "tp.all_gather"  # really ran that parallelism
         assert resumed["comm_bytes"][key] > 0
         for a, b in zip(resumed["loss"], full["loss"][2:]):
-            assert abs(a - b) <= 1e-5 * abs(b), (name, resumed["loss"], full["loss"])
+            assert abs(a - b) <= 2e-6 * abs(b), (name, resumed["loss"], full["loss"])
 
 
 @pytest.mark.slow
