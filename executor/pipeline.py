@@ -16,7 +16,10 @@ remaining backwards. Interleaved: virtual micro-batches k = 0 .. M*V-1 run chunk
 of micro-batch (k // (P*V)) * P + k % P in forward (backward: chunks in reverse), with
 (P - r - 1) * 2 + (V - 1) * P warm-up forwards (M must be a multiple of P).
 Activations move with isend / irecv over the pp group (non-blocking sends, blocking
-receives; messages between two stages keep their order), so no pairing of calls is needed.
+receives; messages between two stages keep their order, and tags keep activations and
+gradients apart), so on gloo no pairing of calls is needed. NCCL ignores tags and runs one
+communicator's p2p operations in order on one stream: GPU runs need Megatron's paired
+`batch_isend_irecv` (send_forward_recv_backward, ...) first; not done yet (see MOE_SHARDING.md).
 """
 
 from __future__ import annotations
