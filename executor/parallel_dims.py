@@ -23,7 +23,13 @@ from cost_model.layout import RankLayout, build_layout
 from cost_model.specs import Mapping
 
 # Fixed creation order: every rank must call new_group in the same sequence.
-ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp")
+ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp",
+             "pp_bwd", "pp_wrap", "pp_bwd_wrap")
+# Kinds that get their own communicator even when another kind has the same ranks: pipeline
+# messages use one communicator per direction and kind (activations, gradients, and their
+# wrap-around between the last and the first stage with vpp), so every communicator carries
+# messages one way only (NCCL runs one communicator's p2p operations in order).
+PRIVATE_KINDS = ("pp_bwd", "pp_wrap", "pp_bwd_wrap")
 
 
 def stage_groups(pp_groups: list[list[int]]) -> list[list[int]]:
@@ -36,8 +42,11 @@ def stage_groups(pp_groups: list[list[int]]) -> list[list[int]]:
 
 
 def rank_lists(layout: RankLayout, kind: str) -> list[list[int]]:
-    """Rank lists of `kind`: the layout's groups, or the derived `tp_cp_dp` stage groups."""
-    return stage_groups(layout.groups["pp"]) if kind == "tp_cp_dp" else layout.groups[kind]
+    """Rank lists of `kind`: the layout's groups, the derived `tp_cp_dp` stage groups, or the
+    pp groups again for the private pipeline kinds."""
+    if kind == "tp_cp_dp":
+        return stage_groups(layout.groups["pp"])
+    return layout.groups["pp" if kind.startswith("pp") else kind]
 
 
 @dataclass(frozen=True)
@@ -158,18 +167,19 @@ def build_parallel_dims(
     mapping = complete_mapping(mapping, world_size)
     layout = build_layout(world_size, gpus_per_node, mapping)
     me = dist.get_rank()
-    made: dict[tuple[int, ...], object] = {}
+    made: dict[tuple[str, tuple[int, ...]], object] = {}
     mine: dict[str, Group] = {}
     for kind in ALL_KINDS:
         for ranks in rank_lists(layout, kind):
             global_ranks = tuple(base[r] for r in ranks)
+            key = (kind if kind in PRIVATE_KINDS else "", global_ranks)
             if len(global_ranks) == 1:
                 pg = None
-            elif global_ranks in made:
-                pg = made[global_ranks]
+            elif key in made:
+                pg = made[key]
             else:
                 pg = dist.new_group(list(global_ranks))
-                made[global_ranks] = pg
+                made[key] = pg
             if me in global_ranks:
                 mine[kind] = Group(global_ranks, pg, global_ranks.index(me))
     if me not in base:

@@ -15,11 +15,12 @@ stage. 1F1B: P - r - 1 warm-up forwards, then one forward / one backward alterna
 remaining backwards. Interleaved: virtual micro-batches k = 0 .. M*V-1 run chunk (k // P) % V
 of micro-batch (k // (P*V)) * P + k % P in forward (backward: chunks in reverse), with
 (P - r - 1) * 2 + (V - 1) * P warm-up forwards (M must be a multiple of P).
-Activations move with isend / irecv over the pp group (non-blocking sends, blocking
-receives; messages between two stages keep their order, and tags keep activations and
-gradients apart), so on gloo no pairing of calls is needed. NCCL ignores tags and runs one
-communicator's p2p operations in order on one stream: GPU runs need Megatron's paired
-`batch_isend_irecv` (send_forward_recv_backward, ...) first; not done yet (see MOE_SHARDING.md).
+Activations and gradients move with isend / irecv (non-blocking sends, blocking receives) on
+one communicator per direction and kind (`P2P`), so each communicator carries messages one way
+between two stages, sent and received in the same order (both stages follow the same virtual
+micro-batch order), and no message queues behind one going the other way: no pairing of calls
+(Megatron's batch_isend_irecv) is needed. NCCL ignores tags and orders one communicator's p2p
+operations, which this rule respects; checked on gloo only.
 """
 
 from __future__ import annotations
@@ -90,34 +91,43 @@ def schedule_interleaved(num_micro: int, pp: int, pp_rank: int, vpp: int) -> lis
     return steps
 
 
-class P2P:
-    """Send / receive activations and gradients between neighbouring stages of the pp group."""
+FWD, BWD = 0, 1  # message tags: activations go to stage + 1, gradients to stage - 1
 
-    def __init__(self, pp_group, counter=None):
-        self.group, self.counter = pp_group, counter
+
+class P2P:
+    """Send / receive activations and gradients between neighbouring stages, one communicator
+    per direction: `pp` (activations, stage r -> r+1), `pp_bwd` (gradients, r -> r-1) and, for
+    the wrap-around between the last and the first stage (vpp), `pp_wrap` / `pp_bwd_wrap`."""
+
+    def __init__(self, dims, counter=None):
+        self.dims, self.counter = dims, counter
+        self.group = dims.group("pp")
         self.pending: list = []
 
     def _peer(self, delta: int) -> int:
         return self.group.ranks[(self.group.index + delta) % self.group.size]
 
+    def _pg(self, tag: int, delta: int):
+        wrap = not 0 <= self.group.index + delta < self.group.size
+        kind = ("pp" if tag == FWD else "pp_bwd") + ("_wrap" if wrap else "")
+        return self.dims.group(kind).pg
+
     def send(self, t: torch.Tensor, delta: int, tag: int) -> None:
         t = t.detach().float().contiguous()
         if self.counter is not None:
             self.counter.add("pp.send", t.numel() * t.element_size())
-        self.pending.append((dist.isend(t, self._peer(delta), group=self.group.pg, tag=tag), t))
+        self.pending.append((dist.isend(t, self._peer(delta), group=self._pg(tag, delta), tag=tag), t))
 
     def recv(self, shape, device, delta: int, tag: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=torch.float32, device=device)
-        dist.irecv(t, self._peer(delta), group=self.group.pg, tag=tag).wait()
+        # the sender's direction: it sent with -delta, so it wrapped iff we do
+        dist.irecv(t, self._peer(delta), group=self._pg(tag, delta), tag=tag).wait()
         return t
 
     def flush(self) -> None:
         for work, _ in self.pending:
             work.wait()
         self.pending = []
-
-
-FWD, BWD = 0, 1  # message tags: activations go to stage + 1, gradients to stage - 1
 
 
 def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scale: float,

@@ -101,7 +101,7 @@ class Trainer:
         self.expert_params = [p for p in params if getattr(p, "is_expert", False)]
         self.tp_params = [p for p in params if hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
         self.replicated_params = [p for p in params if not hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
-        self.p2p = P2P(dims.group("pp"), counter) if dims.pp > 1 else None
+        self.p2p = P2P(dims, counter) if dims.pp > 1 else None
         self.schedule = schedule_interleaved(training.global_batch_size // (m.micro_batch_size * dims.dp),
                                              dims.pp, dims.pp_rank, len(ranges))
         oc = self.optim_config
