@@ -58,9 +58,6 @@ def unsupported_reasons(model: ModelSpec, training: TrainingSpec, mapping: Mappi
         r.append(f"seq_length={S} is not divisible by cp*tp={m.cp * m.tp} (sequence shards)")
     if m.vpp > 1 and m.pp == 1:
         r.append(f"vpp={m.vpp} needs pp > 1")
-    if m.pp > 1 and not model.untie_embeddings_and_output_weights:
-        r.append(f"untie_embeddings_and_output_weights=false with pp={m.pp}: tied embeddings across "
-                 "pipeline stages are not supported yet")
     try:
         stage_layer_ranges(model.num_layers, m)
     except ValueError as e:

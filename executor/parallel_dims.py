@@ -24,7 +24,7 @@ from cost_model.specs import Mapping
 
 # Fixed creation order: every rank must call new_group in the same sequence.
 ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp",
-             "pp_bwd", "pp_wrap", "pp_bwd_wrap")
+             "pp_bwd", "pp_wrap", "pp_bwd_wrap", "pp_embed")
 # Kinds that get their own communicator even when another kind has the same ranks: pipeline
 # messages use one communicator per direction and kind (activations, gradients, and their
 # wrap-around between the last and the first stage with vpp), so every communicator carries
@@ -42,10 +42,14 @@ def stage_groups(pp_groups: list[list[int]]) -> list[list[int]]:
 
 
 def rank_lists(layout: RankLayout, kind: str) -> list[list[int]]:
-    """Rank lists of `kind`: the layout's groups, the derived `tp_cp_dp` stage groups, or the
-    pp groups again for the private pipeline kinds."""
+    """Rank lists of `kind`: the layout's groups, the derived `tp_cp_dp` stage groups and
+    `pp_embed` groups (first + last member of each pp group), or the pp groups again for the
+    private pipeline kinds."""
     if kind == "tp_cp_dp":
         return stage_groups(layout.groups["pp"])
+    if kind == "pp_embed":  # first and last stage (tied embedding copies); others alone
+        pp = layout.groups["pp"]
+        return [[g[0], g[-1]] if len(g) > 1 else [g[0]] for g in pp] + [[r] for g in pp for r in g[1:-1]]
     return layout.groups["pp" if kind.startswith("pp") else kind]
 
 

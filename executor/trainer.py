@@ -99,7 +99,14 @@ class Trainer:
         self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         params = list(self.model.parameters())
         self.expert_params = [p for p in params if getattr(p, "is_expert", False)]
-        self.tp_params = [p for p in params if hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
+        # Tied embeddings with pp > 1: the last stage holds a copy of embed.weight for the output
+        # layer; its gradient is summed with the first stage's over pp_embed, and it is left out
+        # of the gradient norm (the first stage's copy counts).
+        tied = dims.pp > 1 and not spec.untie_embeddings_and_output_weights
+        self.tied_params = [c.embed.weight for c in self.chunks if tied and hasattr(c, "embed")]
+        self.tied_copy = [c.embed.weight for c in self.chunks if tied and c.post and not c.pre]
+        self.tp_params = [p for p in params if hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)
+                          and not any(p is q for q in self.tied_copy)]
         self.replicated_params = [p for p in params if not hasattr(p, "tp_dim") and not getattr(p, "is_expert", False)]
         self.p2p = P2P(dims, counter) if dims.pp > 1 else None
         self.schedule = schedule_interleaved(training.global_batch_size // (m.micro_batch_size * dims.dp),
@@ -109,6 +116,7 @@ class Trainer:
         if self.distributed_optimizer:
             self.optimizer = DistributedAdamW(
                 [(self.tp_params, dims.group("dp_cp"), "dp_cp"),
+                 (self.tied_copy, dims.group("dp_cp"), "dp_cp.tied_copy"),
                  (self.replicated_params, dims.group("tp_cp_dp"), "tp_cp_dp"),
                  (self.expert_params, dims.group("edp"), "edp")],
                 lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, counter=counter)
@@ -139,9 +147,14 @@ class Trainer:
         """Shape of parameter `name` in the single-rank model."""
         return self._chunk_of(name).full_shape_of(name)
 
+    def sync_tied_embedding(self) -> None:
+        """Sum the embedding gradient of the first and last stage (tied weights, pp > 1)."""
+        if self.tied_params:
+            _bucket_reduce(self.tied_params, self.dims.group("pp_embed"), self.counter, "pp_embed")
+
     def reduce_gradients(self) -> None:
         """Sum gradients: tp shards over dp_cp, replicated over tp_cp_dp, experts over edp."""
-        _bucket_reduce(self.tp_params, self.dims.group("dp_cp"), self.counter, "dp_cp")
+        _bucket_reduce(self.tp_params + self.tied_copy, self.dims.group("dp_cp"), self.counter, "dp_cp")
         _bucket_reduce(self.replicated_params, self.dims.group("tp_cp_dp"), self.counter, "tp_cp_dp")
         _bucket_reduce(self.expert_params, self.dims.group("edp"), self.counter, "edp")
 
@@ -175,6 +188,7 @@ class Trainer:
         act_shape = (self.mbs, S // (d.cp * d.tp), self.spec.hidden_size)
         totals = run_schedule(self.chunks, self.schedule, self.p2p, get_batch, act_shape,
                               1.0 / (G * S), 1.0 / self.num_micro, self.autocast_dtype).to(dev)
+        self.sync_tied_embedding()
         if self.distributed_optimizer:
             self.optimizer.reduce_scatter_grads()
             if keep_grads:

@@ -35,6 +35,7 @@ TEST_SPEC = ModelSpec(
     moe_router_topk=2, moe_shared_expert_intermediate_size=32, moe_layer_freq=[1, 0, 1],
 )
 TEST_TRAINING = TrainingSpec(seq_length=32, global_batch_size=8, precision="fp32")
+SPEC_TIED = ModelSpec(**dict(TEST_SPEC.model_dump(), name="test-moe-tied", untie_embeddings_and_output_weights=False))
 # Four layers (dense first) for interleaved pipelines: pp2 x vpp2 = four chunks of one layer.
 SPEC_4L = ModelSpec(**dict(TEST_SPEC.model_dump(), name="test-moe-4l", num_layers=4, moe_layer_freq=[0, 1, 1, 1]))
 
@@ -96,6 +97,9 @@ EQUIV_CONFIGS = [
     ("cp2_dp2_tp2_ep2_etp2_w8", 8, dict(cp=2, tp=2, ep=2, etp=2), {}, False),
     ("pp2_tp2_cp2_etp2_ep2_w8", 8, dict(pp=2, tp=2, cp=2, ep=2, etp=2, decoder_first_pipeline_num_layers=1),
      {}, False),
+    ("pp2_tied_tp2_ep2_w4", 4, dict(pp=2, tp=2, ep=2, decoder_first_pipeline_num_layers=1), {}, False, SPEC_TIED),
+    ("pp2_vpp2_tied_w2", 2, dict(pp=2, vpp=2, distributed_optimizer=False), {}, False,
+     SPEC_4L.model_copy(update=dict(name="test-moe-4l-tied", untie_embeddings_and_output_weights=False))),
     ("pp2_cp2_w4", 4, dict(pp=2, cp=2, decoder_first_pipeline_num_layers=1), {}, False),
     ("pp2_etp2_w4", 4, dict(pp=2, etp=2, decoder_first_pipeline_num_layers=1), {}, False),
     # partial recompute (first layer of each stage)

@@ -67,8 +67,6 @@ def test_refuses_unsupported_mappings(fields, match):
 
 @pytest.mark.parametrize("model,training,fields,match", [
     (dict(num_query_groups=1), {}, dict(tp=2, dp=1, edp=2), "tp=2 does not divide num_query_groups=1"),
-    (dict(untie_embeddings_and_output_weights=False), {}, dict(pp=2, dp=1, edp=1),
-     "untie_embeddings_and_output_weights=false with pp=2"),
     ({}, dict(seq_length=66), dict(cp=2, dp=1, edp=2), "seq_length=66 is not divisible by 2\\*cp=4"),
     ({}, dict(seq_length=63), dict(tp=2, dp=1, edp=2), "seq_length=63 is not divisible by cp\\*tp=2"),
     ({}, dict(global_batch_size=3), dict(pp=2, vpp=2, dp=1, edp=1), "micro-batches 3 must be a multiple of pp=2"),
