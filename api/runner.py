@@ -4,9 +4,9 @@ A run row moves queued -> running -> succeeded | failed, or to cancelled by DELE
 one at a time on a worker thread, through `executor.launch.run_plan` (imported lazily, so the
 service works without the executor installed; a run then fails with that reason).
 
-Limits of this first version (a later issue grows it): cancelling a running run only marks it
-cancelled and discards its result (the executor call is not killed); a server restart marks
-runs it left queued or running as failed instead of reattaching; only the `local` backend.
+Cancelling a running run stops torchrun and every rank (they share one process group).
+Limits of this first version (a later issue grows it): a server restart marks runs it left
+queued or running as failed instead of reattaching; only the `local` backend.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ RunFn = Callable[..., dict[str, Any]]
 LOG_TAIL_CHARS = 4000
 
 
-def default_run_fn(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0) -> dict:
+def default_run_fn(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0,
+                   on_start: Callable | None = None) -> dict:
     try:
         from executor.launch import run_plan
     except ImportError as exc:
         raise RuntimeError(f"the executor is not available here: {exc}") from exc
-    kwargs: dict[str, Any] = {"seed": seed}
+    kwargs: dict[str, Any] = {"seed": seed, "on_start": on_start}
     if "echo" in inspect.signature(run_plan).parameters:
         kwargs["echo"] = False  # the ranks' output goes to out_dir/train.log, not the server log
     return run_plan(plan, candidate, steps, out_dir, **kwargs)
@@ -54,6 +55,7 @@ class RunManager:
         self.run_fn = run_fn or default_run_fn
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foldplan-run")
         self._lock = threading.Lock()  # serialises status read-modify-write across threads
+        self._procs: dict[str, Any] = {}  # run id -> its torchrun process (group leader)
 
     def recover(self) -> int:
         """Mark runs a previous server left unfinished as failed; return how many."""
@@ -77,7 +79,13 @@ class RunManager:
             if r.status in ("queued", "running"):
                 r.status = "cancelled"
                 r.finished_at = utcnow()
-            return r.status
+            status = r.status
+            proc = self._procs.get(run_id)
+        if proc is not None:  # stop torchrun and every rank (one process group)
+            from executor.launch import stop_process_group
+
+            stop_process_group(proc)
+        return status
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -93,7 +101,10 @@ class RunManager:
         out_dir = self.run_dir / run_id
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            metrics = self.run_fn(plan, candidate, steps, out_dir, seed=0)
+            kwargs: dict[str, Any] = {"seed": 0}
+            if "on_start" in inspect.signature(self.run_fn).parameters:
+                kwargs["on_start"] = lambda proc: self._procs.__setitem__(run_id, proc)
+            metrics = self.run_fn(plan, candidate, steps, out_dir, **kwargs)
             update: dict[str, Any] = {"status": "succeeded", "metrics": metrics, "error": None}
             if isinstance(metrics, dict) and isinstance(metrics.get("predicted"), dict):
                 update["predicted"] = metrics["predicted"]
@@ -101,6 +112,7 @@ class RunManager:
             tb = traceback.format_exc()
             update = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                       "log_tail": tb[-LOG_TAIL_CHARS:]}
+        self._procs.pop(run_id, None)
         tail = _log_tail(out_dir)
         with self._lock, self.db.session() as s:
             r = get_run(s, run_id)

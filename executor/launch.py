@@ -17,9 +17,11 @@ import json
 import os
 import re
 import socket
+import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import load_run
@@ -34,14 +36,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop torchrun and every rank it started (they share its process group): SIGTERM,
+    then SIGKILL after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0,
              nproc: int | None = None, data: str | None = None, echo: bool = True,
-             save_every: int = 0, resume: bool = False) -> dict:
+             save_every: int = 0, resume: bool = False,
+             on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
     """Train `steps` steps of candidate `candidate`; return the metrics dict.
 
     `data`: Megatron indexed dataset prefix (default: the bundled corpus). `save_every`:
     checkpoint into out_dir every K steps. `resume`: continue from the latest complete
-    checkpoint in out_dir up to `steps` in total.
+    checkpoint in out_dir up to `steps` in total. `on_start` receives the torchrun process
+    (leader of its own process group) so a caller can stop the run with
+    `stop_process_group`.
     """
     run = load_run(plan, candidate)  # refuses unsupported plans before any process starts
     if steps < 1:
@@ -76,14 +95,19 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
     tail: deque[str] = deque(maxlen=60)
     with open(out_dir / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line)
-            if echo:
-                print(line, end="", flush=True)
-        rc = proc.wait()
+        try:
+            if on_start is not None:
+                on_start(proc)
+            for line in proc.stdout:
+                log.write(line)
+                tail.append(line)
+                if echo:
+                    print(line, end="", flush=True)
+            rc = proc.wait()
+        finally:  # Ctrl-C or any error here: leave no rank behind (own session, no SIGINT)
+            stop_process_group(proc)
     if rc != 0 or not metrics_file.exists():
         text = (out_dir / "train.log").read_text(errors="replace")
         failed = sorted({int(r) for r in re.findall(r"rank (\d+) failed", text)}

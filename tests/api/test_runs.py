@@ -158,3 +158,48 @@ def test_missing_executor_fails_the_run_not_the_server(settings, stored_plan, mo
         run = c.post(f"/v1/plans/{stored_plan['id']}/runs", json={"steps": 1}).json()
         done = wait_status(c, run["id"], {"failed"})
         assert "executor is not available" in done["error"]
+
+
+class ProcessGroupExecutor:
+    """Starts a parent with a child in their own process group (as torchrun and its ranks)
+    and hands the parent to the runner via on_start, like executor.launch.run_plan."""
+
+    def __init__(self):
+        self.proc = None
+        self.started = threading.Event()
+
+    def __call__(self, plan, candidate, steps, out_dir, seed=0, on_start=None):
+        import subprocess
+        import sys
+
+        code = ("import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                "time.sleep(120)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        on_start(self.proc)
+        self.started.set()
+        self.proc.wait()
+        raise RuntimeError("stopped")
+
+
+def test_cancel_stops_every_process_of_the_run(settings, stored_plan):
+    import os
+
+    fake = ProcessGroupExecutor()
+    with make_client(settings, fake) as c:
+        run = c.post(f"/v1/plans/{stored_plan['id']}/runs", json={"steps": 1}).json()
+        assert fake.started.wait(10)
+        pgid = fake.proc.pid
+        time.sleep(0.5)  # let the child start
+        os.killpg(pgid, 0)  # the group exists: parent and child alive
+        assert c.delete(f"/v1/runs/{run['id']}").json()["status"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("processes of the cancelled run are still alive")
+        assert wait_status(c, run["id"], {"cancelled"})["status"] == "cancelled"
