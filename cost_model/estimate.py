@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from .flops import model_flops_per_step
+from .flops import model_flops_per_step, padded_vocab
 from .hardware import Hardware, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
@@ -142,8 +142,6 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
         d, e = layer_params(md, bool(slot % 2), m)
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
-    from .flops import padded_vocab
-
     dense += padded_vocab(md.vocab_size, m.tp) / m.tp * md.hidden_size
     grad_bytes, param_bytes = 4.0, ctx.act_bytes
     pd, pe = ctx.place["dp_cp"], ctx.place["edp"]

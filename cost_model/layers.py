@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .flops import padded_vocab
 from .hardware import Hardware
-from .kernels import alltoall_time, gemm_time, linear_time, memory_time, ring_time
+from .kernels import alltoall_time, linear_time, memory_time, ring_time
 from .layout import GroupPlacement
 from .specs import Mapping, ModelSpec, TrainingSpec
 
@@ -230,8 +231,6 @@ def logits_cost(ctx: Context) -> Cost:
     """Final norm, output layer (vocab split by tp) and the cross-entropy."""
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
     T = ctx.tokens_attn
-    from .flops import padded_vocab
-
     v = padded_vocab(md.vocab_size, m.tp) / m.tp
     fwd, bwd = linear_time(hw, ctx.prec, T, md.hidden_size, v)
     # Vocab-parallel cross-entropy in fp32 (Megatron's unfused version): forward casts the
@@ -249,8 +248,6 @@ def logits_cost(ctx: Context) -> Cost:
 def embedding_cost(ctx: Context) -> Cost:
     """Vocab-parallel lookup; its backward builds a dense fp32 gradient of the local table
     (zero, scatter-add) and accumulates it into the main gradient."""
-    from .flops import padded_vocab
-
     T, h, tp = ctx.tokens_attn, ctx.model.hidden_size, ctx.mapping.tp
     table = padded_vocab(ctx.model.vocab_size, tp) / tp * h
     elem = T * h / tp * ctx.act_bytes * 2

@@ -416,10 +416,15 @@ def class_key(m: Mapping) -> Mapping:
 def _super_key(m: Mapping) -> Mapping:
     """Configurations that may merge into one candidate (rank order, optimizer sharding and,
     without expert parallelism, the dispatcher, when time and memory agree)."""
+    return _merged(class_key(m))
+
+
+def _merged(m: Mapping) -> Mapping:
+    """`m` without the fields that cannot tell candidates apart when time and memory agree."""
     update = {"order": "", "distributed_optimizer": True}
     if m.ep * m.etp == 1:
-        update["dispatcher"] = ""
-    return class_key(m).model_copy(update=update)
+        update["dispatcher"] = ""  # no expert communication: the dispatcher does not matter
+    return m.model_copy(update=update)
 
 
 def _stages_free(fixed: dict) -> bool:
@@ -460,11 +465,7 @@ def _dedupe(rows: list[Row]) -> list[Row]:
 def _equivalence_key(row: Row) -> tuple:
     """Mappings that differ only in rank order or optimizer sharding and have the same
     predicted time and memory are one candidate to the user."""
-    m = row.mapping
-    update = {"order": "", "distributed_optimizer": True}
-    if m.ep * m.etp == 1:
-        update["dispatcher"] = ""  # no expert communication: the dispatcher does not matter
-    return (round(row.step, 12), round(row.result.peak_bytes), m.model_copy(update=update))
+    return (round(row.step, 12), round(row.result.peak_bytes), _merged(row.mapping))
 
 
 def _select(rows: list[Row], bound: float | None, top_k: int, stopped_early: bool,
