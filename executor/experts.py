@@ -6,17 +6,59 @@ experts, F expert FFN size, Fs = F / etp this rank's FFN shard, Cm = max rows of
 Sharding: expert e in [ep_rank * El, (ep_rank + 1) * El) lives on this EP rank; its FFN columns
 [etp_rank * Fs, (etp_rank + 1) * Fs) live on this ETP rank, so fc2 yields a partial sum over
 ETP that the dispatcher's reduce-scatter completes.
-Compute: rows are scattered into a zero-padded [El, Cm, D] batch and multiplied with one bmm
-per weight (padding rows stay zero and are never read back). No Python loop over experts.
+Compute: one grouped GEMM per weight (`torch._grouped_mm`: row block e of x times weight e,
+block boundaries from the cumulative counts), so each expert costs its own rows, as with
+Megatron's grouped GEMM; no padding, no Python loop over experts. Where the grouped GEMM is
+not offered (older torch, or a CUDA dtype/arch it does not take) the rows are scattered into a
+zero-padded [El, Cm, D] batch and multiplied with one bmm per weight: every expert then costs
+as much as the busiest one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .init import normal
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (the grouped GEMM's backward
+    refuses the stride-0 gradients that e.g. `.sum()` produces)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous()
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs (forward and backward) for this device type and dtype:
+    tried once on a small problem and remembered. FOLDPLAN_GROUPED_MM=0 forces the padded path."""
+    if os.environ.get("FOLDPLAN_GROUPED_MM", "1") == "0" or not hasattr(torch, "_grouped_mm"):
+        return False
+    key = (str(device), dtype)
+    if key not in _GROUPED_OK:
+        try:
+            x = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 24], device=device, dtype=torch.int32)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
+            ref = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
+            _GROUPED_OK[key] = bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2))
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_OK[key] = False
+    return _GROUPED_OK[key]
 
 
 class GroupedExperts(nn.Module):
@@ -58,6 +100,24 @@ class GroupedExperts(nn.Module):
         if M == 0:
             # Keep every weight in the graph so gradient hooks and all-reduces stay uniform.
             return x_MD + 0 * (self.w1_EDF.sum() + self.w2_EFD.sum())
+        if grouped_mm_supported(x_MD.device, x_MD.dtype):
+            return self._forward_grouped(x_MD, tokens_per_expert)
+        return self._forward_padded(x_MD, tokens_per_expert)
+
+    def _activation(self, h_MF: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = h_MF.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h_MF)
+
+    def _forward_grouped(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
+        offs_E = torch.tensor(tokens_per_expert, device=x_MD.device).cumsum(0).to(torch.int32)
+        h_MF = _ContiguousGrad.apply(torch._grouped_mm(x_MD, self.w1_EDF.to(x_MD.dtype), offs=offs_E))
+        h_MF = self._activation(h_MF)
+        return _ContiguousGrad.apply(torch._grouped_mm(h_MF, self.w2_EFD.to(x_MD.dtype), offs=offs_E))
+
+    def _forward_padded(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
+        M = x_MD.shape[0]
         counts_E = torch.tensor(tokens_per_expert, device=x_MD.device)
         cap = int(max(tokens_per_expert))
         expert_M = torch.repeat_interleave(torch.arange(self.num_local, device=x_MD.device), counts_E, output_size=M)
@@ -65,12 +125,7 @@ class GroupedExperts(nn.Module):
         pos_M = torch.arange(M, device=x_MD.device) - start_E[expert_M]
         x_ECD = x_MD.new_zeros(self.num_local, cap, x_MD.shape[1])
         x_ECD = x_ECD.index_put((expert_M, pos_M), x_MD)
-        h_ECF = torch.bmm(x_ECD, self.w1_EDF.to(x_MD.dtype))
-        if self.gated:
-            gate_ECF, up_ECF = h_ECF.chunk(2, dim=-1)
-            h_ECF = F.silu(gate_ECF) * up_ECF
-        else:
-            h_ECF = F.gelu(h_ECF)
+        h_ECF = self._activation(torch.bmm(x_ECD, self.w1_EDF.to(x_MD.dtype)))
         y_ECD = torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype))
         return y_ECD[expert_M, pos_M]
 
