@@ -17,6 +17,7 @@ as much as the busiest one.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,24 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     key = (str(device), dtype)
     if key not in _GROUPED_OK:
-        try:
-            x = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([8, 24], device=device, dtype=torch.int32)
-            y = torch._grouped_mm(x, w, offs=offs)
-            y.backward(torch.ones_like(y))
-            ref = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
-            _GROUPED_OK[key] = bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2))
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_OK[key] = False
+        # On its own thread: the caller may be inside activation checkpointing, whose
+        # thread-local saved-tensor hooks must not see the probe's tensors.
+        with ThreadPoolExecutor(1) as pool:
+            _GROUPED_OK[key] = pool.submit(_probe_grouped_mm, device, dtype).result()
     return _GROUPED_OK[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        x = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 24], device=device, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        ref = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
+        return bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class GroupedExperts(nn.Module):

@@ -36,6 +36,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_argv(nproc: int, rank_args: list[str]) -> list[str]:
+    """torchrun on this host only: `nproc` ranks, rendezvous on a free loopback port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            *rank_args]
+
+
+def rank_env() -> dict[str, str]:
+    """Environment of a one-host launch: gloo on loopback, one thread per CPU rank unless
+    the caller set OMP_NUM_THREADS, and this repository importable."""
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """Stop torchrun and every rank it started (they share its process group): SIGTERM,
     then SIGKILL after `grace_s`."""
@@ -77,21 +95,16 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
     metrics_file = out_dir / "metrics.json"
     if metrics_file.exists():
         metrics_file.unlink()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "executor.train", "--plan", str(plan_file), "--candidate", str(candidate),
-           "--steps", str(steps), "--out", str(out_dir), "--seed", str(seed)]
+    cmd = torchrun_argv(nproc, ["-m", "executor.train", "--plan", str(plan_file),
+                                "--candidate", str(candidate), "--steps", str(steps),
+                                "--out", str(out_dir), "--seed", str(seed)])
     if data:
         cmd += ["--data", str(data)]
     if save_every:
         cmd += ["--save-every", str(save_every)]
     if resume:
         cmd += ["--resume"]
-    env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env["MASTER_ADDR"] = "127.0.0.1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = rank_env()
     tail: deque[str] = deque(maxlen=60)
     with open(out_dir / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,

@@ -1,9 +1,10 @@
 """Rank entry point: `python -m executor.train --plan P --candidate K --steps N --out DIR`.
 
 Started by torchrun (see launch.py), one process per rank. Builds the process groups of the
-plan's folded layout, trains, and rank 0 writes DIR/metrics.json:
-  {"loss": [...], "steps": [...], "step_time_s": median excluding the first step,
-   "tokens_per_s": ..., "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
+plan's folded layout, trains; rank 0 appends one JSON line per step to DIR/progress.jsonl
+({"step", "loss", "time_s"}) and at the end writes DIR/metrics.json:
+  {"loss": [...], "steps": [...], "step_times_s": [...], "step_time_s": median excluding the
+   first step, "tokens_per_s": ..., "mfu": ..., "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
 --save-every K checkpoints into DIR every K steps; --resume continues from the latest
 complete checkpoint up to --steps in total (metrics then hold only the steps run now).
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from cost_model.flops import model_flops_per_step
+from cost_model.hardware import hardware
 
 from . import checkpoint
 from .comm import CommCounter
@@ -112,6 +116,9 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     if start >= args.steps:
         raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
+    progress = Path(args.out) / "progress.jsonl"
+    if rank == 0 and not args.resume:
+        progress.unlink(missing_ok=True)
     fail_rank, fail_step = os.environ.get("FOLDPLAN_FAIL_RANK"), os.environ.get("FOLDPLAN_FAIL_STEP")
     for step in range(start, args.steps):
         if fail_rank is not None and int(fail_rank) == rank and int(fail_step or "0") == step:
@@ -123,6 +130,8 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
         if rank == 0:
             print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
+            with open(progress, "a") as f:  # read by the service while the run goes on
+                f.write(json.dumps({"step": step + 1, "loss": r.loss, "time_s": r.time_s}) + "\n")
         if args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(Path(args.out), step + 1, rank, trainer, meta)
     comm = comm_summary(counter, world)
@@ -130,11 +139,18 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
         times = [r.time_s for r in results]
         step_time = statistics.median(times[1:]) if len(times) > 1 else times[0]
         tokens_per_step = run.training.global_batch_size * run.training.seq_length
+        flops = model_flops_per_step(run.model, run.training)
+        peak = hardware(run.cluster).peak_flops["fp32" if autocast is None else "bf16"]
         metrics = {
             "loss": [r.loss for r in results],
             "steps": [r.step + 1 for r in results],
+            "step_times_s": times,
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_step / step_time,
+            "model_flops_per_step": flops,
+            "tflops_per_gpu": flops / step_time / world / 1e12,
+            # against the peak of the plan's GPU (the service recomputes it for the machine used)
+            "mfu": flops / (step_time * world * peak),
             "comm_bytes": comm,
             "aux_loss": [r.aux_loss for r in results],
             "grad_norm": [r.grad_norm for r in results],
