@@ -159,6 +159,7 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
             "backend": backend,
             "device": device.type,
             "precision": "fp32" if autocast is None else "bf16",
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if use_cuda else None,
             "mapping": run.mapping.model_dump(),
         }
         out = Path(args.out)

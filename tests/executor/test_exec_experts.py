@@ -39,3 +39,20 @@ def test_forward_uses_the_grouped_path_when_offered(monkeypatch):
     monkeypatch.setenv("FOLDPLAN_GROUPED_MM", "0")
     experts(torch.randn(5, 16), (2, 3))
     assert called[-1] == "padded"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_equals_padded_on_gpu_bf16():
+    dev = torch.device("cuda")
+    if not grouped_mm_supported(dev, torch.bfloat16):
+        pytest.skip("torch._grouped_mm does not take bf16 on this GPU")
+    experts = GroupedExperts(8, 512, 1024, True, ep=1, ep_rank=0, etp=1, etp_rank=0)
+    experts.init_from_seed(0, "layer0.experts")
+    experts.to(dev)
+    counts = (300, 0, 17, 64, 128, 1, 500, 14)
+    x = torch.randn(sum(counts), 512, device=dev, dtype=torch.bfloat16)
+    with torch.autocast("cuda", torch.bfloat16):
+        a, b = experts._forward_grouped(x, counts), experts._forward_padded(x, counts)
+    # bf16 inputs, fp32 accumulation in both; outputs are rounded to bf16 (8 bits of mantissa)
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
