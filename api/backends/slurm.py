@@ -1,0 +1,197 @@
+"""The `slurm` backend: one sbatch job per run, torchrun on every node of the allocation.
+
+`start` writes out_dir/job.sbatch and submits it with `sbatch --parsable`; the handle is
+{"job_id": "<id>"}. The job runs `srun --ntasks-per-node=1` torchrun per node, each with
+`gpus_per_node` ranks, rendezvous (c10d) on the allocation's first node; all output is
+appended to out_dir/train.log, and rank 0 writes progress.jsonl and metrics.json there, so
+out_dir must be on a file system the compute nodes share with the server.
+
+`poll` asks `squeue`; once the job has left the queue it reads the final state from
+`scontrol show job` (kept MinJobAge seconds after the end) or `sacct` (needs accounting
+storage). A failed squeue call (controller busy or unreachable) reports "running" with a
+detail rather than ending the run. `cancel` is `scancel`.
+
+Options come from the server settings (FOLDPLAN_SLURM_*): partition, account, time limit,
+the Python on the compute nodes, and extra #SBATCH lines. Nothing asks Slurm for GPUs by
+itself: clusters spell that differently (--gpus-per-node=8, --gres=gpu:8), so put it in
+FOLDPLAN_SLURM_EXTRA_ARGS.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api.settings import Settings
+
+from . import Backend, JobState, rank_args
+
+log = logging.getLogger(__name__)
+
+# (out_dir, candidate, steps) -> argv that srun starts once per node instead of torchrun
+RankCommand = Callable[[Path, int, int], list[str]]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMAND_TIMEOUT_S = 30.0
+POLL_TIMEOUT_S = 20.0
+REQUIRED = ("sbatch", "squeue", "scontrol", "scancel")
+
+PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+           "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED",
+           "STOPPED"}
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, settings: Settings, rank_command: RankCommand | None = None):
+        """`rank_command` replaces the torchrun line (tests run a small script instead)."""
+        self.settings = settings
+        self.rank_command = rank_command
+        self.python = settings.slurm_python or sys.executable
+
+    def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
+        for tool in REQUIRED:
+            if shutil.which(tool) is None:
+                return f"backend='slurm' is not configured on this server: {tool} not found on PATH"
+        return None
+
+    def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
+              out_dir: Path) -> dict[str, Any]:
+        out_dir = Path(out_dir).resolve()
+        script = out_dir / "job.sbatch"
+        script.write_text(self.job_script(run_id, plan, candidate, steps, out_dir))
+        try:
+            r = subprocess.run(["sbatch", "--parsable", str(script)], check=False,
+                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"sbatch did not answer within {COMMAND_TIMEOUT_S:.0f} s") from exc
+        except OSError as exc:
+            raise RuntimeError(f"sbatch could not be started: {exc}") from exc
+        job_id = r.stdout.strip().split(";")[0]
+        if r.returncode != 0 or not job_id.isdigit():
+            raise RuntimeError(f"sbatch failed (exit {r.returncode}): "
+                               f"{(r.stderr or r.stdout).strip()}")
+        log.info("run %s submitted as slurm job %s", run_id, job_id)
+        return {"job_id": job_id}
+
+    def job_script(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
+                   out_dir: Path) -> str:
+        """The batch script: #SBATCH options, the ranks' environment, one torchrun per node."""
+        s = self.settings
+        num_nodes = int(plan["cluster"]["num_nodes"])
+        options = [f"--job-name=foldplan-{run_id[:8]}", f"--nodes={num_nodes}",
+                   "--ntasks-per-node=1",
+                   # '%' would be a filename pattern (%j, ...) to Slurm: '%%' is a plain '%'
+                   f"--output={str(out_dir / 'train.log').replace('%', '%%')}",
+                   "--open-mode=append", f"--chdir={out_dir}"]
+        if s.slurm_partition:
+            options.append(f"--partition={s.slurm_partition}")
+        if s.slurm_account:
+            options.append(f"--account={s.slurm_account}")
+        if s.slurm_time_limit:
+            options.append(f"--time={s.slurm_time_limit}")
+        options += s.slurm_extra_args
+        q = shlex.quote
+        lines = ["#!/bin/bash", *(f"#SBATCH {q(opt)}" for opt in options),
+                 (f"# foldplan run {run_id}: candidate {candidate}, {steps} steps "
+                  "(written by api/backends/slurm.py)"),
+                 "set -eu",
+                 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"',
+                 f'export PYTHONPATH={q(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"']
+        if num_nodes == 1:  # CPU ranks talk over gloo on loopback (see executor/launch.py)
+            lines.append('export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"')
+        if self.rank_command is not None:
+            launch = " ".join(q(a) for a in self.rank_command(out_dir, candidate, steps))
+        else:
+            # The batch script runs on the allocation's first node, the rendezvous host, so
+            # a port free here is free there.
+            lines += ['head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+                      (f"port=$({q(self.python)} -c 'import socket; s = socket.socket(); "
+                       "s.bind((\"\", 0)); print(s.getsockname()[1])')"),
+                      ('echo "foldplan: slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, '
+                       'rendezvous $head:$port"')]
+            gpus_per_node = int(plan["cluster"]["gpus_per_node"])
+            launch = " ".join([
+                q(self.python), "-m", "torch.distributed.run", '--nnodes="$SLURM_NNODES"',
+                f"--nproc-per-node={gpus_per_node}", "--rdzv-backend=c10d",
+                '--rdzv-endpoint="$head:$port"', '--rdzv-id="$SLURM_JOB_ID"',
+                *(q(a) for a in rank_args(out_dir, candidate, steps))])
+        lines.append(f"srun --kill-on-bad-exit=1 {launch}")
+        return "\n".join(lines) + "\n"
+
+    def poll(self, handle: dict[str, Any]) -> JobState:
+        job_id = handle["job_id"]
+        r = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
+        if r is None or (r.returncode != 0 and "invalid job id" not in r.stderr.lower()):
+            why = "timed out or could not start" if r is None else r.stderr.strip()
+            log.warning("squeue for slurm job %s failed: %s", job_id, why)
+            return JobState("running", f"slurm job {job_id}: squeue failed ({why}); state unknown")
+        state, _, reason = (r.stdout.strip().splitlines() or [""])[0].partition("|")
+        if state in PENDING:
+            why = f" ({reason})" if reason and reason != "None" else ""
+            return JobState("pending", f"slurm job {job_id}: {state}{why}")
+        if state in RUNNING:
+            detail = None if state == "RUNNING" else f"slurm job {job_id}: {state}"
+            return JobState("running", detail)
+        if state and state not in FINAL:
+            log.warning("slurm job %s in unexpected state %r", job_id, state)
+            return JobState("running", f"slurm job {job_id}: {state}")
+        return self._final_state(job_id)
+
+    def _final_state(self, job_id: str) -> JobState:
+        """The state of a job that left the queue, from scontrol, then sacct."""
+        r = _run(["scontrol", "show", "job", job_id])
+        if r is not None and r.returncode == 0:
+            state = re.search(r"\bJobState=(\S+)", r.stdout)
+            code = re.search(r"\bExitCode=(\S+)", r.stdout)
+            if state:
+                return _finished(job_id, state.group(1), code.group(1) if code else None)
+        r = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"])
+        if r is not None and r.returncode == 0 and r.stdout.strip():
+            state, _, code = r.stdout.strip().splitlines()[0].partition("|")
+            return _finished(job_id, state.split()[0], code or None)
+        return JobState("finished", f"slurm job {job_id}: no longer known to squeue, scontrol "
+                                    "or sacct")
+
+    def cancel(self, handle: dict[str, Any]) -> None:
+        job_id = handle["job_id"]
+        try:
+            r = subprocess.run(["scancel", job_id], check=False, capture_output=True, text=True,
+                               timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            raise RuntimeError(f"scancel {job_id} failed: {exc}") from exc
+        err = r.stderr.lower()
+        if r.returncode != 0 and not ("already" in err or "invalid job id" in err):
+            raise RuntimeError(f"scancel {job_id} failed (exit {r.returncode}): "
+                               f"{r.stderr.strip()}")
+
+
+def _finished(job_id: str, state: str, exit_code: str | None) -> JobState:
+    if state == "COMPLETED":
+        return JobState("finished")
+    if state not in FINAL:  # scontrol raced the queue: the job is still there
+        return JobState("pending" if state in PENDING else "running",
+                        f"slurm job {job_id}: {state}")
+    code = f", exit code {exit_code}" if exit_code else ""
+    return JobState("finished", f"slurm job {job_id}: {state}{code}")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    """A Slurm query; None when it timed out or could not start."""
+    try:
+        return subprocess.run(argv, check=False, capture_output=True, text=True,
+                              timeout=POLL_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        log.warning("%s failed: %s", argv[0], exc)
+        return None
