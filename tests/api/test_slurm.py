@@ -1,0 +1,229 @@
+"""The slurm backend against a real one-node Slurm started by the test (tests/api/slurm_cluster.py),
+plus the parts that need no Slurm: the batch script, missing tools, a failing squeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, fake_plan_answer
+from slurm_cluster import local_slurm
+from test_cli import TINY
+
+from api.backends import JobState
+from api.backends.slurm import SlurmBackend
+from api.settings import Settings
+
+ONE_NODE = {"cluster": {"num_nodes": 1, "gpus_per_node": 2, "gpu": "cpu"}}
+
+# Stands in for torchrun: argv[1] = out_dir, argv[2] = ok | fail | sleep.
+FAKE_RANK = """\
+import json, os, sys, time
+from pathlib import Path
+out, mode = Path(sys.argv[1]), sys.argv[2]
+(out / "pid").write_text(str(os.getpid()))
+print("fake rank up:", "PYTHONPATH=" + os.environ.get("PYTHONPATH", ""),
+      "GLOO_SOCKET_IFNAME=" + os.environ.get("GLOO_SOCKET_IFNAME", ""),
+      "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), flush=True)
+if mode == "fail":
+    sys.exit(3)
+if mode == "sleep":
+    time.sleep(120)
+with open(out / "progress.jsonl", "a") as f:
+    for step in (1, 2):
+        f.write(json.dumps({"step": step, "loss": 5.0 - step, "time_s": 0.1}) + "\\n")
+time.sleep(0.5)
+(out / "metrics.json").write_text(json.dumps({"loss": [4.0, 3.0]}))
+print("fake rank done", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running test Slurm; SLURM_CONF points the backend's sbatch/squeue at it."""
+    with local_slurm() as env, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", env["SLURM_CONF"])
+        yield env
+
+
+def fake_backend(tmp_path: Path, mode: str, **settings) -> SlurmBackend:
+    script = tmp_path / "fake_rank.py"
+    script.write_text(FAKE_RANK)
+    return SlurmBackend(
+        Settings(run_dir=tmp_path, **settings),
+        rank_command=lambda out, c, s: [sys.executable, str(script), str(out), mode])
+
+
+def new_run_dir(tmp_path: Path, plan: dict) -> Path:
+    out = tmp_path / "run dir"  # a space: every path in the script must be quoted
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps(plan))
+    return out
+
+
+def wait_finished(backend: SlurmBackend, handle: dict, timeout: float) -> list[JobState]:
+    """Every distinct state seen until "finished" (the last one)."""
+    seen: list[JobState] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = backend.poll(handle)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state.state == "finished":
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"slurm job {handle} not finished after {timeout} s: {seen}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+# --- no Slurm needed -----------------------------------------------------------------------
+
+
+def test_job_script_options_and_quoting(tmp_path):
+    settings = Settings(run_dir=tmp_path, slurm_partition="gpu", slurm_account="proj 1",
+                        slurm_time_limit="01:00:00", slurm_python="/opt/py env/bin/python",
+                        slurm_extra_args=["--gpus-per-node=8", "--qos=high"])
+    out = tmp_path / "runs" / "a b%c"
+    plan = {"cluster": {"num_nodes": 4, "gpus_per_node": 8, "gpu": "h100"}}
+    text = SlurmBackend(settings).job_script("0123456789abcdef", plan, 2, 10, out)
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    sbatch = [ln.removeprefix("#SBATCH ") for ln in lines if ln.startswith("#SBATCH ")]
+    assert sbatch == ["--job-name=foldplan-01234567", "--nodes=4", "--ntasks-per-node=1",
+                      f"'--output={tmp_path}/runs/a b%%c/train.log'", "--open-mode=append",
+                      f"'--chdir={out}'", "--partition=gpu", "'--account=proj 1'",
+                      "--time=01:00:00", "--gpus-per-node=8", "--qos=high"]
+    assert "GLOO_SOCKET_IFNAME" not in text  # four nodes: the ranks use the real network
+    srun = lines[-1]
+    assert srun.startswith("srun --kill-on-bad-exit=1 '/opt/py env/bin/python' -m "
+                           "torch.distributed.run --nnodes=\"$SLURM_NNODES\" --nproc-per-node=8 "
+                           "--rdzv-backend=c10d --rdzv-endpoint=\"$head:$port\"")
+    assert f"--plan '{out}/plan.json' --candidate 2 --steps 10" in srun
+    assert subprocess.run(["bash", "-n"], input=text, text=True, check=False).returncode == 0
+
+
+def test_unavailable_without_sbatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    reason = SlurmBackend(Settings(run_dir=tmp_path)).unavailable(ONE_NODE, 0)
+    assert reason == "backend='slurm' is not configured on this server: sbatch not found on PATH"
+
+
+def fake_tools(tmp_path: Path, monkeypatch, **scripts: str) -> None:
+    """PATH = only these shell scripts (name -> body)."""
+    for name, body in scripts.items():
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_poll_survives_a_failing_squeue(tmp_path, monkeypatch):
+    fake_tools(tmp_path, monkeypatch, squeue="echo 'squeue: error: Unable to contact slurm "
+               "controller (connect failure)' >&2; exit 1")
+    state = SlurmBackend(Settings(run_dir=tmp_path)).poll({"job_id": "7"})
+    assert state.state == "running" and "connect failure" in state.detail
+
+
+def test_poll_job_unknown_everywhere(tmp_path, monkeypatch):
+    invalid = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+    fake_tools(tmp_path, monkeypatch, squeue=invalid, scontrol=invalid,
+               sacct="echo 'Slurm accounting storage is disabled' >&2; exit 1")
+    state = SlurmBackend(Settings(run_dir=tmp_path)).poll({"job_id": "7"})
+    assert state == JobState("finished",
+                             "slurm job 7: no longer known to squeue, scontrol or sacct")
+
+
+def test_poll_reads_sacct_when_scontrol_forgot(tmp_path, monkeypatch):
+    invalid = "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+    fake_tools(tmp_path, monkeypatch, squeue=invalid, scontrol=invalid,
+               sacct="echo 'TIMEOUT|0:0'")
+    state = SlurmBackend(Settings(run_dir=tmp_path)).poll({"job_id": "7"})
+    assert state == JobState("finished", "slurm job 7: TIMEOUT, exit code 0:0")
+
+
+# --- a real Slurm ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_job_succeeds(slurm, tmp_path):
+    backend = fake_backend(tmp_path, "ok")
+    out = new_run_dir(tmp_path, ONE_NODE)
+    handle = backend.start("feedbeef0001", ONE_NODE, 0, 2, out)
+    assert handle["job_id"].isdigit()
+    first = backend.poll(handle)
+    assert first.state in ("pending", "running"), first
+    seen = wait_finished(backend, handle, 60)
+    assert seen[-1] == JobState("finished", None), seen
+    assert json.loads((out / "metrics.json").read_text()) == {"loss": [4.0, 3.0]}
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 2
+    log = (out / "train.log").read_text()
+    assert "fake rank done" in log
+    assert f"PYTHONPATH={REPO}" in log and "GLOO_SOCKET_IFNAME=lo" in log
+    assert "OMP_NUM_THREADS=1" in log
+    script = (out / "job.sbatch").read_text()
+    assert script.startswith("#!/bin/bash\n#SBATCH --job-name=foldplan-feedbeef")
+
+
+@pytest.mark.timeout(90)
+def test_job_fails(slurm, tmp_path):
+    backend = fake_backend(tmp_path, "fail")
+    out = new_run_dir(tmp_path, ONE_NODE)
+    handle = backend.start("feedbeef0002", ONE_NODE, 0, 2, out)
+    final = wait_finished(backend, handle, 60)[-1]
+    assert final == JobState("finished", f"slurm job {handle['job_id']}: FAILED, exit code 3:0")
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.timeout(90)
+def test_cancel_stops_the_job(slurm, tmp_path):
+    backend = fake_backend(tmp_path, "sleep")
+    out = new_run_dir(tmp_path, ONE_NODE)
+    handle = backend.start("feedbeef0003", ONE_NODE, 0, 2, out)
+    deadline = time.monotonic() + 60
+    while not (out / "pid").exists() or not (out / "pid").read_text():
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    pid = int((out / "pid").read_text())
+    assert alive(pid) and backend.poll(handle).state == "running"
+    backend.cancel(handle)
+    final = wait_finished(backend, handle, 20)[-1]
+    assert final.detail is not None and "CANCELLED" in final.detail, final
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, f"rank process {pid} still alive after scancel"
+        time.sleep(0.2)
+    backend.cancel(handle)  # idempotent
+
+
+def test_sbatch_refusal_is_an_error(slurm, tmp_path):
+    backend = fake_backend(tmp_path, "ok", slurm_partition="nosuchpartition")
+    out = new_run_dir(tmp_path, ONE_NODE)
+    with pytest.raises(RuntimeError, match="(?i)sbatch failed.*invalid partition"):
+        backend.start("feedbeef0004", ONE_NODE, 0, 2, out)
+
+
+@pytest.mark.timeout(180)
+def test_real_executor_two_cpu_ranks(slurm, tmp_path):
+    """torchrun + executor.train through sbatch/srun: tiny-moe, 1 node x 2 CPU ranks, 2 steps."""
+    plan = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)
+    out = new_run_dir(tmp_path, plan)
+    backend = SlurmBackend(Settings(run_dir=tmp_path))
+    handle = backend.start("feedbeef0005", plan, 0, 2, out)
+    final = wait_finished(backend, handle, 150)[-1]
+    log = (out / "train.log").read_text(errors="replace")
+    assert final == JobState("finished", None), log[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["loss"]) == 2 and metrics["world_size"] == 2
+    assert "rendezvous localhost:" in log
