@@ -13,7 +13,8 @@ from fastapi.staticfiles import StaticFiles
 from .db import Database
 from .errors import BodyLimitMiddleware, install_error_handlers
 from .routers import docs, estimate, health, layout, pages, plans, presets, runs
-from .runner import RunFn, RunManager
+from .backends import Backend
+from .runner import RunManager
 from .service import foldplan_version
 from .settings import Settings
 
@@ -25,19 +26,31 @@ get ranked mappings with predicted step time, memory and Megatron-LM arguments.
 Human-readable plan pages at `/plans/{id}`; recent plans at `/`."""
 
 
-def create_app(settings: Settings | None = None, run_fn: RunFn | None = None) -> FastAPI:
+def default_backends(settings: Settings) -> dict[str, Backend]:
+    """The run backends this server offers: `local` (torchrun here) and `slurm` (sbatch)."""
+    from .backends.local import LocalBackend
+    from .backends.slurm import SlurmBackend
+
+    return {"local": LocalBackend(), "slurm": SlurmBackend(settings)}
+
+
+def create_app(settings: Settings | None = None,
+               backends: dict[str, Backend] | None = None) -> FastAPI:
     """Build the app. The database schema is migrated here, before the first request.
 
-    `run_fn` replaces `executor.launch.run_plan` for runs (tests use a fake one).
+    `backends` replaces the default run backends (tests use ones that run small scripts).
+    The run scheduler starts with the app (and reattaches to jobs a previous server left).
     """
     settings = settings or Settings()
     db = Database(settings.db)
     db.init()
-    runner = RunManager(db, settings.run_dir, run_fn)
-    runner.recover()
+    runner = RunManager(db, settings.run_dir, backends or default_backends(settings),
+                        max_concurrent=settings.max_concurrent_runs, poll_s=settings.run_poll_s,
+                        profile=settings.run_profile)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
         yield
         runner.shutdown()
         db.dispose()

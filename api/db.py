@@ -69,6 +69,10 @@ class RunRow(Base):
     predicted: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     log_tail: Mapped[str | None] = mapped_column(Text)
+    job: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, doc="The backend's handle of the job (pid, Slurm job id): how a restarted server "
+        "finds it again.")
+    out_dir: Mapped[str | None] = mapped_column(Text, doc="The run's folder (absolute).")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -190,4 +194,8 @@ def runs_of_plan(s: Session, plan_id: str) -> list[RunRow]:
 
 
 def unfinished_runs(s: Session) -> list[RunRow]:
-    return list(s.scalars(select(RunRow).where(RunRow.status.in_(("queued", "running")))).all())
+    """Queued and running runs, oldest request first (the order queued runs start in)."""
+    return list(s.scalars(
+        select(RunRow).where(RunRow.status.in_(("queued", "running")))
+        .order_by(RunRow.created_at, RunRow.id)
+    ).all())

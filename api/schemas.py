@@ -230,11 +230,19 @@ class RunAnswer(BaseModel):
     backend: str
     status: RunStatus
     metrics: dict[str, Any] | None = Field(
-        None, description="Measured: per-step `loss` list, `step_time_s`, `tokens_per_s`."
+        None, description="Measured: per-step `loss` and `steps` lists, `step_times_s`, "
+        "`step_time_s` (median after the first step), `tokens_per_s`, `mfu`; `partial` is true "
+        "while the run is still going (filled in as steps finish)."
     )
-    predicted: dict[str, Any] | None = Field(None, description="The plan's estimate.")
+    predicted: dict[str, Any] | None = Field(
+        None, description="The cost model's estimate for the machine the run uses; `machine` "
+        "says which (the plan's cluster, or the server's profiled machine)."
+    )
     error: str | None = None
     log_tail: str | None = None
+    job: dict[str, Any] | None = Field(
+        None, description="The backend's job: {\"pid\": ...} (local) or {\"job_id\": ...} (slurm)."
+    )
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None

@@ -22,7 +22,39 @@ class Settings(BaseSettings):
         description="Bearer token for the run endpoints (FOLDPLAN_API_TOKEN). Unset: run "
         "endpoints accept loopback clients only.",
     )
-    run_dir: Path = Field(Path("./runs"), description="Where runs write their files.")
+    run_dir: Path = Field(
+        Path("./runs"),
+        description="Where runs write their files (FOLDPLAN_RUN_DIR). With the slurm backend it "
+        "must be on a file system the compute nodes share with the server.",
+    )
+    max_concurrent_runs: int = Field(
+        1, ge=1, le=1024,
+        description="Runs executing at the same time (FOLDPLAN_MAX_CONCURRENT_RUNS); further runs "
+        "wait in the queue and start in the order they were requested.",
+    )
+    run_poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often the run manager checks running jobs."
+    )
+    run_profile: Path | None = Field(
+        None,
+        description="Profile of the machines runs use (`foldplan profile --out FILE`, "
+        "FOLDPLAN_RUN_PROFILE). When set, a run's `predicted` is the estimate for those machines "
+        "instead of the plan's cluster.",
+    )
+    slurm_partition: str | None = Field(None, description="sbatch --partition (FOLDPLAN_SLURM_PARTITION).")
+    slurm_account: str | None = Field(None, description="sbatch --account (FOLDPLAN_SLURM_ACCOUNT).")
+    slurm_time_limit: str | None = Field(
+        None, description="sbatch --time, e.g. '04:00:00' (FOLDPLAN_SLURM_TIME_LIMIT)."
+    )
+    slurm_python: str | None = Field(
+        None,
+        description="Python on the compute nodes that has torch and this repository importable "
+        "(FOLDPLAN_SLURM_PYTHON); default: the server's own interpreter.",
+    )
+    slurm_extra_args: list[str] = Field(
+        default_factory=list,
+        description="More #SBATCH options, e.g. [\"--qos=high\"] (FOLDPLAN_SLURM_EXTRA_ARGS, JSON list).",
+    )
     host: str = Field("127.0.0.1", description="Address `foldplan serve` binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port `foldplan serve` binds to.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body.")

@@ -24,7 +24,7 @@ def run_answer(r: store.RunRow) -> RunAnswer:
     return RunAnswer(
         id=r.id, plan_id=r.plan_id, candidate=r.candidate, steps=r.steps, backend=r.backend,
         status=r.status, metrics=r.metrics, predicted=r.predicted, error=r.error,
-        log_tail=r.log_tail, created_at=store.iso(r.created_at),
+        log_tail=r.log_tail, job=r.job, created_at=store.iso(r.created_at),
         started_at=store.iso(r.started_at), finished_at=store.iso(r.finished_at),
     )
 
@@ -43,13 +43,13 @@ def create_run(
     if req.candidate >= len(candidates):
         raise RequestError(("candidate",), f"candidate={req.candidate} but the plan has "
                            f"{len(candidates)} candidates")
-    if req.backend != "local":
-        raise RequestError(("backend",), f"backend={req.backend!r} is not configured on this "
-                           "server; use 'local'")
+    why = runner.unavailable(req.backend, plan.answer, req.candidate)
+    if why:
+        raise RequestError(("backend",), why)
     row = store.RunRow(
         id=uuid.uuid4().hex, plan_id=plan_id, candidate=req.candidate, steps=req.steps,
-        backend=req.backend, status="queued", predicted=candidates[req.candidate]["estimate"],
-        created_at=store.utcnow(),
+        backend=req.backend, status="queued",
+        predicted=runner.predict(plan.answer, req.candidate), created_at=store.utcnow(),
     )
     s.add(row)
     s.commit()  # visible to the worker before it starts

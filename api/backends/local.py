@@ -1,0 +1,132 @@
+"""The `local` backend: torchrun on the server's own host, one process per rank.
+
+Without GPUs every rank is a CPU process on gloo; with GPUs one rank per GPU on NCCL, so the
+plan's world size must not exceed the GPUs this host has. torchrun starts in its own session
+and writes straight into out_dir/train.log (no pipe to the server), so the job survives a
+server restart and a new server reattaches to it through the handle
+{"pid", "start_ticks"}: the process id plus its start time (so a recycled pid is not
+mistaken for the run). Cancel sends SIGTERM to the whole process group (torchrun and every
+rank), then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import Backend, JobState, rank_args
+
+# (plan, candidate, steps, out_dir) -> argv of the job's leader process
+CommandFn = Callable[[dict[str, Any], int, int, Path], list[str]]
+KILL_GRACE_S = 5.0
+MAX_CPU_RANKS = 64
+
+
+def torchrun_command(plan: dict[str, Any], candidate: int, steps: int, out_dir: Path) -> list[str]:
+    """torchrun on this host with the plan's whole world (see executor/launch.py)."""
+    try:
+        from executor.launch import torchrun_argv
+    except ImportError as exc:
+        raise RuntimeError(f"the executor is not available here: {exc}") from exc
+    world = plan["cluster"]["num_nodes"] * plan["cluster"]["gpus_per_node"]
+    return torchrun_argv(world, rank_args(out_dir, candidate, steps))
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22); None if gone
+    or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, command: CommandFn | None = None, env: dict[str, str] | None = None):
+        self.command = command or torchrun_command
+        self.extra_env = env or {}
+        self._children: dict[int, subprocess.Popen] = {}  # pid -> child we started (to reap)
+        self._lock = threading.Lock()
+
+    def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
+        world = plan["cluster"]["num_nodes"] * plan["cluster"]["gpus_per_node"]
+        gpus = _gpu_count()
+        if gpus and world > gpus:
+            return (f"backend='local' runs the whole world on this host: the plan needs {world} "
+                    f"GPUs, this host has {gpus}; use backend='slurm' or a smaller cluster")
+        if not gpus and world > MAX_CPU_RANKS:
+            return (f"backend='local' on a host without GPUs starts one CPU process per rank: "
+                    f"{world} ranks is over the limit of {MAX_CPU_RANKS}")
+        return None
+
+    def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
+              out_dir: Path) -> dict[str, Any]:
+        from executor.launch import rank_env  # noqa: PLC0415 (the service runs without it)
+
+        argv = self.command(plan, candidate, steps, out_dir)
+        env = rank_env() | self.extra_env
+        with open(out_dir / "train.log", "ab") as log:
+            proc = subprocess.Popen(argv, cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            self._children[proc.pid] = proc
+        return {"pid": proc.pid, "start_ticks": _start_ticks(proc.pid)}
+
+    def poll(self, handle: dict[str, Any]) -> JobState:
+        pid = handle["pid"]
+        with self._lock:
+            child = self._children.get(pid)
+        if child is not None:
+            rc = child.poll()
+            if rc is None:
+                return JobState("running")
+            with self._lock:
+                self._children.pop(pid, None)
+            return JobState("finished", None if rc == 0 else f"torchrun exited with code {rc}")
+        ticks = _start_ticks(pid)
+        if ticks is not None and ticks == handle.get("start_ticks"):
+            return JobState("running")  # a job a previous server started: reattached
+        return JobState("finished")
+
+    def cancel(self, handle: dict[str, Any]) -> None:
+        pid = handle["pid"]
+        if self.poll(handle).state == "finished":
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def kill_later() -> None:
+            if self.poll(handle).state != "finished":
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.poll(handle)  # reap our child
+
+        timer = threading.Timer(KILL_GRACE_S, kill_later)
+        timer.daemon = True
+        timer.start()
+
+
+def _gpu_count() -> int:
+    """GPUs visible to this host, without importing torch into the service."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        return len([d for d in os.listdir("/proc/driver/nvidia/gpus")])
+    except OSError:
+        return 0
