@@ -15,7 +15,14 @@ from cost_model.presets import resolve_gpu
 
 from .. import db as store
 from ..deps import SessionDep
-from ..pages_view import layout_grid, mapping_rows, megatron_text, memory_chart, time_chart
+from ..pages_view import (
+    layout_grid,
+    mapping_rows,
+    megatron_text,
+    memory_chart,
+    run_rows,
+    time_chart,
+)
 from ..schemas import PlanAnswer
 from ..service import foldplan_version, presets
 
@@ -55,7 +62,7 @@ def plan_page(request: Request, plan_id: str, s: SessionDep,
     ctx = {"plan": plan, "chosen": chosen, "version": foldplan_version(),
            "gpu_name": resolve_gpu(plan.cluster.gpu).name if isinstance(plan.cluster.gpu, str)
            else plan.cluster.gpu.name,
-           "runs": store.runs_of_plan(s, plan_id), "unfolded": plan.search.best_unfolded}
+           "runs": run_rows(store.runs_of_plan(s, plan_id)), "unfolded": plan.search.best_unfolded}
     if plan.candidates:
         ctx.update(time_chart=time_chart(plan), memory_chart=memory_chart(plan),
                    layout=layout_grid(plan, chosen), mapping_rows=mapping_rows(plan),
