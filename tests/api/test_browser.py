@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import REPO, fake_plan_answer, free_port, start_server, store_plan
 
@@ -24,15 +27,28 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def server(tmp_path, db_url):
+def _serve(tmp_path, db_url, env=None):
     plan = fake_plan_answer()
     store_plan(db_url, plan)
     port = free_port()
-    proc = start_server(db_url, port, tmp_path, env={"FOLDPLAN_PLAN_TIME_LIMIT_S": "20"})
+    proc = start_server(db_url, port, tmp_path,
+                        env={"FOLDPLAN_PLAN_TIME_LIMIT_S": "20", **(env or {})})
     yield f"http://127.0.0.1:{port}", plan
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def server(tmp_path, db_url):
+    yield from _serve(tmp_path, db_url)
+
+
+@pytest.fixture
+def idle_scheduler_server(tmp_path, db_url):
+    """A server whose run scheduler checks running jobs only once a minute: its first pass is
+    over before a test writes a hand-made running row (no job behind it) that the scheduler
+    would otherwise fail as lost."""
+    yield from _serve(tmp_path, db_url, {"FOLDPLAN_RUN_POLL_S": "60"})
 
 
 def test_plan_page_reads_well(browser, server):
@@ -98,8 +114,143 @@ def test_index_lists_plans_and_form_creates_one(browser, server):
     ctx.close()
 
 
-def test_run_form_starts_a_real_run(browser, server, db_url):
-    """The page's run form: POST a run of tiny-moe on 2 CPU ranks, poll until it succeeds."""
+def _add_run(db_url: str, plan: dict, status: str, age_s: float, **fields) -> str:
+    """A run row written straight into the database, as the runner would leave it."""
+    from api.db import Database, RunRow, utcnow
+
+    created = utcnow() - timedelta(seconds=age_s)
+    fields = {"candidate": 0, "steps": 20, "backend": "local",
+              "predicted": plan["candidates"][0]["estimate"], **fields}
+    row = RunRow(id=uuid.uuid4().hex, plan_id=plan["id"], status=status, created_at=created,
+                 started_at=created + timedelta(seconds=1), **fields)
+    db = Database(db_url)
+    with db.session() as s:
+        s.add(row)
+    db.dispose()
+    return row.id
+
+
+def _update_run(db_url: str, run_id: str, **fields) -> None:
+    from api.db import Database, RunRow
+
+    db = Database(db_url)
+    with db.session() as s:
+        row = s.get(RunRow, run_id)
+        for k, v in fields.items():
+            setattr(row, k, v)
+    db.dispose()
+
+
+def _points(page, selector: str) -> int:
+    return len(page.locator(selector).get_attribute("points").split())
+
+
+def test_run_panel_shows_measured_against_predicted(browser, server, db_url, tmp_path):
+    """Runs written to the database: the table (server-drawn, then live), the loss and step-time
+    charts of a succeeded run, and the escaped error of a failed one."""
+    from api.pages_view import fmt_seconds
+
+    base, plan = server
+    pred = plan["candidates"][0]["estimate"]
+    predicted = {**pred, "machine": "16 x 8 H100 (the plan's cluster)"}
+    measured = round(pred["step_time_s"] * 1.18, 4)
+    losses = [round(10.4 * 0.93 ** i + 0.05 * (i % 3), 4) for i in range(20)]
+    times = [measured * 4.0] + [measured * (1 + 0.02 * ((i % 5) - 2)) for i in range(19)]
+    ok_id = _add_run(db_url, plan, "succeeded", 600, predicted=predicted, metrics={
+        "loss": losses, "steps": list(range(1, 21)), "step_time_s": measured,
+        "step_times_s": times, "tokens_per_s": 123456.0, "mfu": 0.312, "partial": False})
+    error = "RuntimeError: rank 1 exited with code 1 <b>not markup</b>"
+    failed_id = _add_run(db_url, plan, "failed", 60, error=error,
+                         log_tail="[rank1] Traceback (most recent call last):\n  ...\n" + error,
+                         metrics={"loss": [10.5, 10.2], "steps": [1, 2], "partial": True})
+
+    # Without JavaScript: the server draws the table, newest first.
+    html = httpx.get(f"{base}/plans/{plan['id']}").text
+    assert html.index(failed_id[:8]) < html.index(ok_id[:8])
+    assert "20 / 20 steps" in html and "2 / 20 steps" in html
+
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    external: list[str] = []
+    page.on("request", lambda req: None if req.url.startswith(base) else external.append(req.url))
+
+    def with_job(route):  # the `job` field of newer servers, whatever this one answers
+        resp = route.fetch()
+        runs = resp.json()
+        for r in runs:
+            r["job"] = {"pid": 4242} if r["id"] == ok_id else r.get("job")
+        route.fulfill(response=resp, json=runs)
+
+    page.route(f"**/v1/plans/{plan['id']}/runs", with_job)
+    page.goto(f"{base}/plans/{plan['id']}")
+    # The newest run (failed) is shown first: its error as text, not markup.
+    err = page.locator("#run-error")
+    err.wait_for()
+    assert err.inner_text() == error
+    assert err.locator("b").count() == 0
+    assert page.locator("#run-log").is_visible()
+    assert page.locator("#runs tbody tr[data-run-id]").count() == 2
+    assert page.locator("#runs button.cancel").count() == 0
+    page.locator("#run-panel").screenshot(path=str(tmp_path / "run_failed.png"))
+
+    page.locator(f"#runs tr[data-run-id='{ok_id}'] td.progress").click()
+    page.wait_for_function(f"document.getElementById('run-detail').dataset.runId === '{ok_id}'")
+    assert _points(page, "#loss-chart polyline") == 20
+    assert _points(page, "#step-time-chart polyline") == 20
+    assert page.locator("#step-time-chart line.pred").count() == 1
+    assert "step 1" in page.locator("#step-time-chart").text_content()  # warm-up step clipped
+    facts = page.locator("#run-facts").inner_text()
+    assert fmt_seconds(measured) in facts and fmt_seconds(pred["step_time_s"]) in facts
+    assert f"{measured / pred['step_time_s']:.2f}×" in facts
+    assert "31.2%" in facts and "pid 4242" in facts
+    assert "16 x 8 H100" in page.locator("#run-times").inner_text()
+    assert page.locator("#run-error").count() == 0
+    row = page.locator(f"#runs tr[data-run-id='{ok_id}']").inner_text()
+    assert "20 / 20 steps" in row and "1.18×" in row and "123,456" in row
+    page.locator("#run-panel").screenshot(path=str(tmp_path / "run_succeeded.png"))
+    assert not errors, errors
+    assert not external, external
+    ctx.close()
+
+
+def test_running_run_updates_live(browser, idle_scheduler_server, db_url):
+    """A running run's row follows the database; polling stops once nothing is running."""
+    base, plan = idle_scheduler_server
+    run_id = _add_run(db_url, plan, "running", 5, metrics={
+        "loss": [10.5, 10.1, 9.8], "steps": [1, 2, 3], "step_time_s": 0.5, "partial": True})
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    polls: list[str] = []
+    page.on("request", lambda req: polls.append(req.url) if req.url.endswith("/runs") else None)
+    page.goto(f"{base}/plans/{plan['id']}")
+    progress = page.locator(f"#runs tr[data-run-id='{run_id}'] td.progress")
+    assert progress.inner_text() == "3 / 20 steps"
+    assert page.locator("#runs button.cancel").count() == 1
+    page.locator("#loss-chart polyline").wait_for()
+
+    losses = [10.5, 10.1, 9.8, 9.6, 9.3, 9.1, 9.0]
+    _update_run(db_url, run_id, metrics={"loss": losses, "steps": list(range(1, 8)),
+                                         "step_time_s": 0.5, "partial": True})
+    page.wait_for_function(
+        f"document.querySelector(\"#runs tr[data-run-id='{run_id}'] td.progress\")"
+        ".textContent === '7 / 20 steps'", timeout=10_000)
+    assert _points(page, "#loss-chart polyline") == 7
+
+    _update_run(db_url, run_id, status="succeeded", finished_at=datetime.now(UTC))
+    page.wait_for_function("document.querySelector('#runs .badge').textContent === 'succeeded'",
+                           timeout=10_000)
+    assert page.locator("#runs button.cancel").count() == 0
+    seen = len(polls)
+    page.wait_for_timeout(2500)
+    assert len(polls) == seen, "still polling after every run finished"
+    ctx.close()
+
+
+def test_run_form_starts_a_real_run(browser, server, db_url, tmp_path):
+    """The page's run form: POST a run of tiny-moe on 2 CPU ranks; the row appears at once and
+    follows the run until it succeeds."""
     pytest.importorskip("torch")
     from test_cli import TINY
 
@@ -109,17 +260,19 @@ def test_run_form_starts_a_real_run(browser, server, db_url):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     page.goto(f"{base}/plans/{tiny['id']}")
+    assert page.locator("#runs tbody tr[data-run-id]").count() == 0
     page.fill("#r-steps", "2")
     page.click("#r-submit")
+    page.locator("#runs tbody tr[data-run-id]").wait_for(timeout=5_000)
     page.wait_for_function(
-        "/succeeded|failed/.test(document.getElementById('run-status').textContent)",
+        "/succeeded|failed|cancelled/.test(document.querySelector('#runs .badge').textContent)",
         timeout=180_000)
-    text = page.locator("#run-status").inner_text()
-    assert "succeeded" in text and "measured" in text, text
-    page.reload()
-    assert page.locator("#runs tbody tr").count() == 1
-    assert "succeeded" in page.locator("#runs").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "plan_page_run.png"), full_page=True)
+    row = page.locator("#runs tbody tr[data-run-id]").inner_text()
+    assert "succeeded" in row, page.locator("#run-detail").inner_text()
+    assert "2 / 2 steps" in row
+    assert _points(page, "#loss-chart polyline") == 2
+    page.locator("#run-panel").screenshot(path=str(tmp_path / "run_real.png"))
+    assert "succeeded" in httpx.get(f"{base}/plans/{tiny['id']}").text
     ctx.close()
 
 
