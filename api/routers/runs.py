@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException
 
@@ -20,10 +21,21 @@ AUTH = {401: {"model": ErrorAnswer, "description": "Token required."},
         403: {"model": ErrorAnswer, "description": "No token configured: loopback only."}}
 
 
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a diverged run's non-finite numbers are answered as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def run_answer(r: store.RunRow) -> RunAnswer:
     return RunAnswer(
         id=r.id, plan_id=r.plan_id, candidate=r.candidate, steps=r.steps, backend=r.backend,
-        status=r.status, metrics=r.metrics, predicted=r.predicted, error=r.error,
+        status=r.status, metrics=finite(r.metrics), predicted=finite(r.predicted), error=r.error,
         log_tail=r.log_tail, job=r.job, created_at=store.iso(r.created_at),
         started_at=store.iso(r.started_at), finished_at=store.iso(r.finished_at),
     )

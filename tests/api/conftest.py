@@ -32,6 +32,10 @@ MIXTRAL_REQUEST = {
     "cluster": {"num_nodes": 16, "gpus_per_node": 8, "gpu": "h100"},
     "training": {"seq_length": 4096, "global_batch_size": 256},
 }
+TINY = {"model": {"preset": "tiny-moe"},
+        "cluster": {"num_nodes": 1, "gpus_per_node": 2, "gpu": "cpu"},
+        "training": {"seq_length": 64, "global_batch_size": 4, "precision": "fp32"}}
+FAKE_RANK = Path(__file__).parent / "fake_rank.py"
 MIXTRAL_MAPPINGS = [
     {"tp": 2, "pp": 8, "ep": 8, "etp": 1},
     {"tp": 4, "pp": 4, "ep": 8, "etp": 1, "recompute": "selective"},
@@ -85,6 +89,15 @@ def fake_plan_answer(mappings: list[dict] = MIXTRAL_MAPPINGS, request: dict = MI
         search=SearchInfo(status="FEASIBLE", wall_time_s=0.01),
     )
     return answer.model_dump(mode="json")
+
+
+def fake_backend(mode: str = "ok"):
+    """The local backend launching fake_rank.py (see there for `mode`) instead of torchrun."""
+    from api.backends.local import LocalBackend
+
+    def command(plan, candidate, steps, out_dir):
+        return [sys.executable, str(FAKE_RANK), str(out_dir), str(steps), mode]
+    return LocalBackend(command=command)
 
 
 def store_plan(db_url: str, answer: dict) -> None:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MIXTRAL_REQUEST, fake_plan_answer, free_port, planner_ready, store_plan
+from conftest import (MIXTRAL_REQUEST, TINY, fake_backend, fake_plan_answer, free_port, planner_ready,
+                      store_plan)
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -61,26 +62,27 @@ def pg_url():
 def test_service_on_postgres(pg_url, tmp_path):
     plan = fake_plan_answer()
     store_plan(pg_url, plan)  # runs the Alembic migrations on an empty server
-    settings = Settings(db=pg_url, run_dir=tmp_path / "runs")
+    tiny = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)
+    store_plan(pg_url, tiny)
+    settings = Settings(db=pg_url, run_dir=tmp_path / "runs", run_poll_s=0.05)
+    backends = {"local": fake_backend("ok")}
 
-    def fake_run(plan, candidate, steps, out_dir, seed=0):
-        return {"loss": [1.0] * steps, "step_time_s": 0.5, "tokens_per_s": 10.0}
-
-    with TestClient(create_app(settings, run_fn=fake_run), client=("127.0.0.1", 1)) as c:
+    with TestClient(create_app(settings, backends=backends), client=("127.0.0.1", 1)) as c:
         assert c.get("/healthz").json()["db"] == "postgresql"
         assert c.get(f"/v1/plans/{plan['id']}").json() == plan
-        assert c.get("/v1/plans").json()["total"] == 1
-        run = c.post(f"/v1/plans/{plan['id']}/runs", json={"steps": 3})
+        assert c.get("/v1/plans").json()["total"] == 2
+        run = c.post(f"/v1/plans/{tiny['id']}/runs", json={"steps": 3})
         assert run.status_code == 202
         deadline = time.monotonic() + 10
         while (got := c.get(f"/v1/runs/{run.json()['id']}").json())["status"] != "succeeded":
             assert time.monotonic() < deadline, got
             time.sleep(0.05)
-        assert got["metrics"]["loss"] == [1.0, 1.0, 1.0]
+        assert got["metrics"]["loss"] == pytest.approx([5.5, 5.4, 5.3])
+        assert got["job"]["pid"] > 0
         if planner_ready():
             created = c.post("/v1/plans", json={**MIXTRAL_REQUEST, "top_k": 1})
             assert created.status_code == 201
             assert c.get(f"/v1/plans/{created.json()['id']}").json() == created.json()
     # A second app over the same database: migrations are a no-op, data is still there.
-    with TestClient(create_app(settings, run_fn=fake_run)) as c2:
+    with TestClient(create_app(settings, backends=backends)) as c2:
         assert c2.get(f"/v1/plans/{plan['id']}").json() == plan
