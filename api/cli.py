@@ -188,13 +188,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .settings import Settings
 
     overrides = {k: v for k, v in (("db", args.db), ("host", args.host), ("port", args.port),
-                                   ("run_dir", args.run_dir)) if v is not None}
+                                   ("run_dir", args.run_dir),
+                                   ("max_concurrent_runs", args.max_concurrent_runs),
+                                   ("run_profile", args.run_profile)) if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         from .errors import error_lines
         raise CLIError("; ".join(error_lines(exc.errors()))) from None
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. an unusable run profile
+        raise CLIError(str(exc)) from None
     base = f"http://{settings.host}:{settings.port}"
     print(f"foldplan serving on {base}/  (API docs: {base}/docs, database: {settings.db})",
           flush=True)
@@ -253,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--db", default=None, metavar="URL", help="SQLAlchemy URL (FOLDPLAN_DB)")
     s.add_argument("--run-dir", default=None, metavar="DIR", help="FOLDPLAN_RUN_DIR")
+    s.add_argument("--max-concurrent-runs", type=int, default=None, metavar="N",
+                   help="FOLDPLAN_MAX_CONCURRENT_RUNS: jobs active at once (default 1)")
+    s.add_argument("--run-profile", default=None, metavar="FILE",
+                   help="FOLDPLAN_RUN_PROFILE: `foldplan profile` JSON of the run machines")
     s.set_defaults(fn=cmd_serve)
     return p
 

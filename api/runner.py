@@ -87,6 +87,20 @@ def partial_metrics(progress: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def load_profile(path: Path) -> dict[str, Any]:
+    """A `foldplan profile` JSON, checked as the cost model will read it; ValueError naming the
+    file and the problem otherwise (the server refuses to start with a bad profile)."""
+    from cost_model.specs import ClusterSpec
+
+    try:
+        profile = json.loads(Path(path).read_text())
+        ClusterSpec(num_nodes=1, gpus_per_node=1, gpu="cpu", profile=profile)
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        why = "; ".join(e["msg"] for e in exc.errors()) if hasattr(exc, "errors") else str(exc)
+        raise ValueError(f"run_profile={str(path)!r} is not a usable profile: {why}") from None
+    return profile
+
+
 def machine_prediction(plan: dict[str, Any], candidate: int,
                        profile_path: Path | None) -> dict[str, Any]:
     """The estimate for the machine the run uses: the plan's own cluster, or, when the server
@@ -102,7 +116,7 @@ def machine_prediction(plan: dict[str, Any], candidate: int,
     from cost_model.estimate import estimate
     from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
-    profile = json.loads(Path(profile_path).read_text())
+    profile = load_profile(profile_path)
     device = str(profile.get("device", ""))
     cluster = ClusterSpec.model_validate(
         {**cl, "profile": profile, **({"gpu": "cpu"} if device.startswith("cpu") else {})})
@@ -124,6 +138,8 @@ class RunManager:
         self.max_concurrent = max_concurrent
         self.poll_s = poll_s
         self.profile = profile
+        if profile is not None:
+            load_profile(profile)  # refuse a bad file now, not at the first run request
         self._lock = threading.Lock()  # one writer of run rows at a time
         self._wake = threading.Event()
         self._stop = threading.Event()

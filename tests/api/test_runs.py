@@ -284,3 +284,12 @@ def test_diverged_run_answers_null_for_non_finite_numbers(settings, tiny_plan, d
         assert r.status_code == 200
         assert r.json()["metrics"] == {"loss": [5.5, None], "step_time_s": None}
         assert c.get(f"/v1/plans/{tiny_plan['id']}/runs").status_code == 200
+
+
+def test_bad_run_profile_refuses_to_start(settings, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"gemm_tflops": 5}')
+    for path, why in [(bad, "gemm_tflops must be an object"), (tmp_path / "nope.json", "No such file")]:
+        with pytest.raises(ValueError, match=why) as err:
+            create_app(settings.model_copy(update={"run_profile": path}))
+        assert "run_profile=" in str(err.value)
