@@ -227,3 +227,40 @@ def test_real_executor_two_cpu_ranks(slurm, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["loss"]) == 2 and metrics["world_size"] == 2
     assert "rendezvous localhost:" in log
+
+
+@pytest.mark.timeout(90)
+def test_service_runs_through_slurm(slurm, tmp_path, db_url):
+    """POST a run with backend=slurm: queued -> running -> succeeded, the job id recorded;
+    then a second one cancelled through DELETE ends CANCELLED in Slurm."""
+    from conftest import store_plan
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    plan = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)
+    store_plan(db_url, plan)
+    settings = Settings(db=db_url, run_dir=tmp_path / "runs", run_poll_s=0.1)
+    backends = {"slurm": fake_backend(tmp_path, "ok")}
+    with TestClient(create_app(settings, backends=backends), client=("127.0.0.1", 1)) as c:
+        url = f"/v1/plans/{plan['id']}/runs"
+        run = c.post(url, json={"steps": 2, "backend": "slurm"}).json()
+        assert run["status"] == "queued" and run["backend"] == "slurm"
+        deadline = time.monotonic() + 60
+        while (got := c.get(f"/v1/runs/{run['id']}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        assert got["status"] == "succeeded", got
+        assert got["job"]["job_id"].isdigit() and got["metrics"]["loss"] == [4.0, 3.0]
+        assert "fake rank done" in got["log_tail"]
+        (tmp_path / "second").mkdir()
+        sleeper = fake_backend(tmp_path / "second", "sleep")
+        c.app.state.runner.backends["slurm"] = sleeper  # the next job sleeps until cancelled
+        second = c.post(url, json={"steps": 2, "backend": "slurm"}).json()
+        deadline = time.monotonic() + 60
+        while not (job := c.get(f"/v1/runs/{second['id']}").json()["job"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert c.delete(f"/v1/runs/{second['id']}").json()["status"] == "cancelled"
+        final = wait_finished(sleeper, job, 30)[-1]
+        assert final.detail.startswith(f"slurm job {job['job_id']}: CANCELLED"), final
