@@ -108,7 +108,13 @@ class GroupedExperts(nn.Module):
         if M == 0:
             # Keep every weight in the graph so gradient hooks and all-reduces stay uniform.
             return x_MD + 0 * (self.w1_EDF.sum() + self.w2_EFD.sum())
-        if grouped_mm_supported(x_MD.device, x_MD.dtype):
+        dev = x_MD.device
+        if torch.is_autocast_enabled(dev.type):
+            # autocast does not cover the grouped GEMM: cast to the autocast dtype ourselves
+            # (else the GEMMs would run in fp32), as autocast does for the bmm path.
+            x_MD = x_MD.to(torch.get_autocast_dtype(dev.type))
+        aligned = dev.type == "cpu" or (x_MD.shape[1] % 8 == 0 and self.shard % 8 == 0)
+        if aligned and grouped_mm_supported(dev, x_MD.dtype):  # CUDA wants 16-byte rows
             return self._forward_grouped(x_MD, tokens_per_expert)
         return self._forward_padded(x_MD, tokens_per_expert)
 
