@@ -38,7 +38,7 @@ from .router import RouterConfig
 class OptimConfig:
     """AdamW and clipping settings."""
 
-    lr: float = 1e-3
+    lr: float = 3e-4  # 1e-3 diverged on a 1.3B-parameter MoE on an H200 (benchmarks/gpu_step_profile.py)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     eps: float = 1e-8
