@@ -117,9 +117,9 @@ def machine_prediction(plan: dict[str, Any], candidate: int,
     from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
     profile = load_profile(profile_path)
-    device = str(profile.get("device", ""))
-    cluster = ClusterSpec.model_validate(
-        {**cl, "profile": profile, **({"gpu": "cpu"} if device.startswith("cpu") else {})})
+    on_cpu = profile.get("backend") == "gloo" or not profile.get("machine", {}).get("cuda_devices")
+    cluster = ClusterSpec.model_validate(  # a CPU profile: CPU ranks, whatever the plan's GPU
+        {**cl, "profile": profile, **({"gpu": "cpu"} if on_cpu else {})})
     mapping = Mapping.model_validate(plan["candidates"][candidate]["mapping"])
     est = estimate(ModelSpec.model_validate(plan["model"]), cluster,
                    TrainingSpec.model_validate(plan["training"]), mapping).model_dump(mode="json")

@@ -259,7 +259,7 @@ def test_cancel_stops_every_process_of_the_run(settings, tiny_plan):
 
 def test_prediction_for_the_profiled_run_machine(settings, tiny_plan, tmp_path):
     """With FOLDPLAN_RUN_PROFILE the run's prediction is for the profiled machine."""
-    profile = {"device": "cpu", "gemm_tflops": {"fp32": 0.001, "bf16": 0.001}, "hbm_GBps": 1.0,
+    profile = {"backend": "gloo", "machine": {"cuda_devices": []}, "gemm_tflops": {"fp32": 0.001, "bf16": 0.001}, "hbm_GBps": 1.0,
                "intra_node_GBps": 1.0, "intra_node_latency_us": 50.0, "kernel_overhead_us": 20.0}
     path = tmp_path / "profile.json"
     path.write_text(__import__("json").dumps(profile))
