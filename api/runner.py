@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import object_session
+
 from .backends import Backend, BackendUnavailable, JobState
 from .db import Database, RunRow, get_plan, get_run, unfinished_runs, utcnow
 
@@ -47,18 +49,34 @@ def log_tail(out_dir: Path) -> str | None:
     return text[-LOG_TAIL_CHARS:] or None
 
 
-def read_progress(out_dir: Path) -> list[dict[str, Any]]:
-    """Steps finished so far (rank 0's progress.jsonl); a half-written last line is skipped."""
-    path = out_dir / "progress.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text(errors="replace").splitlines():
+class ProgressReader:
+    """Reads rank 0's progress.jsonl of each run incrementally (a long run's file is not
+    re-read every pass); a half-written last line waits for the next pass."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run id -> (offset, steps)
+
+    def read(self, run_id: str, out_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+        """All steps so far and whether any arrived since the last call."""
+        offset, steps = self._seen.get(run_id, (0, []))
+        path = out_dir / "progress.jsonl"
         try:
-            steps.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return steps
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            return steps, False
+        end = chunk.rfind(b"\n") + 1  # only whole lines
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            try:
+                steps.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a garbled line is skipped, not fatal
+        self._seen[run_id] = (offset + end, steps)
+        return steps, end > 0
+
+    def forget(self, run_id: str) -> None:
+        self._seen.pop(run_id, None)
 
 
 def with_rates(metrics: dict[str, Any], tokens_per_step: float,
@@ -77,10 +95,10 @@ def with_rates(metrics: dict[str, Any], tokens_per_step: float,
 
 def partial_metrics(progress: list[dict[str, Any]]) -> dict[str, Any]:
     """Metrics of a run still going, from its progress lines."""
-    times = [p["time_s"] for p in progress]
+    times = [p.get("time_s", 0.0) for p in progress]
     return {
-        "loss": [p["loss"] for p in progress],
-        "steps": [p["step"] for p in progress],
+        "loss": [p.get("loss") for p in progress],
+        "steps": [p.get("step") for p in progress],
         "step_times_s": times,
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
         "partial": True,
@@ -144,6 +162,7 @@ class RunManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._progress = ProgressReader()
 
     # --- called by the API ------------------------------------------------------------------
 
@@ -213,7 +232,12 @@ class RunManager:
                 active = 0
                 for r in rows:
                     if r.job is not None or r.status == "running":
-                        active += 0 if self._poll(r) else 1
+                        try:
+                            done = self._poll(r)
+                        except Exception:  # one bad row must not stall the others
+                            log.exception("following run %s failed", r.id)
+                            done = False
+                        active += 0 if done else 1
                 queued = [r.id for r in rows if r.status == "queued" and r.job is None]
             for run_id in queued[: max(0, self.max_concurrent - active)]:
                 self._start(run_id)
@@ -251,8 +275,8 @@ class RunManager:
         if r.status == "queued":
             r.status, r.started_at = "running", r.started_at or utcnow()
         if state.state == "running":
-            progress = read_progress(out_dir)
-            if progress:
+            progress, new = self._progress.read(r.id, out_dir)
+            if new:
                 r.metrics = self._rates(r, partial_metrics(progress))
             return False
         self._complete(r, out_dir, state)
@@ -268,20 +292,20 @@ class RunManager:
                 return
             self._finish(r, "succeeded", metrics=self._rates(r, metrics))
             return
-        progress = read_progress(out_dir)
+        progress, _ = self._progress.read(r.id, out_dir)
         if progress:
             r.metrics = self._rates(r, partial_metrics(progress))
         why = state.detail or "the job ended without writing metrics.json"
         self._finish(r, "failed", error=f"{why}; see the log tail")
 
     def _rates(self, r: RunRow, metrics: dict[str, Any]) -> dict[str, Any]:
-        plan = json.loads((Path(r.out_dir) / "plan.json").read_text())
-        tr = plan["training"]
+        tr = get_plan(object_session(r), r.plan_id).answer["training"]
         return with_rates(metrics, tr["global_batch_size"] * tr["seq_length"], r.predicted)
 
     def _finish(self, r: RunRow, status: str, error: str | None = None,
                 metrics: dict[str, Any] | None = None) -> None:
         r.status, r.finished_at = status, utcnow()
+        self._progress.forget(r.id)
         if metrics is not None:
             r.metrics = metrics
         if error is not None:

@@ -293,3 +293,19 @@ def test_bad_run_profile_refuses_to_start(settings, tmp_path):
         with pytest.raises(ValueError, match=why) as err:
             create_app(settings.model_copy(update={"run_profile": path}))
         assert "run_profile=" in str(err.value)
+
+
+def test_progress_is_read_incrementally_and_whole_lines_only(tmp_path):
+    from api.runner import ProgressReader
+
+    reader = ProgressReader()
+    f = tmp_path / "progress.jsonl"
+    assert reader.read("r", tmp_path) == ([], False)  # no file yet
+    f.write_text('{"step": 1, "loss": 5.0, "time_s": 1.0}\n{"step": 2, "lo')
+    steps, new = reader.read("r", tmp_path)
+    assert new and [x["step"] for x in steps] == [1]  # the half-written line waits
+    assert reader.read("r", tmp_path)[1] is False
+    with open(f, "a") as out:
+        out.write('ss": 4.0, "time_s": 1.0}\nnot json\n{"step": 3, "loss": 3.0, "time_s": 1.0}\n')
+    steps, new = reader.read("r", tmp_path)
+    assert new and [x["step"] for x in steps] == [1, 2, 3]  # a garbled line is skipped
