@@ -72,8 +72,10 @@ class LocalBackend(Backend):
 
     def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
               out_dir: Path) -> dict[str, Any]:
-        from executor.launch import rank_env  # noqa: PLC0415 (the service runs without it)
-
+        try:
+            from executor.launch import rank_env
+        except ImportError as exc:
+            raise RuntimeError(f"the executor is not available here: {exc}") from exc
         argv = self.command(plan, candidate, steps, out_dir)
         env = rank_env() | self.extra_env
         with open(out_dir / "train.log", "ab") as log:
