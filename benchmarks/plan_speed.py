@@ -25,7 +25,8 @@ from planner.space import enumerate_mappings  # noqa: E402
 
 EXHAUSTIVE_MAX = 300_000
 CASES = [("mixtral-8x22b", 16, 256), ("mixtral-8x22b", 128, 1024), ("mixtral-8x22b", 2048, 8192),
-         ("qwen2-57b-a14b", 16, 256), ("qwen2-57b-a14b", 128, 1024), ("qwen2-57b-a14b", 2048, 8192)]
+         ("qwen2-57b-a14b", 16, 256), ("qwen2-57b-a14b", 128, 1024), ("qwen2-57b-a14b", 2048, 8192),
+         ("deepseek-v3", 128, 1024)]
 
 
 def main() -> None:

@@ -56,6 +56,9 @@ CASES = [
     (_small_moe(vocab=151936), 32, {"tp": 1, "ep": 2, "etp": 1}, "uneven"),
     (_small_moe(vocab=151936), 16, {"ep": 1, "etp": 1, "cp": 1, "recompute": "full"}, "partial"),
     (_small_moe(freq=[1] * 8), 16, {"ep": 1, "etp": 1, "cp": 1, "recompute": "full"}, "partial"),
+    # interleaved dense/MoE layers: the stage model's table lookups (AddElement), no presolve
+    (_small_moe(vocab=151936, freq=(1, 0, 1, 0, 1, 0, 1, 0)), 16,
+     {"ep": 1, "etp": 1, "cp": 1, "recompute": "full"}, None),
 ]
 
 
