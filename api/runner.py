@@ -163,6 +163,7 @@ class RunManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress = ProgressReader()
+        self._log_sizes: dict[str, int] = {}  # run id -> train.log size at the last tail read
 
     # --- called by the API ------------------------------------------------------------------
 
@@ -278,6 +279,7 @@ class RunManager:
             progress, new = self._progress.read(r.id, out_dir)
             if new:
                 r.metrics = self._rates(r, partial_metrics(progress))
+            self._refresh_log_tail(r, out_dir)
             return False
         self._complete(r, out_dir, state)
         return True
@@ -298,6 +300,16 @@ class RunManager:
         why = state.detail or "the job ended without writing metrics.json"
         self._finish(r, "failed", error=f"{why}; see the log tail")
 
+    def _refresh_log_tail(self, r: RunRow, out_dir: Path) -> None:
+        """Keep the log tail of a running job current (written only when the log grew)."""
+        try:
+            size = (out_dir / "train.log").stat().st_size
+        except OSError:
+            return
+        if self._log_sizes.get(r.id) != size:
+            self._log_sizes[r.id] = size
+            r.log_tail = log_tail(out_dir)
+
     def _rates(self, r: RunRow, metrics: dict[str, Any]) -> dict[str, Any]:
         tr = get_plan(object_session(r), r.plan_id).answer["training"]
         return with_rates(metrics, tr["global_batch_size"] * tr["seq_length"], r.predicted)
@@ -306,6 +318,7 @@ class RunManager:
                 metrics: dict[str, Any] | None = None) -> None:
         r.status, r.finished_at = status, utcnow()
         self._progress.forget(r.id)
+        self._log_sizes.pop(r.id, None)
         if metrics is not None:
             r.metrics = metrics
         if error is not None:

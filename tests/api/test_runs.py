@@ -73,11 +73,12 @@ def test_run_goes_queued_running_succeeded_with_progress(settings, tiny_plan):
         predicted = run["predicted"]
         assert predicted["step_time_s"] == tiny_plan["candidates"][1]["estimate"]["step_time_s"]
         assert "plan's cluster" in predicted["machine"]
-        running = wait_for(lambda: (x := c.get(f"/v1/runs/{run['id']}").json())["metrics"] and x,
-                           what="progress")
+        running = wait_for(lambda: (x := c.get(f"/v1/runs/{run['id']}").json())["metrics"]
+                           and "step 1/3" in (x["log_tail"] or "") and x, what="progress")
         assert running["status"] == "running" and running["job"]["pid"] > 0
         assert running["metrics"]["partial"] is True and running["metrics"]["loss"] == [5.5]
         assert running["started_at"] is not None
+        assert "step 1/3 loss 5.5000" in running["log_tail"]  # the log tail is live too
         release(settings, run["id"])
         done = wait_status(c, run["id"], {"succeeded"})
         m = done["metrics"]
