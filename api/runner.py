@@ -33,6 +33,7 @@ from .backends import Backend, BackendUnavailable, JobState
 from .db import Database, RunRow, get_plan, get_run, unfinished_runs, utcnow
 
 LOG_TAIL_CHARS = 4000
+PARTIAL_POINTS = 2000
 log = logging.getLogger("foldplan.runs")
 
 
@@ -94,7 +95,14 @@ def with_rates(metrics: dict[str, Any], tokens_per_step: float,
 
 
 def partial_metrics(progress: list[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics of a run still going, from its progress lines."""
+    """Metrics of a run still going, from its progress lines: at most PARTIAL_POINTS evenly
+    spaced steps (always the first and the latest), so a long run's row stays small while it is
+    rewritten every pass; the final metrics.json holds every step. The step time is the median
+    over the kept steps after the first."""
+    n = len(progress)
+    if n > PARTIAL_POINTS:
+        idx = sorted({round(i * (n - 1) / (PARTIAL_POINTS - 1)) for i in range(PARTIAL_POINTS)})
+        progress = [progress[i] for i in idx]
     times = [p.get("time_s", 0.0) for p in progress]
     return {
         "loss": [p.get("loss") for p in progress],

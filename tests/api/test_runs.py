@@ -310,3 +310,16 @@ def test_progress_is_read_incrementally_and_whole_lines_only(tmp_path):
         out.write('ss": 4.0, "time_s": 1.0}\nnot json\n{"step": 3, "loss": 3.0, "time_s": 1.0}\n')
     steps, new = reader.read("r", tmp_path)
     assert new and [x["step"] for x in steps] == [1, 2, 3]  # a garbled line is skipped
+
+
+def test_partial_metrics_of_a_long_run_stay_bounded():
+    from api.runner import PARTIAL_POINTS, partial_metrics
+
+    progress = [{"step": i + 1, "loss": 10.0 - i * 1e-4, "time_s": 3.0 if i == 0 else 0.5}
+                for i in range(25_000)]
+    m = partial_metrics(progress)
+    assert len(m["loss"]) == len(m["steps"]) == PARTIAL_POINTS
+    assert m["steps"][0] == 1 and m["steps"][-1] == 25_000  # first and latest kept
+    assert m["steps"] == sorted(m["steps"]) and m["step_time_s"] == 0.5
+    short = partial_metrics(progress[:3])
+    assert short["steps"] == [1, 2, 3] and short["step_time_s"] == 0.5
