@@ -187,10 +187,12 @@ def get_run(s: Session, run_id: str) -> RunRow | None:
     return s.get(RunRow, run_id)
 
 
-def runs_of_plan(s: Session, plan_id: str) -> list[RunRow]:
-    return list(s.scalars(
-        select(RunRow).where(RunRow.plan_id == plan_id).order_by(RunRow.created_at.desc())
-    ).all())
+def runs_of_plan(s: Session, plan_id: str, statuses: list[str] | None = None) -> list[RunRow]:
+    """The plan's runs, newest first; only those in `statuses` when given."""
+    q = select(RunRow).where(RunRow.plan_id == plan_id)
+    if statuses:
+        q = q.where(RunRow.status.in_(statuses))
+    return list(s.scalars(q.order_by(RunRow.created_at.desc(), RunRow.id)).all())
 
 
 def unfinished_runs(s: Session) -> list[RunRow]:

@@ -6,11 +6,11 @@ import math
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, HTTPException, Query
 
 from .. import db as store
 from ..deps import RunAuth, RunnerDep, SessionDep
-from ..schemas import ErrorAnswer, RunAnswer, RunRequest
+from ..schemas import ErrorAnswer, RunAnswer, RunRequest, RunStatus
 from ..service import RequestError
 from . import BAD_INPUT, NOT_FOUND
 from .examples import RUN_EXAMPLES
@@ -71,9 +71,14 @@ def create_run(
 
 @router.get("/v1/plans/{plan_id}/runs", response_model=list[RunAnswer],
             summary="Runs of a plan, newest first", responses=NOT_FOUND)
-def list_runs(plan_id: str, s: SessionDep) -> list[RunAnswer]:
+def list_runs(
+    plan_id: str, s: SessionDep,
+    status: Annotated[list[RunStatus] | None, Query(
+        description="Only runs in these states (repeat the parameter), e.g. "
+        "?status=queued&status=running.")] = None,
+) -> list[RunAnswer]:
     load_plan(s, plan_id)
-    return [run_answer(r) for r in store.runs_of_plan(s, plan_id)]
+    return [run_answer(r) for r in store.runs_of_plan(s, plan_id, status)]
 
 
 @router.get("/v1/runs/{run_id}", response_model=RunAnswer, summary="A run's status and metrics",

@@ -465,13 +465,38 @@
     return local.concat(fetched);
   }
 
+  async function getJSON(url) {
+    var r = await fetch(url, {headers: authHeaders(), cache: 'no-store'});
+    if (!r.ok) throw new Error(await errorText(r));
+    return r.json();
+  }
+
+  // The first load takes every run; later polls only the active ones (finished runs can carry
+  // long metrics) plus, once, each run that stopped being active since the last poll (also one
+  // started here that finished before a poll saw it).
+  async function fetchRuns() {
+    var base = '/v1/plans/' + encodeURIComponent(planId) + '/runs';
+    if (state.runs === null) return getJSON(base);
+    var active = await getJSON(base + '?status=queued&status=running');
+    if (!Array.isArray(active)) throw new Error('unexpected answer');
+    var now = {};
+    active.forEach(function (r) { now[r.id] = r; });
+    var done = state.runs.filter(function (r) { return ACTIVE[r.status] && !now[r.id]; });
+    for (var i = 0; i < done.length; i++) {
+      now[done[i].id] = await getJSON('/v1/runs/' + encodeURIComponent(done[i].id));
+    }
+    var known = {};
+    var runs = state.runs.map(function (r) { known[r.id] = true; return now[r.id] || r; });
+    var fresh = active.filter(function (r) { return !known[r.id]; });
+    return fresh.concat(runs).sort(function (a, b) {  // newest first, as the server lists them
+      return String(b.created_at).localeCompare(String(a.created_at));
+    });
+  }
+
   async function refresh() {
     state.timer = null;
     try {
-      var r = await fetch('/v1/plans/' + encodeURIComponent(planId) + '/runs',
-                          {headers: authHeaders(), cache: 'no-store'});
-      if (!r.ok) throw new Error(await errorText(r));
-      var runs = await r.json();
+      var runs = await fetchRuns();
       if (!Array.isArray(runs)) throw new Error('unexpected answer');
       state.runs = merge(runs);
       state.failures = 0;

@@ -323,3 +323,17 @@ def test_partial_metrics_of_a_long_run_stay_bounded():
     assert m["steps"] == sorted(m["steps"]) and m["step_time_s"] == 0.5
     short = partial_metrics(progress[:3])
     assert short["steps"] == [1, 2, 3] and short["step_time_s"] == 0.5
+
+
+def test_list_runs_filtered_by_status(settings, tiny_plan):
+    with make_client(settings, "hold") as c:
+        url = f"/v1/plans/{tiny_plan['id']}/runs"
+        first, second = c.post(url, json={"steps": 1}).json(), c.post(url, json={"steps": 1}).json()
+        c.delete(f"/v1/runs/{first['id']}")
+        active = c.get(url, params=[("status", "queued"), ("status", "running")]).json()
+        assert [r["id"] for r in active] == [second["id"]]
+        assert [r["id"] for r in c.get(url, params={"status": "cancelled"}).json()] == [first["id"]]
+        assert len(c.get(url).json()) == 2
+        bad = c.get(url, params={"status": "done"})
+        assert bad.status_code == 422 and "status" in bad.json()["message"]
+        c.delete(f"/v1/runs/{second['id']}")
