@@ -349,6 +349,9 @@ class RunManager:
             if backend is None:
                 raise BackendUnavailable(f"backend {backend_name!r} is not configured on this "
                                          "server")
+            why = backend.unavailable(plan, candidate)  # checked again: the server may differ
+            if why:  # from the one that accepted the request (restart, other settings)
+                raise BackendUnavailable(why)
             out_dir.mkdir(parents=True, exist_ok=True)
             _check_executor(plan, candidate)
             (out_dir / "plan.json").write_text(json.dumps(plan))

@@ -223,7 +223,7 @@ def test_running_run_updates_live(browser, idle_scheduler_server, db_url):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     polls: list[str] = []
-    page.on("request", lambda req: polls.append(req.url) if req.url.endswith("/runs") else None)
+    page.on("request", lambda req: polls.append(req.url) if "/runs" in req.url else None)
     page.goto(f"{base}/plans/{plan['id']}")
     progress = page.locator(f"#runs tr[data-run-id='{run_id}'] td.progress")
     assert progress.inner_text() == "3 / 20 steps"
@@ -241,6 +241,17 @@ def test_running_run_updates_live(browser, idle_scheduler_server, db_url):
     _update_run(db_url, run_id, status="succeeded", finished_at=datetime.now(UTC))
     page.wait_for_function("document.querySelector('#runs .badge').textContent === 'succeeded'",
                            timeout=10_000)
+    assert page.locator("#runs button.cancel").count() == 0
+    assert any(u.endswith("/runs?status=queued&status=running") for u in polls)  # active only
+
+    # Cancel from the page: a queued run's button asks, DELETEs, and the row turns cancelled.
+    queued = _add_run(db_url, plan, "queued", 0)
+    page.reload()
+    page.on("dialog", lambda d: d.accept())
+    page.locator(f"#runs tr[data-run-id='{queued}'] button.cancel").click()
+    page.wait_for_function(
+        f"document.querySelector(\"#runs tr[data-run-id='{queued}'] .badge\").textContent"
+        " === 'cancelled'", timeout=10_000)
     assert page.locator("#runs button.cancel").count() == 0
     seen = len(polls)
     page.wait_for_timeout(2500)

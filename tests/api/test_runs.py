@@ -337,3 +337,17 @@ def test_list_runs_filtered_by_status(settings, tiny_plan):
         bad = c.get(url, params={"status": "done"})
         assert bad.status_code == 422 and "status" in bad.json()["message"]
         c.delete(f"/v1/runs/{second['id']}")
+
+
+def test_queued_run_the_backend_cannot_take_fails_with_the_reason(settings, stored_plan, db_url):
+    """A queued row left by another server (128 GPUs on this GPU-less host) is not started."""
+    db = Database(db_url)
+    db.init()
+    with db.session() as s:
+        s.add(RunRow(id="q" * 32, plan_id=stored_plan["id"], candidate=0, steps=1,
+                     backend="local", status="queued", created_at=utcnow()))
+    db.dispose()
+    with make_client(settings) as c:
+        failed = wait_status(c, "q" * 32, {"failed", "running", "succeeded"})
+        assert failed["status"] == "failed" and "128 ranks" in failed["error"]
+        assert failed["job"] is None
