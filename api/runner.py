@@ -109,6 +109,7 @@ def partial_metrics(progress: list[dict[str, Any]]) -> dict[str, Any]:
         "steps": [p.get("step") for p in progress],
         "step_times_s": times,
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "expert_load_imbalance": [p.get("expert_load_imbalance") for p in progress],
         "partial": True,
     }
 

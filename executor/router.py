@@ -90,6 +90,15 @@ class Router(nn.Module):
         super().__init__()
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.num_experts, self.topk, self.config = num_experts, topk, config
+        self._load_sum: torch.Tensor | None = None  # sum of busiest/mean over micro-batches
+        self._load_count = 0
+
+    def take_load(self) -> tuple[torch.Tensor | None, int]:
+        """(sum, count) of the busiest expert's tokens over the mean, one term per micro-batch
+        routed since the last call (global over tp_cp_dp, before capacity dropping); resets."""
+        out = (self._load_sum, self._load_count)
+        self._load_sum, self._load_count = None, 0
+        return out
 
     def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
         """Route the local tokens; statistics for the losses are summed over tp_cp_dp."""
@@ -117,6 +126,10 @@ class Router(nn.Module):
         stats[E] = T
         all_reduce_(stats, token_group, counter, "tp_cp_dp.router")
         tokens_per_expert_E, num_global = stats[:E], stats[E]
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
+            ratio = (tokens_per_expert_E.max() / tokens_per_expert_E.mean().clamp_min(1e-9)).detach()
+            self._load_sum = ratio if self._load_sum is None else self._load_sum + ratio
+            self._load_count += 1
         aux = x_TD.new_zeros((), dtype=torch.float32)
         if cfg.aux_loss_coeff:
             scale = cfg.aux_loss_coeff * E / (num_global * num_global * K)

@@ -4,7 +4,9 @@ Started by torchrun (see launch.py), one process per rank. Builds the process gr
 plan's folded layout, trains; rank 0 appends one JSON line per step to DIR/progress.jsonl
 ({"step", "loss", "time_s"}) and at the end writes DIR/metrics.json:
   {"loss": [...], "steps": [...], "step_times_s": [...], "step_time_s": median excluding the
-   first step, "tokens_per_s": ..., "mfu": ..., "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
+   first step, "tokens_per_s": ..., "mfu": ..., "expert_load_imbalance": [...] (busiest expert
+   over the mean per step, what training.moe_expert_load_imbalance asks for),
+   "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
 --save-every K checkpoints into DIR every K steps; --resume continues from the latest
 complete checkpoint up to --steps in total (metrics then hold only the steps run now).
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
@@ -131,7 +133,8 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
             print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
             with open(progress, "a") as f:  # read by the service while the run goes on
-                f.write(json.dumps({"step": step + 1, "loss": r.loss, "time_s": r.time_s}) + "\n")
+                f.write(json.dumps({"step": step + 1, "loss": r.loss, "time_s": r.time_s,
+                                    "expert_load_imbalance": r.expert_load_imbalance}) + "\n")
         if args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(Path(args.out), step + 1, rank, trainer, meta)
     comm = comm_summary(counter, world)
@@ -155,6 +158,7 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
             "aux_loss": [r.aux_loss for r in results],
             "grad_norm": [r.grad_norm for r in results],
             "num_dropped": [r.num_dropped for r in results],
+            "expert_load_imbalance": [r.expert_load_imbalance for r in results],
             "world_size": world,
             "backend": backend,
             "device": device.type,

@@ -31,7 +31,7 @@ from .model import MoETransformer
 from .optimizer import DistributedAdamW
 from .parallel_dims import ParallelDims
 from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
-from .router import RouterConfig
+from .router import Router, RouterConfig
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class StepResult:
     num_dropped: int  # dropped (token, expert) pairs over all ranks
     grad_norm: float  # global norm before clipping
     time_s: float
+    # busiest expert's tokens over the mean, averaged over MoE layers and micro-batches (before
+    # capacity dropping): what training.moe_expert_load_imbalance asks for; None without MoE
+    expert_load_imbalance: float | None = None
     grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -211,6 +214,7 @@ class Trainer:
         all_reduce_(totals[:1], d.group("dp_cp"), None)
         all_reduce_(totals[1:], d.group("tp_cp_dp"), None)
         all_reduce_(totals, d.group("pp"), None)
+        load = self.expert_load()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return StepResult(
@@ -221,4 +225,17 @@ class Trainer:
             grad_norm=float(norm),
             time_s=time.perf_counter() - t0,
             grads=grads,
+            expert_load_imbalance=load,
         )
+
+    def expert_load(self) -> float | None:
+        """Mean busiest-over-mean expert load of this step over every MoE layer of the model
+        (all pipeline stages) and micro-batch; None for a model without MoE layers."""
+        sums = [r.take_load() for c in self.chunks for r in c.modules() if isinstance(r, Router)]
+        acc = torch.zeros(2, dtype=torch.float32, device=self.dims.device)
+        for total, count in sums:
+            if count:
+                acc[0] += total
+                acc[1] += count
+        all_reduce_(acc, self.dims.group("pp"), None)  # stages hold different layers
+        return float(acc[0] / acc[1]) if float(acc[1]) else None

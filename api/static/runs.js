@@ -231,6 +231,13 @@
       facts.appendChild(fact('Loss', loss[loss.length - 1].toFixed(3),
                              loss.length > 1 ? 'from ' + loss[0].toFixed(3) : null));
     }
+    // Busiest expert's tokens over the mean (latest step): compare with the plan's assumption
+    // training.moe_expert_load_imbalance and re-plan with the measured value.
+    var load = series(m.steps, m.expert_load_imbalance).ys;
+    if (load.length) {
+      facts.appendChild(fact('Expert load', load[load.length - 1].toFixed(2) + '×',
+                             'busiest / mean'));
+    }
     var job = jobText(run.job);
     if (job) facts.appendChild(fact('Job', job));
     parts.push(facts);

@@ -158,7 +158,8 @@ def test_run_panel_shows_measured_against_predicted(browser, server, db_url, tmp
     times = [measured * 4.0] + [measured * (1 + 0.02 * ((i % 5) - 2)) for i in range(19)]
     ok_id = _add_run(db_url, plan, "succeeded", 600, predicted=predicted, metrics={
         "loss": losses, "steps": list(range(1, 21)), "step_time_s": measured,
-        "step_times_s": times, "tokens_per_s": 123456.0, "mfu": 0.312, "partial": False})
+        "step_times_s": times, "tokens_per_s": 123456.0, "mfu": 0.312, "partial": False,
+        "expert_load_imbalance": [3.9] + [1.4] * 18 + [1.31]})
     error = "RuntimeError: rank 1 exited with code 1 <b>not markup</b>"
     failed_id = _add_run(db_url, plan, "failed", 60, error=error,
                          log_tail="[rank1] Traceback (most recent call last):\n  ...\n" + error,
@@ -205,6 +206,7 @@ def test_run_panel_shows_measured_against_predicted(browser, server, db_url, tmp
     assert fmt_seconds(measured) in facts and fmt_seconds(pred["step_time_s"]) in facts
     assert f"{measured / pred['step_time_s']:.2f}×" in facts
     assert "31.2%" in facts and "pid 4242" in facts
+    assert "1.31×" in facts and "busiest / mean" in facts  # the latest step's expert load
     assert "16 x 8 H100" in page.locator("#run-times").inner_text()
     assert page.locator("#run-error").count() == 0
     row = page.locator(f"#runs tr[data-run-id='{ok_id}']").inner_text()

@@ -132,6 +132,7 @@ def _reference(mbs: int, router: RouterConfig, tokens, spec: ModelSpec = TEST_SP
     results = [t.step(s, keep_grads=(s == 0)) for s in range(NUM_STEPS)]
     return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
             "dropped": [r.num_dropped for r in results],
+            "load": [r.expert_load_imbalance for r in results],
             "grads": results[0].grads}
 
 
@@ -226,6 +227,7 @@ def equivalence_job(rank: int, world: int) -> dict:
             "moment_numel": sum(v["exp_avg"].numel() for v in t.optimizer.state_dict()["state"].values()),
             "param_numel": sum(p.numel() for _, p in t.named_parameters()),
             "dropped": [r.num_dropped for r in results], "ref_dropped": ref["dropped"],
+            "load": [r.expert_load_imbalance for r in results], "ref_load": ref["load"],
             "comm_keys": sorted(counter.per_step[0]),
             "groups_ok": groups_ok,
             "grad_norm": [r.grad_norm for r in results], "ref_grad_norm": ref["grad_norm"],

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from executor.parallel_dims import ParallelDims
+from cost_model.presets import preset_model
+from cost_model.specs import Mapping, TrainingSpec
+from executor.data import bundled_corpus_tokens
+from executor.parallel_dims import ParallelDims, build_parallel_dims
+from executor.trainer import Trainer
 from executor.router import Router, RouterConfig, drop_by_capacity, expert_capacity
 
 
@@ -85,3 +91,50 @@ def test_router_capacity_drops_per_local_tokens():
 def test_router_config_rejects_unknown_score():
     with pytest.raises(ValueError, match="score_function"):
         RouterConfig(score_function="tanh")
+
+
+def test_expert_load_is_recorded_per_forward_not_per_recompute():
+    from torch.utils.checkpoint import checkpoint
+
+    r = make_router(aux_loss_coeff=0.1)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out = r(x, ParallelDims.single(), None)
+    counts = torch.bincount(out.indices_TK.reshape(-1), minlength=8).float()
+    expected = float(counts.max() / counts.mean())
+    assert r.take_load()[1] == 1 and r.take_load() == (None, 0)  # taken, then reset
+    # under activation checkpointing the forward is replayed in backward: counted once
+    loss = checkpoint(lambda t: r(t, ParallelDims.single(), None).aux_loss, x, use_reentrant=False)
+    loss.backward()
+    total, count = r.take_load()
+    assert count == 1 and float(total) == pytest.approx(expected)
+    assert expected > 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trainer_reports_the_mean_load_of_its_moe_layers():
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        m = Mapping(micro_batch_size=1, dp=1, edp=1, recompute="full")
+        t = Trainer(preset_model("tiny-moe"),
+                    TrainingSpec(seq_length=64, global_batch_size=2, precision="fp32"),
+                    build_parallel_dims(m, 1, 1, torch.device("cpu")), bundled_corpus_tokens())
+        seen = []
+        for router in (mod for mod in t.model.modules() if isinstance(mod, Router)):
+            def spy(real=router.take_load):
+                total, count = real()
+                seen.append((float(total), count))
+                return total, count
+            router.take_load = spy
+        res = t.step(0)
+    finally:
+        dist.destroy_process_group()
+    assert len(seen) == 4 and all(c == 2 for _, c in seen)  # 4 MoE layers x 2 micro-batches
+    assert res.expert_load_imbalance == pytest.approx(sum(s for s, _ in seen) / 8)
+    assert res.expert_load_imbalance > 1.0
