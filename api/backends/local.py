@@ -68,6 +68,15 @@ class LocalBackend(Backend):
         if not gpus and world > MAX_CPU_RANKS:
             return (f"backend='local' on a host without GPUs starts one CPU process per rank: "
                     f"{world} ranks is over the limit of {MAX_CPU_RANKS}")
+        if not gpus:  # every rank's memory comes out of this host's RAM
+            est = plan["candidates"][candidate].get("estimate") or {}
+            per_rank = float((est.get("memory") or {}).get("peak_gib") or 0.0)
+            available = _available_gib()
+            if available is not None and per_rank * world > 0.9 * available:
+                return (f"backend='local' on a host without GPUs: candidate {candidate} needs "
+                        f"about {per_rank:.1f} GiB per rank (the plan's estimate) x {world} ranks "
+                        f"= {per_rank * world:.0f} GiB, and this host has {available:.0f} GiB "
+                        "available; use backend='slurm' or a smaller model")
         return None
 
     def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
@@ -132,3 +141,14 @@ def _gpu_count() -> int:
         return len([d for d in os.listdir("/proc/driver/nvidia/gpus")])
     except OSError:
         return 0
+
+
+def _available_gib() -> float | None:
+    """MemAvailable of this host in GiB (Linux), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None

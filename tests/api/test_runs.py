@@ -203,6 +203,19 @@ def test_run_request_validation(settings, tiny_plan, stored_plan):
         assert c.get(f"/v1/plans/{stored_plan['id']}/runs").json() == []
 
 
+def test_local_run_that_would_not_fit_in_host_memory_is_refused(settings, db_url):
+    """Mixtral-8x7B on one 8-GPU node, run here on CPU ranks: far beyond this host's RAM."""
+    request = {"model": {"preset": "mixtral-8x7b"},
+               "cluster": {"num_nodes": 1, "gpus_per_node": 8, "gpu": "h100"},
+               "training": {"seq_length": 4096, "global_batch_size": 32}}
+    plan = fake_plan_answer([{"tp": 2, "pp": 4, "ep": 2}], request)
+    store_plan(db_url, plan)
+    with make_client(settings) as c:
+        r = c.post(f"/v1/plans/{plan['id']}/runs", json={"steps": 1})
+        assert r.status_code == 422, r.text
+        assert "GiB per rank" in r.text and "available" in r.text and "backend" in r.json()["message"]
+
+
 def test_without_token_only_loopback_may_start_runs(settings, tiny_plan):
     with make_client(settings, host="10.1.2.3") as c:
         r = c.post(f"/v1/plans/{tiny_plan['id']}/runs", json={"steps": 1})
