@@ -31,6 +31,12 @@ Second experiment, declared after the first had run and before this one ran:
 everything else equal. It tests one mechanism found in the first: the executor pads every local
 expert's GEMM to the busiest expert, and a freshly initialised router is 3.6-4x imbalanced;
 a capacity bounds both, and the cost model then assumes no imbalance either.
+Third experiment, declared 2026-11-28 03:45 UTC (session 2) before it ran: with every dropless
+run, also predict each mapping with `moe_expert_load_imbalance` set to the load the executor
+measured in that mapping's own runs (median of `metrics.expert_load_imbalance` over the steps
+the step time uses, i.e. all but the first, over all repeats) instead of the 1.25 default;
+same runs, same profiles; print its Spearman and median error beside the first. It tests the
+imbalance mechanism with a measured input, not a fitted one.
 Results go to DIR/closed_loop.json. The machine is shared, so timings are noisy: medians only.
 """
 
@@ -169,15 +175,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label(name, world, fields):<48} predicted {est['step_time_s']:.3f} s  "
                   + " ".join(f"{k}={v:.3f}" for k, v in est["breakdown"].items() if v > 1e-4))
             continue
-        times = []
+        times, loads = [], []
         for rep in range(args.repeats):
             metrics = run_plan(plan, 0, args.steps, out / f"run{i}_{rep}", seed=rep, echo=False)
             times.append(metrics["step_time_s"])
+            loads += [x for x in metrics.get("expert_load_imbalance", [])[1:] if x is not None]
         row = dict(mapping=label(name, world, fields), model=name, world_size=world,
                    fields=fields, predicted_s=est["step_time_s"],
                    measured_s=statistics.median(times), measured_runs_s=times,
                    breakdown={k: v for k, v in est["breakdown"].items() if v})
         row["ratio"] = row["predicted_s"] / row["measured_s"]
+        if loads and training.moe_expert_capacity_factor is None:  # third experiment
+            row["measured_load"] = statistics.median(loads)
+            with_load = training.model_copy(
+                update={"moe_expert_load_imbalance": max(1.0, row["measured_load"])})
+            row["predicted_load_s"] = plan_for(MODELS[name], cluster, with_load, fields)[
+                "candidates"][0]["estimate"]["step_time_s"]
         rows.append(row)
         print(f"{row['mapping']:<48} predicted {row['predicted_s']:.3f} s  measured "
               f"{row['measured_s']:.3f} s  (runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)
@@ -196,6 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSpearman rank correlation: {rho:.3f} (target >= 0.8)")
     print(f"median |predicted/measured - 1|: {mare:.3f}")
     print(f"predicted span: {max(pred) / min(pred):.1f}x, measured span: {max(meas) / min(meas):.1f}x")
+    if all("predicted_load_s" in r for r in rows):
+        pl = [r["predicted_load_s"] for r in rows]
+        print("\nWith the measured expert load (third experiment):")
+        print(f"| {'mapping':<46} | load | predicted s | measured s | ratio |")
+        print(f"|{'-' * 48}|------|-------------|------------|-------|")
+        for r in rows:
+            print(f"| {r['mapping']:<46} | {r['measured_load']:4.2f} | {r['predicted_load_s']:11.3f} | "
+                  f"{r['measured_s']:10.3f} | {r['predicted_load_s'] / r['measured_s']:5.2f} |")
+        print(f"Spearman: {spearman(pl, meas):.3f}; median |predicted/measured - 1|: "
+              f"{statistics.median(abs(a / b - 1) for a, b in zip(pl, meas)):.3f}")
     wall = time.perf_counter() - t_start
     print(f"wall time: {wall:.0f} s")
     summary = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()}
