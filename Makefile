@@ -23,7 +23,8 @@ serve: $(STAMP)
 	$(BIN)/foldplan serve
 
 # System packages some tests drive for real (Chromium for the browser test, PostgreSQL for
-# the database test); installed with apt-get when missing, skipped with a reason otherwise.
+# the database test, Slurm + munge for the slurm backend test); installed with apt-get when
+# missing, skipped with a reason otherwise.
 sysdeps:
 	bash tests/api/install_system_deps.sh || echo "warning: could not install test system packages; those tests will skip"
 
