@@ -165,6 +165,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         from executor.launch import run_plan
     except ImportError as exc:
         raise CLIError(f"the executor is not available: {exc}", EXIT_FAILED) from None
+    from .backends.local import LocalBackend
+
+    if isinstance(plan.get("cluster"), dict):  # the same checks as the service's local runs
+        why = LocalBackend().unavailable(plan, args.candidate)
+        if why:
+            raise CLIError(why.replace("backend='local'", "foldplan run"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"seed": args.seed}

@@ -106,6 +106,10 @@ def test_run_bad_arguments(tmp_path):
     assert r.returncode == 2 and "--steps" in r.stderr
     r = foldplan("run", "--plan", str(tmp_path / "missing.json"), "--steps", "1", "--out", "o")
     assert r.returncode == 2 and "missing.json" in r.stderr
+    # the default plan is 128 GPUs: refused before any rank starts, with the reason
+    r = foldplan("run", "--plan", str(plan), "--steps", "1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "128 ranks" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "train.log").exists()
 
 
 @pytest.mark.slow
