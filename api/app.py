@@ -10,10 +10,10 @@ import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from .backends import Backend
 from .db import Database
 from .errors import BodyLimitMiddleware, install_error_handlers
 from .routers import docs, estimate, health, layout, pages, plans, presets, runs
-from .backends import Backend
 from .runner import RunManager
 from .service import foldplan_version
 from .settings import Settings

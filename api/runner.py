@@ -128,22 +128,22 @@ def load_profile(path: Path) -> dict[str, Any]:
     return profile
 
 
-def machine_prediction(plan: dict[str, Any], candidate: int,
-                       profile_path: Path | None) -> dict[str, Any]:
+def machine_prediction(plan: dict[str, Any], candidate: int, profile: dict[str, Any] | None,
+                       profile_path: Path | None = None) -> dict[str, Any]:
     """The estimate for the machine the run uses: the plan's own cluster, or, when the server
-    has a profile of its run machines, the same cluster shape with the profile's numbers."""
+    has a profile of its run machines (read from `profile_path`), the same cluster shape with
+    the profile's numbers."""
     est = dict(plan["candidates"][candidate]["estimate"])
     cl = plan["cluster"]
     gpu = cl.get("gpu")
     gpu_name = gpu if isinstance(gpu, str) else (gpu or {}).get("name", "custom GPU")
-    if profile_path is None:
+    if profile is None:
         est["machine"] = (f"the plan's cluster: {cl['num_nodes']} x {cl['gpus_per_node']} "
                           f"{gpu_name}")
         return est
     from cost_model.estimate import estimate
     from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
-    profile = load_profile(profile_path)
     on_cpu = profile.get("backend") == "gloo" or not profile.get("machine", {}).get("cuda_devices")
     cluster = ClusterSpec.model_validate(  # a CPU profile: CPU ranks, whatever the plan's GPU
         {**cl, "profile": profile, **({"gpu": "cpu"} if on_cpu else {})})
@@ -164,9 +164,9 @@ class RunManager:
         self.backends = backends
         self.max_concurrent = max_concurrent
         self.poll_s = poll_s
-        self.profile = profile
-        if profile is not None:
-            load_profile(profile)  # refuse a bad file now, not at the first run request
+        self.profile_path = profile
+        # read and checked once, at start: a bad file stops the server, not a run request
+        self.profile = load_profile(profile) if profile is not None else None
         self._lock = threading.Lock()  # one writer of run rows at a time
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -185,7 +185,7 @@ class RunManager:
         return b.unavailable(plan, candidate)
 
     def predict(self, plan: dict[str, Any], candidate: int) -> dict[str, Any]:
-        return machine_prediction(plan, candidate, self.profile)
+        return machine_prediction(plan, candidate, self.profile, self.profile_path)
 
     def start(self) -> None:
         """Start the scheduler (idempotent)."""
@@ -219,7 +219,7 @@ class RunManager:
         """Stop a cancelled run's job; if the backend cannot, say so in the run's error."""
         try:
             backend.cancel(job)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is reported on the run
             log.warning("stopping the job of run %s failed: %s", run_id, exc)
             with self._lock, self.db.session() as s:
                 r = get_run(s, run_id)
@@ -276,7 +276,7 @@ class RunManager:
             return True
         try:
             state = backend.poll(r.job)
-        except Exception as exc:  # a scheduler hiccup: try again next pass
+        except Exception as exc:  # noqa: BLE001 - a scheduler hiccup: try again next pass
             log.warning("polling run %s failed: %s", r.id, exc)
             return False
         out_dir = Path(r.out_dir)
@@ -358,7 +358,7 @@ class RunManager:
             (out_dir / "plan.json").write_text(json.dumps(plan))
             job = backend.start(run_id, plan, candidate, steps, out_dir)
             state = _safe_poll(backend, job)
-        except Exception as exc:  # a run that cannot start is data, shown to the user
+        except Exception as exc:  # noqa: BLE001 - a run that cannot start is data, shown
             detail = "" if isinstance(exc, (BackendUnavailable, RuntimeError, ValueError)) \
                 else "\n" + traceback.format_exc()[-LOG_TAIL_CHARS:]
             with self.db.session() as s:
@@ -380,7 +380,7 @@ def _safe_poll(backend: Backend, job: dict[str, Any]) -> str:
     """The state of a job just started; "running" if the backend cannot tell yet."""
     try:
         return backend.poll(job).state
-    except Exception:
+    except Exception:  # noqa: BLE001 - the next scheduler pass asks again
         return "running"
 
 

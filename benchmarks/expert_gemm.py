@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = loads(rows, E, skew)
         x = torch.randn(rows, D, device=dev, dtype=dtype, requires_grad=True)
 
-        def run(path):
+        def run(path, x=x, counts=counts):
             def f():
                 y = path(x, counts)
                 y.backward(torch.ones_like(y))

@@ -53,30 +53,30 @@ def _start_ticks(pid: int) -> int | None:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, command: CommandFn | None = None, env: dict[str, str] | None = None):
+    def __init__(self, command: CommandFn | None = None):
         self.command = command or torchrun_command
-        self.extra_env = env or {}
         self._children: dict[int, subprocess.Popen] = {}  # pid -> child we started (to reap)
         self._lock = threading.Lock()
 
     def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
         world = plan["cluster"]["num_nodes"] * plan["cluster"]["gpus_per_node"]
         gpus = _gpu_count()
-        if gpus and world > gpus:
-            return (f"backend='local' runs the whole world on this host: the plan needs {world} "
-                    f"GPUs, this host has {gpus}; use backend='slurm' or a smaller cluster")
-        if not gpus and world > MAX_CPU_RANKS:
+        if gpus:
+            return None if world <= gpus else (
+                f"backend='local' runs the whole world on this host: the plan needs {world} "
+                f"GPUs, this host has {gpus}; use backend='slurm' or a smaller cluster")
+        if world > MAX_CPU_RANKS:
             return (f"backend='local' on a host without GPUs starts one CPU process per rank: "
                     f"{world} ranks is over the limit of {MAX_CPU_RANKS}")
-        if not gpus:  # every rank's memory comes out of this host's RAM
-            est = plan["candidates"][candidate].get("estimate") or {}
-            per_rank = float((est.get("memory") or {}).get("peak_gib") or 0.0)
-            available = _available_gib()
-            if available is not None and per_rank * world > 0.9 * available:
-                return (f"backend='local' on a host without GPUs: candidate {candidate} needs "
-                        f"about {per_rank:.1f} GiB per rank (the plan's estimate) x {world} ranks "
-                        f"= {per_rank * world:.0f} GiB, and this host has {available:.0f} GiB "
-                        "available; use backend='slurm' or a smaller model")
+        # every rank's memory comes out of this host's RAM
+        est = plan["candidates"][candidate].get("estimate") or {}
+        per_rank = float((est.get("memory") or {}).get("peak_gib") or 0.0)
+        available = _available_gib()
+        if available is not None and per_rank * world > 0.9 * available:
+            return (f"backend='local' on a host without GPUs: candidate {candidate} needs "
+                    f"about {per_rank:.1f} GiB per rank (the plan's estimate) x {world} ranks "
+                    f"= {per_rank * world:.0f} GiB, and this host has {available:.0f} GiB "
+                    "available; use backend='slurm' or a smaller model")
         return None
 
     def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
@@ -86,9 +86,8 @@ class LocalBackend(Backend):
         except ImportError as exc:
             raise RuntimeError(f"the executor is not available here: {exc}") from exc
         argv = self.command(plan, candidate, steps, out_dir)
-        env = rank_env() | self.extra_env
         with open(out_dir / "train.log", "ab") as log:
-            proc = subprocess.Popen(argv, cwd=out_dir, env=env, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, cwd=out_dir, env=rank_env(), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with self._lock:
             self._children[proc.pid] = proc
@@ -138,7 +137,7 @@ def _gpu_count() -> int:
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip()])
     try:
-        return len([d for d in os.listdir("/proc/driver/nvidia/gpus")])
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
     except OSError:
         return 0
 

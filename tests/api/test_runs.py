@@ -15,6 +15,7 @@ from api.app import create_app
 from api.db import Database, RunRow, utcnow
 from api.settings import Settings
 
+
 @pytest.fixture
 def tiny_plan(db_url: str) -> dict:
     answer = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}, {"tp": 2, "pp": 1, "ep": 2}], TINY)
