@@ -17,14 +17,16 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from .flops import model_flops_per_step, padded_vocab
+from .flops import mfu, model_flops_per_step
 from .hardware import Hardware, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import logits_cost, moe_cost
 from .layout import group_placement
-from .memory import GIB, RankMemory, inflight_chunks, layer_params, plain_mapping
-from .memory import rank_layer_counts, rank_memory
+from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
+from .memory import inflight_chunks, pipeline_send_bytes, plain_mapping, rank_layer_counts
+from .memory import rank_memory
+from .params import edge_params, layer_params
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -104,7 +106,7 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     return Context(
         model=model, training=training, mapping=m, hw=hw,
         prec=training.precision,
-        act_bytes=4.0 if training.precision == "fp32" else 2.0,
+        act_bytes=activation_element_bytes(training.precision),
         tokens_attn=b * s / m.cp,
         tokens_moe=b * s / (m.cp * m.tp),
         expert_load=load, capacity_scale=kept,
@@ -125,11 +127,17 @@ def _rank_cost(ctx: Context, slot_costs: list, rank: int,
     if rank == m.pp - 1:
         c.add(tail)
     if m.pp > 1:
-        act = ctx.tokens_attn / (m.tp if m.sp else 1) * ctx.model.hidden_size * ctx.act_bytes
         # Activation forward and its gradient backward on the critical path; the extra sends
         # of interleaved chunks overlap compute (--overlap-p2p-communication).
-        c.parts["pp_comm"] += 2 * p2p_time(ctx.hw, ctx.place["pp"].crosses_node, act)
+        c.parts["pp_comm"] += pipeline_sends_time(ctx)
     return c
+
+
+def pipeline_sends_time(ctx: Context) -> float:
+    """Seconds of one micro-batch's pipeline sends on one rank (activation forward, its
+    gradient backward) over the pp group's link."""
+    send = pipeline_send_bytes(ctx.model, ctx.training, ctx.mapping)
+    return 2 * p2p_time(ctx.hw, ctx.place["pp"].crosses_node, send)
 
 
 def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float, float]:
@@ -142,8 +150,8 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
         d, e = layer_params(md, bool(slot % 2), m)
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
-    dense += padded_vocab(md.vocab_size, m.tp) / m.tp * md.hidden_size
-    grad_bytes, param_bytes = 4.0, ctx.act_bytes
+    dense += edge_params(md, m.tp, True, False)
+    grad_bytes, param_bytes = GRAD_BYTES, ctx.act_bytes
     pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
 
     def frac(p):
@@ -159,8 +167,7 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
     else:
         exposed = max(0.0, 2 * reduce - bwd_window)
         local = dense + expert
-    # Adam over the local shard: read grad, master, m, v; write master, m, v, bf16 param.
-    optimizer = memory_time(hw, local * (4 + 4 + 8 + 4 + 8 + 2))
+    optimizer = memory_time(hw, local * ADAM_STEP_BYTES)
     return exposed, optimizer
 
 
@@ -306,11 +313,10 @@ def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     step = r.step_time_s
     wm = r.per_rank_memory[r.worst_stage]
     flops = model_flops_per_step(model, training)
-    peak = hw.peak_flops["fp32" if training.precision == "fp32" else "bf16"]
     n = cluster.world_size
     return Estimate(
         step_time_s=step,
-        mfu=flops / (step * n * peak),
+        mfu=mfu(flops, step, n, hw.mfu_peak_flops(training.precision)),
         model_flops_per_step=flops,
         tflops_per_gpu=flops / step / n / 1e12,
         tokens_per_s=training.global_batch_size * training.seq_length / step,

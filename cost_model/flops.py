@@ -66,3 +66,10 @@ def megatron_flops_per_sequence(model: ModelSpec, seq_length: int, causal_half: 
 
 def model_flops_per_step(model: ModelSpec, training: TrainingSpec) -> float:
     return training.global_batch_size * megatron_flops_per_sequence(model, training.seq_length)
+
+
+def mfu(model_flops_per_step: float, step_time_s: float, num_gpus: int,
+        peak_flops_per_gpu: float) -> float:
+    """Model FLOPs utilisation: Megatron-LM's FLOPs of one step over what `num_gpus` GPUs
+    at `peak_flops_per_gpu` (see `Hardware.mfu_peak_flops`) could do in `step_time_s`."""
+    return model_flops_per_step / (step_time_s * num_gpus * peak_flops_per_gpu)

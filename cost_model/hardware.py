@@ -58,6 +58,11 @@ class Hardware:
     intra_alltoall_eff: float
     inter_alltoall_eff: float
 
+    def mfu_peak_flops(self, precision: str) -> float:
+        """The peak MFU is measured against: the dense bf16 rate (also for fp8 training, as
+        Megatron-LM and the MoE Parallel Folding paper report it), fp32 for fp32 training."""
+        return self.peak_flops["fp32" if precision == "fp32" else "bf16"]
+
 
 def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     gpu = resolve_gpu(cluster.gpu)

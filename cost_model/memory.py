@@ -1,4 +1,5 @@
-"""Parameters and memory per GPU, for every pipeline rank.
+"""Memory per GPU, for every pipeline rank, and the byte arithmetic every memory figure of
+foldplan uses (the planner's bounds and stage solver call these same functions).
 
 Per rank: weights, gradients (fp32 main-gradient buffer, Megatron's
 --accumulate-allreduce-grads-in-fp32), optimizer state (Adam moments, plus an fp32 master copy
@@ -18,56 +19,97 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .flops import padded_vocab
+from .params import edge_params, layer_params, pipeline_params
 from .specs import Mapping, ModelSpec, TrainingSpec
+from .stage_split import stage_chunks
 
 GIB = 2**30
 # Allowance for communication buffers, workspaces and allocator fragmentation: a fixed part
 # per GPU kind (`memory_reserve_gib`, 2 GiB on GPUs) plus this share of everything else.
 FRAGMENTATION = 0.05
+GRAD_BYTES = 4.0  # fp32 main gradients (--accumulate-allreduce-grads-in-fp32)
+# Memory traffic of one Adam step per parameter: read the gradient, the fp32 master weight and
+# both moments; write the master weight, both moments and the bf16 weight.
+ADAM_STEP_BYTES = 4 + 4 + 8 + 4 + 8 + 2
 
 
-def layer_params(model: ModelSpec, moe: bool, m: Mapping) -> tuple[float, float]:
-    """(dense params, expert params) of one layer held by one rank."""
-    h, n = model.hidden_size, model.num_attention_heads
-    tp = m.tp
-    if model.multi_latent_attention:
-        dq, dr, dv = model.qk_head_dim, model.qk_pos_emb_head_dim, model.v_head_dim
-        q = (model.q_lora_rank * (h + n * (dq + dr) / tp)) if model.q_lora_rank else h * n * (dq + dr) / tp
-        attn = q + h * (model.kv_lora_rank + dr) + model.kv_lora_rank * n * (dq + dv) / tp
-        attn += n * dv * h / tp
-    else:
-        d, g = model.head_dim, model.query_groups
-        attn = h * (n + 2 * g) * d / tp + n * d * h / tp
-    norms = 2 * h
-    mats = 3 if model.swiglu else 2
-    if not moe:
-        return attn + norms + mats * h * model.ffn_hidden_size / tp, 0.0
-    dense = attn + norms + h * model.num_experts + mats * h * model.shared_ffn / tp
-    expert = (model.num_experts // m.ep) * mats * h * model.expert_ffn / m.etp
-    return dense, expert
+def activation_element_bytes(precision: str) -> float:
+    """Bytes of one activation element (bf16 also under fp8: fp8 GEMMs keep bf16 activations)."""
+    return 4.0 if precision == "fp32" else 2.0
+
+
+def state_bytes_per_param(precision: str) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per parameter before sharding: bf16 weights
+    (fp8 adds a transposed fp8 copy: 3), fp32 gradients, Adam moments (8) plus an fp32 master
+    copy when not training in fp32 (12)."""
+    weights = {"bf16": 2.0, "fp8": 3.0, "fp32": 4.0}[precision]
+    return weights, GRAD_BYTES, 8.0 if precision == "fp32" else 12.0
+
+
+def optimizer_shards(m: Mapping) -> tuple[int, int]:
+    """(dense, expert) ranks the optimizer state is sharded over: dp*cp and edp with the
+    distributed optimizer, none without."""
+    if not m.distributed_optimizer:
+        return 1, 1
+    return (m.dp or 1) * m.cp, m.edp or 1
+
+
+def static_bytes(dense: float, expert: float, precision: str,
+                 shards: tuple[int, int]) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes of `dense` + `expert` parameters on one rank."""
+    w, g, o = state_bytes_per_param(precision)
+    return (dense + expert) * w, (dense + expert) * g, o * (dense / shards[0] + expert / shards[1])
+
+
+def buffer_bytes(base_bytes: float, reserve: float) -> float:
+    """The allowance of a rank whose tensors take `base_bytes`: the fixed reserve plus the
+    fragmentation share (`FRAGMENTATION`)."""
+    return reserve + FRAGMENTATION * base_bytes
+
+
+def with_buffers(base_bytes: float, reserve: float) -> float:
+    """Total memory of a rank whose tensors take `base_bytes`."""
+    return base_bytes + buffer_bytes(base_bytes, reserve)
+
+
+def memory_budget(capacity: float, reserve: float) -> float:
+    """The most tensor bytes that fit: `with_buffers(x, reserve) <= capacity` iff x <= this."""
+    return (capacity - reserve) / (1 + FRAGMENTATION)
+
+
+def pipeline_send_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping) -> float:
+    """One pipeline send: a micro-batch's activations at a stage boundary (SP shard)."""
+    tokens = m.micro_batch_size * training.seq_length / m.cp
+    return (tokens / (m.tp if m.sp else 1) * model.hidden_size
+            * activation_element_bytes(training.precision))
+
+
+def edge_activation_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping, first: bool,
+                          last: bool, act_bytes: float) -> float:
+    """Activations of one micro-batch besides the layers: the embedding output on the first
+    rank, fp32 logits and their gradient on the last."""
+    T = m.micro_batch_size * training.seq_length / m.cp
+    out = T * model.hidden_size / (m.tp if m.sp else 1) * act_bytes if first else 0.0
+    if last:
+        out += T * padded_vocab(model.vocab_size, m.tp) / m.tp * 4 * 2
+    return out
+
+
+def static_memory_lower_bound(model: ModelSpec, precision: str, probe: Mapping, pp: int,
+                              shards: tuple[int, int], reserve: float,
+                              layers: tuple[float, float] | None = None) -> float:
+    """A floor on the peak memory of every mapping with `probe`'s tp/ep/etp and `pp` stages
+    whose optimizer shards are at most `shards`: no pipeline rank holds less than the mean
+    of the ranks' weights, gradients and optimizer state, and activations are >= 0.
+    `layers` = `params.stacked_layer_params(model, probe)` when the caller has it."""
+    dense, expert = pipeline_params(model, probe, pp, layers)
+    return with_buffers(sum(static_bytes(dense, expert, precision, shards)) / pp, reserve)
 
 
 def rank_chunks(model: ModelSpec, m: Mapping, rank: int) -> list[range]:
     """The layer ranges (one per model chunk) pipeline rank `rank` holds."""
-    first, last = m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers
-    if first is not None or last is not None:
-        middle = m.pp - (first is not None) - (last is not None)
-        rest = model.num_layers - (first or 0) - (last or 0)
-        counts = [rest // middle if middle else 0] * m.pp
-        if first is not None:
-            counts[0] = first
-        if last is not None:
-            counts[-1] = last
-        start = sum(counts[:rank])
-        return [range(start, start + counts[rank])]
-    per_chunk = model.num_layers // (m.pp * m.vpp)
-    return [range((c * m.pp + rank) * per_chunk, (c * m.pp + rank + 1) * per_chunk)
-            for c in range(m.vpp)]
-
-
-def rank_layers(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, ...]:
-    """Indices of the layers pipeline rank `rank` holds (vpp chunks; uneven first/last)."""
-    return tuple(i for r in rank_chunks(model, m, rank) for i in r)
+    return stage_chunks(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
+                        m.decoder_last_pipeline_num_layers)[rank]
 
 
 def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int, int, int]:
@@ -159,7 +201,7 @@ class RankMemory:
         act = self.activations + extra_chunks * self.activation_per_chunk
         base = self.weights + self.gradients + self.optimizer + act
         return RankMemory(self.weights, self.gradients, self.optimizer, act,
-                          self.reserve + FRAGMENTATION * base, self.activation_per_chunk,
+                          buffer_bytes(base, self.reserve), self.activation_per_chunk,
                           self.reserve)
 
     @property
@@ -172,7 +214,6 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
                 counts: tuple[int, int, int, int] | None = None,
                 reserve: float = 2 * GIB) -> RankMemory:
     """Memory of pipeline rank `rank` (`counts` as `rank_layer_counts`, if known)."""
-    prec = training.precision
     counts = counts or rank_layer_counts(model, m, rank)
     dense = expert = 0.0
     act_layers = 0.0
@@ -198,43 +239,14 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
                                     (True, model.num_moe_layers)) if n]
             act_full = max(activation_bytes_per_layer(model, training, no_rc, k, act_bytes,
                                                       expert_factor) for k in kinds)
-    v = padded_vocab(model.vocab_size, m.tp) / m.tp * model.hidden_size
     first, last = rank == 0, rank == m.pp - 1
-    if first:
-        dense += v
-    if last:
-        dense += model.hidden_size + (v if model.untie_embeddings_and_output_weights or not first else 0)
-    w_bytes = {"bf16": 2.0, "fp8": 3.0, "fp32": 4.0}[prec]  # fp8 keeps a transposed fp8 copy
-    opt_bytes = 8.0 if prec == "fp32" else 12.0
-    shard_dense = m.dp * m.cp if m.distributed_optimizer else 1
-    shard_expert = m.edp if m.distributed_optimizer else 1
-    weights = (dense + expert) * w_bytes
-    grads = (dense + expert) * 4.0
-    optimizer = opt_bytes * (dense / shard_dense + expert / shard_expert)
+    dense += edge_params(model, m.tp, first, last)
+    weights, grads, optimizer = static_bytes(dense, expert, training.precision,
+                                             optimizer_shards(m))
     chunks = inflight_chunks(m, rank, num_microbatches)
     activations = act_layers / m.vpp * chunks
     # With full recompute, the layer being recomputed holds its full activations.
     activations += act_full
-    T = m.micro_batch_size * training.seq_length / m.cp
-    if last:
-        v_local = padded_vocab(model.vocab_size, m.tp) / m.tp
-        activations += T * v_local * 4 * 2  # fp32 logits and their gradient
-    if first:
-        activations += T * model.hidden_size / (m.tp if m.sp else 1) * act_bytes
-    base = weights + grads + optimizer + activations
-    buffers = reserve + FRAGMENTATION * base
+    activations += edge_activation_bytes(model, training, m, first, last, act_bytes)
+    buffers = buffer_bytes(weights + grads + optimizer + activations, reserve)
     return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp, reserve)
-
-
-def total_params(model: ModelSpec) -> float:
-    """All parameters of the model (no sharding)."""
-    one = Mapping()
-    total = 0.0
-    # (dense, MoE) layer counts of the whole model
-    for is_moe, count in enumerate((model.num_layers - model.num_moe_layers, model.num_moe_layers)):
-        if not count:
-            continue
-        d, e = layer_params(model, bool(is_moe), one)
-        total += (d + e) * count
-    v = model.vocab_size * model.hidden_size
-    return total + v * (2 if model.untie_embeddings_and_output_weights else 1) + model.hidden_size

@@ -1,117 +1,142 @@
 """Checks that need a mapping together with a model, a cluster and a training setup.
 
-Infeasibility is data: `mapping_errors` returns human-readable reasons that name the offending
-values; `resolve_mapping` fills in the derived fields (dp, edp, sequence_parallel) or raises
-`InvalidMapping` carrying those reasons.
+Infeasibility is data: `mapping_errors` returns typed `MappingError`s (a kind, the field it
+concerns, a message naming the offending values); the planner branches on kinds, the API
+shows fields and messages, the executor adds refusals of its own kind. `resolve_mapping`
+fills in the derived fields (dp, edp, sequence_parallel) or raises `InvalidMapping`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from .stage_split import StageSplitError, stage_layer_counts
+
+ErrorKind = Literal["world", "layer", "stage_split", "pipeline", "batch", "option", "executor"]
+"""What an error concerns. `world`: the sizes do not fill the cluster; `layer`: tp/cp/ep/etp
+(and sequence parallelism) against the model and sequence, whatever the pipeline; `stage_split`:
+the layers do not split over the pipeline stages as asked; `pipeline`: pp/vpp/split options
+that do not go together; `batch`: the global batch against micro-batch and dp; `option`:
+other settings that do not go together; `executor`: what foldplan's executor cannot run."""
+
+
+@dataclass(frozen=True)
+class MappingError:
+    """One reason a mapping cannot run."""
+
+    kind: ErrorKind
+    field: str  # the request field to change (a mapping field, or a model/training field)
+    message: str  # names the offending values
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class InvalidMapping(ValueError):
     """A mapping that cannot run for this model x cluster x training setup."""
 
-    def __init__(self, reasons: list[str]):
-        super().__init__("; ".join(reasons))
-        self.reasons = reasons
+    def __init__(self, errors: list[MappingError]):
+        super().__init__("; ".join(e.message for e in errors))
+        self.errors = errors
+        self.reasons = [e.message for e in errors]
 
 
-def _derive(world: int, divisor: int, given: int | None, what: str, errors: list[str]) -> int:
+def data_parallel_sizes(world_size: int, m: Mapping) -> tuple[int, int]:
+    """(dp, edp): the mapping's own when given, else what tp*cp*pp (attention) and etp*ep*pp
+    (experts) leave of the world. Exact only for valid mappings (`mapping_errors` checks)."""
+    dp = m.dp or world_size // (m.tp * m.cp * m.pp)
+    edp = m.edp or world_size // (m.etp * m.ep * m.pp)
+    return dp, edp
+
+
+def _derive(world: int, divisor: int, given: int | None, what: str, field: str,
+            errors: list[MappingError]) -> int:
     if world % divisor:
-        errors.append(f"{what} = {divisor} does not divide the {world} GPUs")
+        errors.append(MappingError("world", field, f"{what} = {divisor} does not divide the "
+                                                   f"{world} GPUs"))
         return given or 1
     derived = world // divisor
     if given is not None and given != derived:
-        errors.append(f"{what} x {given} = {divisor * given} but the cluster has {world} GPUs")
+        errors.append(MappingError("world", field, f"{what} x {given} = {divisor * given} but "
+                                                   f"the cluster has {world} GPUs"))
     return derived
+
+
+def _layer_errors(model: ModelSpec, training: TrainingSpec, m: Mapping, sp: bool,
+                  errors: list[MappingError]) -> None:
+    def err(field: str, message: str) -> None:
+        errors.append(MappingError("layer", field, message))
+
+    heads, groups = model.num_attention_heads, model.query_groups
+    if heads % m.tp:
+        err("tp", f"tp={m.tp} does not divide num_attention_heads={heads}")
+    elif not model.multi_latent_attention and groups % m.tp:
+        err("tp", f"tp={m.tp} does not divide num_query_groups={groups}")
+    if model.ffn_hidden_size % m.tp and (model.num_moe_layers < model.num_layers):
+        err("tp", f"tp={m.tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+    if model.is_moe:
+        if model.num_experts % m.ep:
+            err("ep", f"ep={m.ep} does not divide num_experts={model.num_experts}")
+        if model.expert_ffn % m.etp:
+            err("etp", f"etp={m.etp} does not divide moe_ffn_hidden_size={model.expert_ffn}")
+        if model.shared_ffn % m.tp:
+            err("tp", f"tp={m.tp} does not divide moe_shared_expert_intermediate_size="
+                      f"{model.shared_ffn}")
+    else:
+        if m.ep > 1:
+            err("ep", f"ep={m.ep} needs a MoE model, but num_experts is 0")
+        if m.etp not in (1, m.tp):
+            err("etp", f"etp={m.etp} needs a MoE model, but num_experts is 0")
+    s = training.seq_length
+    if m.cp > 1 and s % (2 * m.cp):
+        err("cp", f"seq_length={s} is not divisible by 2*cp={2 * m.cp} (load-balanced causal CP)")
+    if m.tp > 1 and model.is_moe and not sp:
+        err("sequence_parallel", f"tp={m.tp} with a MoE model needs sequence_parallel")
+    if sp and (s // m.cp) % m.tp:
+        err("tp", f"seq_length/cp = {s // m.cp} is not divisible by tp={m.tp} (sequence parallel)")
+
+
+def _pipeline_errors(model: ModelSpec, m: Mapping, errors: list[MappingError]) -> None:
+    try:
+        stage_layer_counts(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
+                           m.decoder_last_pipeline_num_layers)
+    except StageSplitError as e:
+        errors.append(MappingError(e.kind, e.field, str(e)))
+    if m.vpp > 1 and m.pp == 1:
+        errors.append(MappingError("pipeline", "vpp", f"vpp={m.vpp} needs pp > 1"))
+    if m.recompute_num_layers is not None and m.recompute != "full":
+        errors.append(MappingError(
+            "option", "recompute_num_layers", f"recompute_num_layers={m.recompute_num_layers} "
+            f"needs recompute='full' (got {m.recompute!r})"))
 
 
 def mapping_errors(
     model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, mapping: Mapping
-) -> tuple[list[str], Mapping]:
+) -> tuple[list[MappingError], Mapping]:
     """Return (reasons the mapping is invalid, the mapping with derived fields filled in)."""
     m = mapping
-    errors: list[str] = []
+    errors: list[MappingError] = []
     world = cluster.world_size
-    dp = _derive(world, m.tp * m.cp * m.pp, m.dp, f"tp*cp*pp ({m.tp}*{m.cp}*{m.pp})", errors)
-    edp = _derive(world, m.etp * m.ep * m.pp, m.edp, f"etp*ep*pp ({m.etp}*{m.ep}*{m.pp})", errors)
-
-    heads, groups = model.num_attention_heads, model.query_groups
-    if heads % m.tp:
-        errors.append(f"tp={m.tp} does not divide num_attention_heads={heads}")
-    elif not model.multi_latent_attention and groups % m.tp:
-        errors.append(f"tp={m.tp} does not divide num_query_groups={groups}")
-    if model.ffn_hidden_size % m.tp and (model.num_moe_layers < model.num_layers):
-        errors.append(f"tp={m.tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
-    if model.is_moe:
-        if model.num_experts % m.ep:
-            errors.append(f"ep={m.ep} does not divide num_experts={model.num_experts}")
-        if model.expert_ffn % m.etp:
-            errors.append(f"etp={m.etp} does not divide moe_ffn_hidden_size={model.expert_ffn}")
-        if model.shared_ffn % m.tp:
-            errors.append(
-                f"tp={m.tp} does not divide moe_shared_expert_intermediate_size={model.shared_ffn}"
-            )
-    else:
-        if m.ep > 1:
-            errors.append(f"ep={m.ep} needs a MoE model, but num_experts is 0")
-        if m.etp not in (1, m.tp):
-            errors.append(f"etp={m.etp} needs a MoE model, but num_experts is 0")
-
-    stages = m.pp * m.vpp
-    first, last = m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers
-    if first is None and last is None:
-        if model.num_layers % stages:
-            errors.append(
-                f"pp*vpp = {m.pp}*{m.vpp} = {stages} does not divide num_layers="
-                f"{model.num_layers}; set decoder_first/last_pipeline_num_layers"
-            )
-    elif m.pp == 1 or m.vpp > 1:
-        errors.append("decoder_first/last_pipeline_num_layers need pp > 1 and vpp == 1")
-    else:
-        middle_stages = m.pp - (first is not None) - (last is not None)
-        middle_layers = model.num_layers - (first or 0) - (last or 0)
-        if middle_layers < 0 or (middle_stages == 0 and middle_layers) or (
-            middle_stages and (middle_layers <= 0 or middle_layers % middle_stages)
-        ):
-            errors.append(
-                f"num_layers={model.num_layers} minus first={first} and last={last} stage "
-                f"layers does not split evenly over the other {middle_stages} stages"
-            )
-    if m.recompute_num_layers is not None and m.recompute != "full":
-        errors.append(
-            f"recompute_num_layers={m.recompute_num_layers} needs recompute='full' "
-            f"(got {m.recompute!r})"
-        )
-    if m.vpp > 1 and m.pp == 1:
-        errors.append(f"vpp={m.vpp} needs pp > 1")
-
-    s = training.seq_length
-    if m.cp > 1 and s % (2 * m.cp):
-        errors.append(
-            f"seq_length={s} is not divisible by 2*cp={2 * m.cp} (load-balanced causal CP)"
-        )
+    dp = _derive(world, m.tp * m.cp * m.pp, m.dp, f"tp*cp*pp ({m.tp}*{m.cp}*{m.pp})", "dp",
+                 errors)
+    edp = _derive(world, m.etp * m.ep * m.pp, m.edp, f"etp*ep*pp ({m.etp}*{m.ep}*{m.pp})", "edp",
+                  errors)
     sp = m.tp > 1 if m.sequence_parallel is None else (m.sequence_parallel and m.tp > 1)
-    if m.tp > 1 and model.is_moe and not sp:
-        errors.append(f"tp={m.tp} with a MoE model needs sequence_parallel")
-    if sp and (s // m.cp) % m.tp:
-        errors.append(f"seq_length/cp = {s // m.cp} is not divisible by tp={m.tp} (sequence parallel)")
+    _layer_errors(model, training, m, sp, errors)
+    _pipeline_errors(model, m, errors)
 
     gbs, mbs = training.global_batch_size, m.micro_batch_size
     if gbs % (mbs * dp):
-        errors.append(
-            f"global_batch_size={gbs} is not divisible by micro_batch_size*dp = {mbs}*{dp}"
-        )
+        errors.append(MappingError("batch", "micro_batch_size", f"global_batch_size={gbs} is not "
+                                   f"divisible by micro_batch_size*dp = {mbs}*{dp}"))
     elif m.vpp > 1 and (gbs // (mbs * dp)) % m.pp:
-        errors.append(
-            f"interleaved schedule: {gbs // (mbs * dp)} micro-batches is not a multiple of pp={m.pp}"
-        )
+        errors.append(MappingError("batch", "vpp", f"interleaved schedule: {gbs // (mbs * dp)} "
+                                   f"micro-batches is not a multiple of pp={m.pp}"))
     if m.pp > 1 and not m.order.endswith("pp") and edp != dp:
-        errors.append(
-            f"order={m.order!r} with pp={m.pp} needs edp == dp (got edp={edp}, dp={dp})"
-        )
+        errors.append(MappingError("option", "order", f"order={m.order!r} with pp={m.pp} needs "
+                                   f"edp == dp (got edp={edp}, dp={dp})"))
     resolved = m.model_copy(update={"dp": dp, "edp": edp, "sequence_parallel": sp})
     return errors, resolved
 

@@ -124,7 +124,7 @@ def _layer_configs(model, cluster, training, values, cache: dict) -> list[LayerC
                                                 dp=world // (tp * cp), edp=world // (ep * etp))
                                 errors, probe = mapping_errors(model, cluster, training, probe)
                                 # Only errors about the layer itself disqualify it here.
-                                if any(e.startswith(("tp=", "ep=", "etp=", "seq_length")) for e in errors):
+                                if any(e.kind == "layer" for e in errors):
                                     continue
                                 ctx = make_context(model, cluster, training, probe, hw)
                                 w = micro_batch_work(ctx, cache)
@@ -450,7 +450,7 @@ def _stage_bases(model, cluster, training, values, fixed, lc: LayerConfig, pp: i
             probe = base.model_copy(update={"decoder_first_pipeline_num_layers": 1,
                                             "decoder_last_pipeline_num_layers": 1})
             errors, _ = mapping_errors(model, cluster, training, probe)
-            if not [e for e in errors if "does not split evenly" not in e]:
+            if all(e.kind == "stage_split" for e in errors):
                 yield base
 
 
@@ -539,7 +539,7 @@ def _infeasible_reasons(model, cluster, training, fixed, configs, over, over_row
     if fixed and set(fixed) >= {"tp", "cp", "pp", "ep", "etp"}:
         errors, _ = mapping_errors(model, cluster, training, Mapping(**fixed))
         if errors:
-            return errors
+            return [e.message for e in errors]
     capacity = hardware(cluster).memory_bytes
     if over_row is None and closest[1] is not None:
         need, lc, pp = closest

@@ -28,7 +28,7 @@ def test_required_presets_exist_and_are_valid():
 
 
 def test_tiny_moe_has_a_few_million_parameters():
-    from cost_model.memory import total_params
+    from cost_model.params import total_params
 
     assert 1e6 < total_params(preset_model("tiny-moe")) < 10e6
 
@@ -71,24 +71,32 @@ def test_mapping_order_must_be_permutation():
 
 
 @pytest.mark.parametrize(
-    "mapping, message",
+    "mapping, message, kind, field",
     [
-        (Mapping(tp=2, ep=3, pp=8), "does not divide"),  # 3 does not divide 128 (and experts)
-        (Mapping(tp=2, ep=16, pp=4), "ep=16 does not divide num_experts=8"),
-        (Mapping(tp=16, pp=8), "tp=16 does not divide num_query_groups=8"),
-        (Mapping(tp=2, ep=8, pp=3), "pp*vpp = 3*1 = 3 does not divide num_layers=56"),
-        (Mapping(tp=2, ep=8, pp=8, dp=4), "tp*cp*pp (2*1*8) x 4 = 64 but the cluster has 128 GPUs"),
-        (Mapping(tp=2, ep=8, pp=8, sequence_parallel=False), "needs sequence_parallel"),
-        (Mapping(tp=2, ep=8, pp=8, micro_batch_size=64), "global_batch_size=256 is not divisible"),
-        (Mapping(tp=2, cp=3, ep=8, pp=8), "seq_length=4096 is not divisible by 2*cp=6"),
-        (Mapping(tp=2, ep=4, pp=8, order="tp-cp-ep-pp-dp"), "needs edp == dp"),
+        (Mapping(tp=2, ep=3, pp=8), "does not divide", "world", "edp"),  # 3 divides neither 128 nor 8
+        (Mapping(tp=2, ep=16, pp=4), "ep=16 does not divide num_experts=8", "layer", "ep"),
+        (Mapping(tp=16, pp=8), "tp=16 does not divide num_query_groups=8", "layer", "tp"),
+        (Mapping(tp=2, ep=8, pp=3), "pp*vpp = 3*1 = 3 does not divide num_layers=56",
+         "stage_split", "pp"),
+        (Mapping(tp=2, ep=8, pp=8, dp=4), "tp*cp*pp (2*1*8) x 4 = 64 but the cluster has 128 GPUs",
+         "world", "dp"),
+        (Mapping(tp=2, ep=8, pp=8, sequence_parallel=False), "needs sequence_parallel", "layer",
+         "sequence_parallel"),
+        (Mapping(tp=2, ep=8, pp=8, micro_batch_size=64), "global_batch_size=256 is not divisible",
+         "batch", "micro_batch_size"),
+        (Mapping(tp=2, cp=3, ep=8, pp=8), "seq_length=4096 is not divisible by 2*cp=6", "layer",
+         "cp"),
+        (Mapping(tp=2, ep=4, pp=8, order="tp-cp-ep-pp-dp"), "needs edp == dp", "option", "order"),
+        (Mapping(tp=2, ep=8, pp=1, decoder_first_pipeline_num_layers=4),
+         "need pp > 1 and vpp == 1", "pipeline", "decoder_first_pipeline_num_layers"),
     ],
 )
-def test_mapping_validation_names_the_offending_values(mapping, message):
+def test_mapping_validation_names_the_offending_values(mapping, message, kind, field):
     errors, _ = mapping_errors(MIXTRAL, H100x128, TRAIN, mapping)
-    assert any(message in e for e in errors), errors
-    with pytest.raises(InvalidMapping):
+    assert any(message in e.message and (e.kind, e.field) == (kind, field) for e in errors), errors
+    with pytest.raises(InvalidMapping) as info:
         resolve_mapping(MIXTRAL, H100x128, TRAIN, mapping)
+    assert info.value.reasons == [e.message for e in errors]
 
 
 def test_resolve_fills_dp_edp_and_sp():
