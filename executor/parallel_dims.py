@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from cost_model.layout import RankLayout, build_layout
 from cost_model.specs import Mapping
+from cost_model.validate import data_parallel_sizes
 
 # Fixed creation order: every rank must call new_group in the same sequence.
 ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp",
@@ -143,14 +144,9 @@ class ParallelDims:
 
 
 def complete_mapping(mapping: Mapping, world_size: int) -> Mapping:
-    """Fill dp/edp when omitted (same rule as the layout)."""
-    m = mapping
-    return m.model_copy(
-        update=dict(
-            dp=m.dp or world_size // (m.tp * m.cp * m.pp),
-            edp=m.edp or world_size // (m.etp * m.ep * m.pp),
-        )
-    )
+    """Fill dp/edp when omitted (`cost_model.validate.data_parallel_sizes`)."""
+    dp, edp = data_parallel_sizes(world_size, mapping)
+    return mapping.model_copy(update=dict(dp=dp, edp=edp))
 
 
 def build_parallel_dims(

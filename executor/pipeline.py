@@ -3,11 +3,8 @@
 Legend: L layers, P = pp stages, V = vpp virtual chunks per stage, M micro-batches per step,
 B micro-batch size, s tokens of a sequence on this rank (S / (cp * tp)), D model dim.
 
-Layer split (`stage_layer_ranges`): without vpp, stage r holds a contiguous range; with
-decoder_first/last_pipeline_num_layers the first / last stage hold that many and the other
-stages split the rest evenly. With vpp, the model is cut into P * V equal chunks and chunk c
-lives on stage c % P as its virtual chunk c // P (Megatron's interleaving).
-Example: L=8, P=2, V=2 -> stage 0 holds layers [0, 2) and [4, 6), stage 1 [2, 4) and [6, 8).
+Layer split (`stage_layer_ranges`): the cost model's (`cost_model/stage_split.py`, rule and
+worked example there), so the executor runs exactly the stages the plan priced.
 
 Schedules (Megatron-Core `forward_backward_pipelining_without_interleaving` and
 `..._with_interleaving`, PipeDream-Flush): a list of ('F' | 'B', micro-batch, chunk) steps per
@@ -29,34 +26,15 @@ import torch
 import torch.distributed as dist
 
 from cost_model.specs import Mapping
+from cost_model.stage_split import stage_chunks
 
 
 def stage_layer_ranges(num_layers: int, mapping: Mapping) -> list[list[range]]:
-    """ranges[stage][virtual chunk]: the layers of each pipeline chunk (see module docstring)."""
-    P, V = mapping.pp, mapping.vpp
-    first, last = mapping.decoder_first_pipeline_num_layers, mapping.decoder_last_pipeline_num_layers
-    if V > 1:
-        if first or last:
-            raise ValueError("decoder_first/last_pipeline_num_layers with vpp > 1 is not supported")
-        if num_layers % (P * V):
-            raise ValueError(f"pp*vpp={P * V} does not divide num_layers={num_layers}")
-        n = num_layers // (P * V)
-        return [[range((v * P + r) * n, (v * P + r + 1) * n) for v in range(V)] for r in range(P)]
-    sizes: list[int | None] = [None] * P
-    if P > 1 and first:
-        sizes[0] = first
-    if P > 1 and last:
-        sizes[-1] = last
-    fixed = sum(x for x in sizes if x)
-    free = [i for i, x in enumerate(sizes) if x is None]
-    rest = num_layers - fixed
-    if rest < 0 or (free and rest % len(free)) or (not free and rest):
-        raise ValueError(f"num_layers={num_layers} cannot be split over pp={P} with "
-                         f"decoder_first_pipeline_num_layers={first}, decoder_last_pipeline_num_layers={last}")
-    for i in free:
-        sizes[i] = rest // len(free)
-    starts = [sum(sizes[:i]) for i in range(P)]
-    return [[range(starts[r], starts[r] + sizes[r])] for r in range(P)]
+    """ranges[stage][virtual chunk]: the layers of each pipeline chunk (the cost model's split,
+    `cost_model.stage_split`); raises StageSplitError (a ValueError) for a split it refuses."""
+    return stage_chunks(num_layers, mapping.pp, mapping.vpp,
+                        mapping.decoder_first_pipeline_num_layers,
+                        mapping.decoder_last_pipeline_num_layers)
 
 
 def schedule_1f1b(num_micro: int, pp: int, pp_rank: int) -> list[tuple[str, int, int]]:

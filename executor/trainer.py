@@ -46,7 +46,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class StepResult:
+class StepStats:
     """Global (all-rank) numbers of one optimizer step."""
 
     step: int
@@ -179,7 +179,7 @@ class Trainer:
         total = all_reduce_(rep + tp + expert, self.dims.group("pp"), self.counter, "pp.grad_norm")
         return total[0].sqrt()
 
-    def step(self, step: int, keep_grads: bool = False) -> StepResult:
+    def step(self, step: int, keep_grads: bool = False) -> StepStats:
         """One optimizer step on global batch `step` (0-based)."""
         t0 = time.perf_counter()
         dev, S, G = self.dims.device, self.training.seq_length, self.training.global_batch_size
@@ -217,7 +217,7 @@ class Trainer:
         load = self.expert_load()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return StepResult(
+        return StepStats(
             step=step,
             loss=float(totals[0]) / (G * S),
             aux_loss=float(totals[1]) / self.num_micro,

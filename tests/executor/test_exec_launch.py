@@ -52,10 +52,10 @@ def test_run_plan_two_ranks(full_run):
 
 
 @pytest.mark.parametrize("fields,match", [
-    (dict(tp=2, dp=1, edp=2, sequence_parallel=False), "sequence_parallel=false with tp=2"),
-    (dict(pp=2, vpp=3, dp=1, edp=1), r"pp\*vpp=6 does not divide num_layers=4"),
+    (dict(tp=2, dp=1, edp=2, sequence_parallel=False), "tp=2 with a MoE model needs sequence_parallel"),
+    (dict(pp=2, vpp=3, dp=1, edp=1), r"pp\*vpp = 2\*3 = 6 does not divide num_layers=4"),
     (dict(pp=2, dp=1, edp=1, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3),
-     "num_layers=4 cannot be split over pp=2"),
+     "num_layers=4 minus first=3 and last=3 stage layers does not split evenly"),
     (dict(vpp=2), "vpp=2 needs pp > 1"),
     (dict(recompute="selective", recompute_num_layers=1), "recompute_num_layers=1 needs recompute='full'"),
     (dict(ep=3, edp=1), "ep=3"),
@@ -68,8 +68,11 @@ def test_refuses_unsupported_mappings(fields, match):
 @pytest.mark.parametrize("model,training,fields,match", [
     (dict(num_query_groups=1), {}, dict(tp=2, dp=1, edp=2), "tp=2 does not divide num_query_groups=1"),
     ({}, dict(seq_length=66), dict(cp=2, dp=1, edp=2), "seq_length=66 is not divisible by 2\\*cp=4"),
-    ({}, dict(seq_length=63), dict(tp=2, dp=1, edp=2), "seq_length=63 is not divisible by cp\\*tp=2"),
-    ({}, dict(global_batch_size=3), dict(pp=2, vpp=2, dp=1, edp=1), "micro-batches 3 must be a multiple of pp=2"),
+    ({}, dict(seq_length=63), dict(tp=2, dp=1, edp=2), "seq_length/cp = 63 is not divisible by tp=2"),
+    ({}, dict(global_batch_size=3), dict(pp=2, vpp=2, dp=1, edp=1), "3 micro-batches is not a multiple of pp=2"),
+    (dict(num_experts=0), {}, dict(tp=2, dp=1, edp=1, sequence_parallel=False),
+     "sequence_parallel=false with tp=2"),
+    (dict(vocab_size=257), {}, dict(tp=2, dp=1, edp=2), "tp=2 does not divide vocab_size=257"),
 ])
 def test_refuses_unsupported_shapes(model, training, fields, match):
     plan = make_plan(**fields)
