@@ -32,8 +32,6 @@ from cost_model.specs import (
 )
 from planner.result import Candidate, SearchInfo
 
-GROUP_KEYS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
-
 
 def _model_kind(value: Any) -> str:
     """Pick the model input variant by its keys, so errors name one variant's fields."""
@@ -161,7 +159,8 @@ class PlanSummary(BaseModel):
     model_name: str | None
     num_gpus: int
     gpu: str
-    status: str = Field(..., description="The search status: OPTIMAL, FEASIBLE or INFEASIBLE.")
+    status: str = Field(..., description="The search status: OPTIMAL, FEASIBLE, INFEASIBLE or "
+                        "UNKNOWN (time limit before any fitting mapping).")
     best_step_time_s: float | None
     best_mfu: float | None
 
@@ -230,13 +229,16 @@ class RunAnswer(BaseModel):
     backend: str
     status: RunStatus
     metrics: dict[str, Any] | None = Field(
-        None, description="Measured: per-step `loss` and `steps` lists, `step_times_s`, "
-        "`step_time_s` (median after the first step), `tokens_per_s`, `mfu`; `partial` is true "
-        "while the run is still going (filled in as steps finish)."
+        None, description="Measured: the executor's metrics.json (executor/run_files.py "
+        "`RunMetrics`: per-step `loss`, `aux_loss` and `steps` lists, `step_times_s`, "
+        "`step_time_s` (median after the first step), `tokens_per_s`, ...) with `mfu` counted "
+        "against the prediction's FLOPs and peak; while the run is still going, the steps so "
+        "far from its progress lines and `partial: true`."
     )
     predicted: dict[str, Any] | None = Field(
         None, description="The cost model's estimate for the machine the run uses; `machine` "
-        "says which (the plan's cluster, or the server's profiled machine)."
+        "says which (the plan's cluster, or the server's profiled machine); `num_gpus` and "
+        "`peak_flops_per_gpu` are what its MFU is counted against."
     )
     error: str | None = None
     log_tail: str | None = None
@@ -264,5 +266,5 @@ class ErrorAnswer(BaseModel):
 __all__ = [
     "EstimateRequest", "EstimateError", "Estimate", "PlanRequest", "PlanAnswer", "PlanSummary",
     "PlanList", "LayoutRequest", "LayoutAnswer", "PresetsAnswer", "ModelPreset", "RunRequest",
-    "RunAnswer", "ErrorAnswer", "FixedMapping", "GROUP_KEYS",
+    "RunAnswer", "ErrorAnswer", "FixedMapping",
 ]

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "planner"))
 
 from cost_model.estimate import evaluate  # noqa: E402
 from cost_model.presets import preset_model  # noqa: E402
 from cost_model.specs import ClusterSpec, TrainingSpec  # noqa: E402
 from planner.search import plan  # noqa: E402
-from planner.space import enumerate_mappings  # noqa: E402
+from exhaustive import enumerate_mappings  # noqa: E402  (tests/planner: the test oracle)
 
 EXHAUSTIVE_MAX = 300_000
 CASES = [("mixtral-8x22b", 16, 256), ("mixtral-8x22b", 128, 1024), ("mixtral-8x22b", 2048, 8192),

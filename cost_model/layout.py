@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 
 from .specs import Mapping
-from .validate import data_parallel_sizes
+from .validate import mapping_data_parallel
 
 GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
 # Extra groups Megatron builds and the executor and cost model use.
@@ -96,7 +96,7 @@ def build_layout(world_size: int, gpus_per_node: int, mapping: Mapping) -> RankL
     Raises ValueError when the sizes do not multiply to `world_size`.
     """
     m = mapping
-    dp, edp = data_parallel_sizes(world_size, m)
+    dp, edp = mapping_data_parallel(world_size, m)
     if m.tp * m.cp * dp * m.pp != world_size:
         raise ValueError(f"tp*cp*dp*pp = {m.tp}*{m.cp}*{dp}*{m.pp} != world_size {world_size}")
     if m.etp * m.ep * edp * m.pp != world_size:

@@ -43,12 +43,17 @@ class InvalidMapping(ValueError):
         self.reasons = [e.message for e in errors]
 
 
-def data_parallel_sizes(world_size: int, m: Mapping) -> tuple[int, int]:
-    """(dp, edp): the mapping's own when given, else what tp*cp*pp (attention) and etp*ep*pp
-    (experts) leave of the world. Exact only for valid mappings (`mapping_errors` checks)."""
-    dp = m.dp or world_size // (m.tp * m.cp * m.pp)
-    edp = m.edp or world_size // (m.etp * m.ep * m.pp)
-    return dp, edp
+def data_parallel_sizes(world_size: int, tp: int, cp: int, ep: int, etp: int,
+                        pp: int) -> tuple[int, int]:
+    """(dp, edp): what tp*cp*pp (attention) and etp*ep*pp (experts) leave of the world. Exact
+    only where they divide it (`mapping_errors` checks)."""
+    return world_size // (tp * cp * pp), world_size // (etp * ep * pp)
+
+
+def mapping_data_parallel(world_size: int, m: Mapping) -> tuple[int, int]:
+    """(dp, edp) of `m`: its own when given, else `data_parallel_sizes`."""
+    dp, edp = data_parallel_sizes(world_size, m.tp, m.cp, m.ep, m.etp, m.pp)
+    return m.dp or dp, m.edp or edp
 
 
 def _derive(world: int, divisor: int, given: int | None, what: str, field: str,

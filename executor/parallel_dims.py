@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cost_model.layout import RankLayout, build_layout
 from cost_model.specs import Mapping
-from cost_model.validate import data_parallel_sizes
+from cost_model.validate import mapping_data_parallel
 
 # Fixed creation order: every rank must call new_group in the same sequence.
 ALL_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp", "dp_cp", "tp_cp", "tp_ep", "tp_cp_dp",
@@ -144,8 +144,8 @@ class ParallelDims:
 
 
 def complete_mapping(mapping: Mapping, world_size: int) -> Mapping:
-    """Fill dp/edp when omitted (`cost_model.validate.data_parallel_sizes`)."""
-    dp, edp = data_parallel_sizes(world_size, mapping)
+    """Fill dp/edp when omitted (`cost_model.validate.mapping_data_parallel`)."""
+    dp, edp = mapping_data_parallel(world_size, mapping)
     return mapping.model_copy(update=dict(dp=dp, edp=edp))
 
 

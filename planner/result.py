@@ -28,7 +28,10 @@ class Candidate(BaseModel):
 class SearchInfo(BaseModel):
     """How the search went."""
 
-    status: Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE"]
+    status: Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN"] = Field(
+        ..., description="OPTIMAL: the best under the cost model, proven; FEASIBLE: the best "
+        "found when the time limit cut the search; INFEASIBLE: nothing fits (see reasons); "
+        "UNKNOWN: the time limit passed before any fitting mapping was found.")
     wall_time_s: float = Field(..., description="Planner time from validated request to answer.")
     reasons: list[str] = Field(default_factory=list, description="Why nothing fits, if so.")
     space_size: int = Field(0, description="Mappings in the search space (before memory).")

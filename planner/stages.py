@@ -17,8 +17,9 @@ bytes, MoE-layer count; T = slowest stage time; e_r, e_g = exposed gradient redu
 and parameter all-gather of stage 0 (max(0, comm - compute window)).
 Constraint families: `_add_layer_split_constraints` (layers sum to L, each stage >= 1),
 `_add_recompute_constraints` (rc_s = min(r, stage size)), `_add_stage_constraints`
-(per-stage time <= T, per-stage memory <= capacity, exact integer form of the cost model's
-reserve + 1.05 x (weights + gradients + optimizer + activations)), `_add_dp_constraints`.
+(per-stage time <= T, per-stage tensor bytes within the cost model's memory budget: the same
+`cost_model.memory` arithmetic as the estimate, per-layer coefficients rounded to bytes),
+`_add_dp_constraints`.
 Objective: (m - 1) T + sum_s time_s + e_r + e_g + optimizer(stage 0), the cost model's step
 time for these choices, times in integer units of `TIME_UNIT_S`, memory in bytes.
 The answer is then evaluated by the cost model itself; the test suite checks the optimum
@@ -31,11 +32,13 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from cost_model.estimate import make_context, micro_batch_costs
-from cost_model.flops import padded_vocab
+from cost_model.estimate import make_context, micro_batch_costs, pipeline_sends_time
 from cost_model.hardware import hardware
-from cost_model.kernels import memory_time, p2p_time, ring_time
-from cost_model.memory import FRAGMENTATION, activation_bytes_per_layer, layer_params, plain_mapping
+from cost_model.kernels import memory_time, ring_time
+from cost_model.memory import ADAM_STEP_BYTES, GRAD_BYTES, activation_bytes_per_layer
+from cost_model.memory import edge_activation_bytes, memory_budget, optimizer_shards
+from cost_model.memory import plain_mapping, static_bytes
+from cost_model.params import edge_params, embedding_params, layer_params
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
 TIME_UNIT_S = 1e-8
@@ -92,36 +95,28 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     A_pl = per_kind(lambda e: activation_bytes_per_layer(model, training, m_plain, e, act_b, load), 1)
     no_rc = m_rc.model_copy(update={"recompute": "none"})
     peak = per_kind(lambda e: activation_bytes_per_layer(model, training, no_rc, e, act_b, load), 1)
-    w_bytes = {"bf16": 2.0, "fp8": 3.0, "fp32": 4.0}[training.precision]
-    opt_bytes = 8.0 if training.precision == "fp32" else 12.0
-    shard_d = base.dp * base.cp if base.distributed_optimizer else 1
-    shard_e = base.edp if base.distributed_optimizer else 1
+    shards = optimizer_shards(base)
     params = {e: layer_params(model, e, base) for e in kinds if e in costs_plain}
     PD = per_kind(lambda e: params[e][0], 1)  # parameters
     PE = per_kind(lambda e: params[e][1], 1)
-    S = per_kind(lambda e: sum(params[e]) * (w_bytes + 4)
-                 + opt_bytes * (params[e][0] / shard_d + params[e][1] / shard_e), 1)
+    S = per_kind(lambda e: sum(static_bytes(*params[e], training.precision, shards)), 1)
     PM = [0]
     for x in pattern:
         PM.append(PM[-1] + x)
 
-    vocab = padded_vocab(model.vocab_size, base.tp) / base.tp * model.hidden_size
-    T_tok = base.micro_batch_size * training.seq_length / base.cp
+    vocab = embedding_params(model, base.tp)
 
-    def static_bytes(dense_params: float) -> float:
-        return dense_params * (w_bytes + 4) + opt_bytes * dense_params / shard_d
+    def edge_bytes(first: bool, last: bool) -> float:
+        """Weights, gradients, optimizer state and activations of the embedding / output."""
+        return (sum(static_bytes(edge_params(model, base.tp, first, last), 0.0,
+                                 training.precision, shards))
+                + edge_activation_bytes(model, training, base, first, last, act_b))
 
-    first_static = static_bytes(vocab)
-    last_dense = model.hidden_size + (vocab if model.untie_embeddings_and_output_weights else vocab)
-    last_static = static_bytes(last_dense)
-    first_act = T_tok * model.hidden_size / (base.tp if base.sp else 1) * act_b
-    last_act = T_tok * padded_vocab(model.vocab_size, base.tp) / base.tp * 4 * 2
-    act = ctx.tokens_attn / (base.tp if base.sp else 1) * model.hidden_size * act_b
-    pp_comm = int(round(2 * p2p_time(hw, ctx.place["pp"].crosses_node, act) / q))
+    first_extra, last_extra = edge_bytes(True, False), edge_bytes(False, True)
+    pp_comm = int(round(pipeline_sends_time(ctx) / q))
     head_t, tail_t = int(round(head.total / q)), int(round(tail.total / q))
     head_f, head_b = int(round(head.fwd_compute / q)), int(round(head.bwd_compute / q))
-    cap = hw.memory_bytes
-    reserve = hw.memory_reserve_bytes
+    budget = memory_budget(hw.memory_bytes, hw.memory_reserve_bytes)
 
     cm = cp_model.CpModel()
     n_f = cm.new_int_var(1, L, "n_first")
@@ -198,11 +193,11 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         stage_times.append(weight * t)
         acts = rsum(A_rc, lo_v, mid_v, (lo_n, mid_n)) + rsum(A_pl, mid_v, hi_v, (mid_n, hi_n))
         static = rsum(S, lo_v, hi_v, (lo_n, hi_n))
-        extra = (first_static + first_act if s == 0 else 0) + (last_static + last_act if s == pp - 1 else 0)
+        extra = (first_extra if s == 0 else 0) + (last_extra if s == pp - 1 else 0)
         inflight = min(pp - s, num_mb)
         # Full recompute: one layer of the model's largest kind holds its activations.
         peak_term = max(peak[e] for e in kinds if e in costs_plain) if full else 0
-        _add_stage_constraints(cm, T, t, static, inflight * acts + peak_term, extra, cap, reserve)
+        _add_stage_constraints(cm, T, t, static + inflight * acts + peak_term, extra, budget)
 
     dp_terms = _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f,
                                    head_b, q)
@@ -248,11 +243,11 @@ def _add_recompute_constraints(cm, r, lo_v, hi_v, s, L):
     return rc
 
 
-def _add_stage_constraints(cm, T, time_expr, static, acts, extra, cap, reserve) -> None:
+def _add_stage_constraints(cm, T, time_expr, stage_bytes, extra, budget) -> None:
+    """The stage's time bounds T; its tensors (integer per-layer sums plus the embedding /
+    output `extra`) fit the memory budget (`cost_model.memory.memory_budget`)."""
     cm.add(T >= time_expr)
-    # reserve + 1.05 * (static + activations + extra) <= capacity, in integers (x100).
-    frag = int(round(FRAGMENTATION * 100))
-    cm.add((100 + frag) * (static + acts) <= int((cap - reserve) * 100 - (100 + frag) * extra))
+    cm.add(stage_bytes <= int(budget - extra))
 
 
 def _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f, head_b,
@@ -275,7 +270,7 @@ def _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, hea
         const = int(round((sd * vocab * frac(pd) * nbytes + id_ + ie) / q))
         return rsum(per_layer, 0, n_f, ("zero", "hi0")) + const
 
-    reduce = collective(4.0)
+    reduce = collective(GRAD_BYTES)
     overlap = hw.comm_overlap
     bwd = rsum(BW, 0, n_f, ("zero", "hi0")) + head_b if overlap else 0
     fwd = rsum(FW, 0, n_f, ("zero", "hi0")) + head_f if overlap else 0
@@ -290,7 +285,7 @@ def _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, hea
     else:
         cm.add_max_equality(e_r, [0, 2 * reduce - bwd])
         e_g, local_d, local_e = 0, 1, 1
-    per_param = memory_time(hw, 4 + 4 + 8 + 4 + 8 + 2) / q
+    per_param = memory_time(hw, ADAM_STEP_BYTES) / q
     opt_layer = {e: int(round(per_param * (PD[e] / local_d + PE[e] / local_e)))
                  for e in (False, True)}
     opt = rsum(opt_layer, 0, n_f, ("zero", "hi0")) + int(round(per_param * vocab / local_d))
