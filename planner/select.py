@@ -3,7 +3,7 @@
 Formulation (one solve per position of the top-k). Variables: x_r (bool) for the best
 mapping of each evaluated configuration r, y (bool) for everything not evaluated, which
 enters at its lower bound. Constraint families: exactly one chosen
-(`_add_choice_constraints`), the chosen one's memory within capacity
+(`_add_choice_constraints`), the chosen one fits in memory as the cost model says
 (`_add_memory_constraints`), candidates already returned excluded
 (`_add_exclusion_constraints`). Objective: step time in integer units of 1e-5 of the best
 step, costs doubled and y's cost + 1, so a bound never ties a real mapping. An optimum on an
@@ -78,8 +78,11 @@ def _add_choice_constraints(model: cp_model.CpModel, variables) -> None:
 
 
 def _add_memory_constraints(model: cp_model.CpModel, x, rows: list[Row]) -> None:
-    cap = int(rows[0].result.capacity_bytes // 1024)
-    model.add(sum(int(math.ceil(r.result.peak_bytes / 1024)) * v for r, v in zip(rows, x)) <= cap)
+    """A row that does not fit cannot be chosen: the cost model's `fits_memory` itself, so the
+    planner and `/v1/estimate` agree to the byte (bytes rounded to integer units would not)."""
+    for r, v in zip(rows, x):
+        if not r.result.fits_memory:
+            model.add(v == 0)
 
 
 def _add_exclusion_constraints(model: cp_model.CpModel, x, excluded: list[int]) -> None:
