@@ -81,17 +81,15 @@ def test_plan_returns_within_its_time_limit(client):
             "cluster": {"num_nodes": 128, "gpus_per_node": 8, "gpu": "h100"},
             "training": {"seq_length": 4096, "global_batch_size": 4096}, "time_limit_s": limit}
     t0 = time.monotonic()
-    try:
-        r = client.post("/v1/plans", json=body)
-    except AssertionError as exc:  # raised inside the planner, not by this test
-        if "pruned layer configuration" in str(exc):
-            pytest.xfail(f"planner bug when stopped by its time limit: {exc}")
-        raise
+    r = client.post("/v1/plans", json=body)
     elapsed = time.monotonic() - t0
     assert r.status_code in (201, 504), r.text
     assert elapsed < limit + 5 + 1.0  # limit + the server's grace + request overhead
     if r.status_code == 201:
-        assert r.json()["search"]["wall_time_s"] <= limit + 3.0  # slack for a loaded machine
+        search = r.json()["search"]
+        assert search["wall_time_s"] <= limit + 3.0  # slack for a loaded machine
+        assert search["status"] in ("OPTIMAL", "FEASIBLE", "UNKNOWN")
+        assert (search["status"] == "UNKNOWN") == (not r.json()["candidates"])
 
 
 def test_infeasible_plan_explains_why(client):
