@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cost_model.estimate import estimate  # noqa: E402
 from cost_model.presets import preset_model  # noqa: E402
+from cost_model.profile_model import Profile, load_profile  # noqa: E402
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec  # noqa: E402
 from cost_model.validate import resolve_mapping  # noqa: E402
 
@@ -123,13 +124,13 @@ def label(model: str, world: int, fields: dict) -> str:
     return " ".join(parts)
 
 
-def profile_for(world: int, profile_dir: Path) -> dict:
+def profile_for(world: int, profile_dir: Path) -> Profile:
     """The profile of `world` ranks on this host: read from profile_dir or measured there."""
     from executor.profile import run_profile
 
     path = profile_dir / f"profile_n{world}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return load_profile(path)
     print(f"profiling {world} rank(s) ...", flush=True)
     return run_profile(path, nproc=world)
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(abs(a / b - 1) for a, b in zip(pl, meas)):.3f}")
     wall = time.perf_counter() - t_start
     print(f"wall time: {wall:.0f} s")
-    summary = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in profiles.items()}
+    summary = {k: v.model_dump(mode="json", exclude={"raw"}) for k, v in profiles.items()}
     (out / "closed_loop.json").write_text(json.dumps(
         {"rows": rows, "spearman": rho, "median_abs_rel_error": mare, "wall_s": wall,
          "training": training.model_dump(), "profiles": summary}, indent=2))

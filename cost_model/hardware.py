@@ -2,8 +2,8 @@
 
 Datasheet numbers come from data/gpus.json; the achievable fractions of them (GEMM, attention,
 memory-bound kernels, each link and collective kind) from data/efficiency.json, each with its
-source or its reason. A `profile` (the JSON `foldplan profile` writes) replaces them with
-numbers measured on the user's own machines.
+source or its reason. A `profile` (`profile_model.Profile`, what `foldplan profile` writes)
+replaces them with numbers measured on the user's own machines.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from .presets import resolve_gpu
+from .profile_model import Profile
 from .specs import ClusterSpec
 
 
@@ -66,7 +67,7 @@ class Hardware:
 
 def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     gpu = resolve_gpu(cluster.gpu)
-    prof = cluster.profile or {}
+    prof = cluster.profile or Profile()
     bf16 = gpu.peak_tflops * 1e12
     fp8_rel = _value("fp8_gemm_relative_efficiency") if gpu.fp8_tflops else 1.0
     peak = {
@@ -77,15 +78,15 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     }
     gemm_eff = gpu.gemm_efficiency or _value("gemm_efficiency_default")
     # A measured profile gives sustained GEMM rates directly: fold them into the efficiency.
-    for prec, measured in (prof.get("gemm_tflops") or {}).items():
-        if prec in peak and measured:
-            peak[prec] = float(measured) * 1e12 / gemm_eff
+    for prec, measured in (prof.gemm_tflops or {}).items():
+        if prec in peak:
+            peak[prec] = measured * 1e12 / gemm_eff
     is_cpu = cluster.gpu == "cpu" or gpu.name.lower().startswith("cpu")
     intra = cluster.intra_node_GBps or gpu.intra_node_GBps or 450.0
     inter = cluster.inter_node_GBps or gpu.inter_node_GBps or 50.0
-    intra = float(prof.get("intra_node_GBps") or intra)
-    inter = float(prof.get("inter_node_GBps") or inter)
-    measured_links = bool(prof.get("intra_node_GBps"))
+    intra = _first(prof.intra_node_GBps, intra)
+    inter = _first(prof.inter_node_GBps, inter)
+    measured_links = prof.intra_node_GBps is not None
     return Hardware(
         gpu_name=gpu.name,
         peak_flops=peak,
@@ -93,14 +94,14 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         memory_reserve_bytes=gpu.memory_reserve_gib * 2**30,
         comm_overlap=gpu.comm_overlap,
         # A measured bandwidth is already what kernels reach: undo the derating applied later.
-        hbm_bps=(float(prof["hbm_GBps"]) / _value("memory_bound_efficiency") if prof.get("hbm_GBps")
+        hbm_bps=(prof.hbm_GBps / _value("memory_bound_efficiency") if prof.hbm_GBps is not None
                  else gpu.hbm_GBps) * 1e9,
         intra_bps=intra * 1e9,
         inter_bps=inter * 1e9,
-        intra_latency_s=_first(prof.get("intra_node_latency_us"), cluster.intra_node_latency_us,
+        intra_latency_s=_first(prof.intra_node_latency_us, cluster.intra_node_latency_us,
                                gpu.intra_node_latency_us)
         * 1e-6,
-        inter_latency_s=_first(prof.get("inter_node_latency_us"), cluster.inter_node_latency_us,
+        inter_latency_s=_first(prof.inter_node_latency_us, cluster.inter_node_latency_us,
                                gpu.inter_node_latency_us)
         * 1e-6,
         gpus_per_node=cluster.gpus_per_node,
@@ -109,9 +110,9 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         attention_bwd_efficiency=_value("attention_bwd_efficiency"),
         attention_kv_half=0.0 if is_cpu else _value("attention_kv_half"),
         memory_efficiency=_value("memory_bound_efficiency"),
-        kernel_overhead_s=float(
-            prof.get("kernel_overhead_us")
-            or (_value("cpu_op_overhead_us") if is_cpu else _value("kernel_overhead_us"))
+        kernel_overhead_s=_first(
+            prof.kernel_overhead_us,
+            _value("cpu_op_overhead_us") if is_cpu else _value("kernel_overhead_us"),
         )
         * 1e-6,
         num_sms=1 if is_cpu else int(_value("num_sms_" + _sm_key(gpu.name))),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .flops import padded_vocab
 from .hardware import Hardware
-from .kernels import alltoall_time, linear_time, memory_time, ring_time
+from .kernels import collective_time, linear_time, memory_time, ring_time
 from .layout import GroupPlacement
 from .specs import Mapping, ModelSpec, TrainingSpec
 
@@ -79,10 +79,9 @@ def _tp_collectives(ctx: Context, tokens: float, n_fwd: int, n_bwd: int) -> floa
     if m.tp == 1:
         return 0.0
     full = tokens * ctx.model.hidden_size * ctx.act_bytes
-    per_collective = ring_time(ctx.hw, ctx.place["tp"], full * (m.tp - 1) / m.tp)
-    if not m.sp:
-        per_collective *= 2  # all-reduce = reduce-scatter + all-gather
-    return (n_fwd + n_bwd) * per_collective
+    # An all-gather to T x h sends what a reduce-scatter from T x h sends.
+    op = "reduce_scatter" if m.sp else "all_reduce"
+    return (n_fwd + n_bwd) * collective_time(ctx.hw, ctx.place["tp"], op, full)
 
 
 def attention_cost(ctx: Context) -> Cost:
@@ -212,14 +211,13 @@ def moe_cost(ctx: Context) -> Cost:
     passes = 4 + (2 if m.recompute == "full" else 0)  # dispatch + combine, fwd and bwd
     tok_bytes = h * ctx.act_bytes
     if m.dispatcher == "alltoall":
-        a2a = alltoall_time(hw, ctx.place["ep"], Te * k * ctx.capacity_scale * tok_bytes,
-                            ctx.expert_load)
-        etp = ring_time(hw, ctx.place["etp"],
-                        Te * k * ctx.capacity_scale * ctx.expert_load * (m.etp - 1) * tok_bytes)
+        a2a = collective_time(hw, ctx.place["ep"], "all_to_all",
+                              Te * k * ctx.capacity_scale * tok_bytes, ctx.expert_load)
+        etp = collective_time(hw, ctx.place["etp"], "all_gather",
+                              Te * k * ctx.capacity_scale * ctx.expert_load * tok_bytes)
         c.parts["ep_comm"] = passes * (a2a + etp)
     else:
-        grp = ctx.place["tp_ep"]
-        ag = ring_time(hw, grp, Te * (grp.size - 1) * tok_bytes)
+        ag = collective_time(hw, ctx.place["tp_ep"], "all_gather", Te * tok_bytes)
         c.parts["ep_comm"] = passes * ag
 
     if md.shared_ffn:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .profile_model import Profile
+
 MAX_WORLD_SIZE = 131_072
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -216,33 +218,9 @@ class ClusterSpec(_Spec):
     inter_node_latency_us: float | None = Field(
         None, ge=0, le=1e6, description="Per collective step across nodes; null = GPU preset's."
     )
-    profile: dict[str, Any] | None = Field(
+    profile: Profile | None = Field(
         None, description="Output of `foldplan profile`; measured numbers replace datasheet ones."
     )
-
-    @field_validator("profile")
-    @classmethod
-    def _check_profile(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The numbers the cost model reads from a profile must be positive and finite."""
-        if v is None:
-            return v
-
-        def positive(key: str, x: Any) -> None:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (1e-6 <= x < 1e9):
-                raise ValueError(f"profile.{key}={x!r} must be a number in [1e-6, 1e9)")
-
-        for key in ("hbm_GBps", "intra_node_GBps", "inter_node_GBps", "intra_node_latency_us",
-                    "inter_node_latency_us", "kernel_overhead_us"):
-            if v.get(key) is not None:
-                positive(key, v[key])
-        gemm = v.get("gemm_tflops")
-        if gemm is not None:
-            if not isinstance(gemm, dict):
-                raise ValueError("profile.gemm_tflops must be an object {precision: TFLOP/s}")
-            for prec, x in gemm.items():
-                if x is not None:
-                    positive(f"gemm_tflops.{prec}", x)
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> ClusterSpec:

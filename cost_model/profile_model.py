@@ -1,0 +1,99 @@
+"""The profile of a machine: what `foldplan profile` writes and `ClusterSpec.profile` carries.
+
+executor/profile measures a machine and writes a `Profile` as JSON; `load_profile` is the one
+way to read such a file back; cost_model/hardware.py reads its numbers in place of datasheet
+ones. A measured rate or latency is a finite number in [1e-6, 1e9); null means "not
+measured" (the cluster's or the GPU preset's value applies). Keys beyond the fields below are
+kept as given (a profile merged by hand may carry its own).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+PROFILE_VERSION = 1
+MEASURED_MIN, MEASURED_MAX = 1e-6, 1e9
+# A measured rate or latency: a number (not a string or a bool). `Profile` checks the bounds,
+# naming the field; the JSON schema states them.
+Measured = Annotated[float, Field(strict=True, json_schema_extra={
+    "minimum": MEASURED_MIN, "exclusiveMaximum": MEASURED_MAX})]
+
+
+def _check_measured(name: str, x: float) -> None:
+    if not MEASURED_MIN <= x < MEASURED_MAX:  # NaN fails every comparison
+        raise ValueError(f"profile.{name}={x!r} must be a number in [1e-6, 1e9)")
+
+
+class Profile(BaseModel):
+    """Measured rates of one machine: one rank per GPU, or `nproc` CPU ranks per host."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    foldplan_profile_version: int = Field(
+        PROFILE_VERSION, ge=1, description="Format version of this profile.")
+    gemm_tflops: dict[str, Measured] | None = Field(
+        None, description="{precision (fp32, bf16, fp8): sustained TFLOP/s of one rank in "
+        "large GEMMs}, the median over the profiled shapes.")
+    hbm_GBps: Measured | None = Field(
+        None, description="One rank's memory bandwidth, GB/s (a large copy: read + write).")
+    kernel_overhead_us: Measured | None = Field(
+        None, description="Fixed cost of one small op, microseconds (eager dispatch on CPU, "
+        "launch on GPU).")
+    gemm_k_half: float | None = Field(
+        None, ge=0, allow_inf_nan=False, strict=True,
+        description="k at which a GEMM reaches half its large-k rate, fitted to a sweep over k "
+        "(raw.gemm.k_sweep); not read by the cost model yet.")
+    intra_node_GBps: Measured | None = Field(
+        None, description="Collective bandwidth per rank per direction between ranks of one "
+        "host, GB/s.")
+    intra_node_latency_us: Measured | None = Field(
+        None, description="Latency per collective step between ranks of one host, "
+        "microseconds.")
+    inter_node_GBps: Measured | None = Field(
+        None, description="Collective bandwidth per rank per direction across hosts, GB/s.")
+    inter_node_latency_us: Measured | None = Field(
+        None, description="Latency per collective step across hosts, microseconds.")
+    nproc: int | None = Field(None, ge=1, strict=True, description="Ranks profiled.")
+    threads_per_rank: int | None = Field(
+        None, ge=1, strict=True, description="CPU threads of each rank while profiling.")
+    backend: str | None = Field(None, description="Collective backend measured: gloo or nccl.")
+    notes: str | None = Field(None, description="What the numbers cover, in words.")
+    raw: dict[str, Any] | None = Field(
+        None, description="Every measurement behind the numbers above (executor/profile).")
+    machine: dict[str, Any] | None = Field(
+        None, description="Host, CPU, memory, torch version and CUDA devices profiled.")
+
+    @field_validator("hbm_GBps", "kernel_overhead_us", "intra_node_GBps",
+                     "intra_node_latency_us", "inter_node_GBps", "inter_node_latency_us")
+    @classmethod
+    def _check_rate(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None:
+            _check_measured(info.field_name, v)
+        return v
+
+    @field_validator("gemm_tflops", mode="before")
+    @classmethod
+    def _check_gemm_object(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict):
+            raise ValueError("profile.gemm_tflops must be an object {precision: TFLOP/s}")
+        return v
+
+    @field_validator("gemm_tflops")
+    @classmethod
+    def _check_gemm(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for prec, x in (v or {}).items():
+            _check_measured(f"gemm_tflops.{prec}", x)
+        return v
+
+
+def load_profile(path: str | Path) -> Profile:
+    """The profile in the JSON file `path` (what `foldplan profile --out` wrote).
+
+    Raises OSError when the file cannot be read, ValueError when it is not JSON or not a
+    profile (a pydantic ValidationError naming the field, e.g. profile.hbm_GBps).
+    """
+    return Profile.model_validate(json.loads(Path(path).read_text()))
