@@ -21,7 +21,7 @@ from .flops import mfu, model_flops_per_step
 from .hardware import Hardware, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
-from .layers import logits_cost, moe_cost
+from .layers import host_bound, logits_cost, moe_cost, moe_layer_cost
 from .layout import group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
 from .memory import inflight_chunks, pipeline_send_bytes, plain_mapping, rank_layer_counts
@@ -197,7 +197,13 @@ def layer_cost_key(m: Mapping) -> tuple:
     the rank order fixed, tp/cp/ep/etp groups sit the same whatever dp and pp are)."""
     # In both standard orders tp, cp and ep come before dp and pp: same tp/cp/ep/etp groups.
     order = "standard" if m.order in ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp") else m.order
-    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, m.recompute, m.dispatcher, order)
+    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, recompute_key(m), m.dispatcher,
+            m.flex_backend, m.moe_a2a_overlap, order)
+
+
+def recompute_key(m: Mapping) -> tuple:
+    """The recompute fields a block's cost depends on."""
+    return (m.recompute, m.recompute_modules if m.recompute == "selective" else ())
 
 
 def micro_batch_costs(ctx: Context, cache: dict | None = None):
@@ -221,20 +227,20 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
             cache[k] = fn()
         return cache[k]
 
-    attn = part("attention", (m.recompute,), lambda: attention_cost(ctx))
+    rc = recompute_key(m)
+    attn = part("attention", (rc,), lambda: attention_cost(ctx))
     layer_costs: dict[bool, Cost] = {}
     if num_moe:
-        c = Cost()
-        c.add(attn)
-        c.add(part("moe", (m.recompute, m.ep, m.etp, m.dispatcher), lambda: moe_cost(ctx)))
-        layer_costs[True] = c
+        moe = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend), lambda: moe_cost(ctx))
+        layer_costs[True] = moe_layer_cost(ctx, attn, moe)
     if model.num_layers - num_moe:
         c = Cost()
         c.add(attn)
-        c.add(part("mlp", (m.recompute,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size)))
+        c.add(part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size)))
         layer_costs[False] = c
+    layer_costs = {kind: host_bound(ctx.hw, c) for kind, c in layer_costs.items()}
     out = (layer_costs, part("embedding", (), lambda: embedding_cost(ctx)),
-           part("output", (), lambda: logits_cost(ctx)))
+           part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx))))
     cache[key] = out
     return out
 

@@ -58,6 +58,10 @@ class Hardware:
     inter_collective_eff: float
     intra_alltoall_eff: float
     inter_alltoall_eff: float
+    flex_intra_eff: float = 0.95  # DeepEP / HybridEP NVLink part (data/efficiency.json)
+    flex_rdma_eff: float = 0.9  # ... and network part
+    flex_sm_share: float = 0.18  # share of the SMs its kernels hold while they run
+    host_launch_s: float = 0.0  # host time per counted kernel launch (0: host never binds)
 
     def mfu_peak_flops(self, precision: str) -> float:
         """The peak MFU is measured against: the dense bf16 rate (also for fp8 training, as
@@ -123,6 +127,12 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         inter_collective_eff=1.0 if measured_links else _value("inter_collective_efficiency"),
         intra_alltoall_eff=1.0 if measured_links else _value("intra_alltoall_efficiency"),
         inter_alltoall_eff=1.0 if measured_links else _value("inter_alltoall_efficiency"),
+        # On CPU ranks the host runs the ops themselves: kernel_overhead_s already counts it.
+        host_launch_s=0.0 if is_cpu else _value("host_launch_us") * 1e-6,
+        flex_intra_eff=_value("flex_intranode_efficiency"),
+        flex_rdma_eff=_value("flex_rdma_efficiency"),
+        flex_sm_share=0.0 if is_cpu else min(1.0, _value("flex_sms")
+                                              / int(_value("num_sms_" + _sm_key(gpu.name)))),
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .flops import padded_vocab
 from .hardware import Hardware
+from .dispatch import dispatch_time, overlapped_comm, routed_traffic
 from .kernels import collective_time, linear_time, memory_time, ring_time
 from .layout import GroupPlacement
 from .specs import Mapping, ModelSpec, TrainingSpec
@@ -36,12 +37,14 @@ class Cost:
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
     fwd_compute: float = 0.0
     bwd_compute: float = 0.0
+    launches: float = 0.0  # kernels launched from the host, forward + backward
 
     def add(self, other: Cost, times: float = 1.0) -> None:
         for k, v in other.parts.items():
             self.parts[k] += v * times
         self.fwd_compute += other.fwd_compute * times
         self.bwd_compute += other.bwd_compute * times
+        self.launches += other.launches * times
 
     @property
     def total(self) -> float:
@@ -131,7 +134,18 @@ def attention_cost(ctx: Context) -> Cost:
     bwd += memory_time(hw, 2 * elem)
     fwd += 12 * hw.kernel_overhead_s
     bwd += 20 * hw.kernel_overhead_s
-    c = _block_cost(m, fwd, bwd, core_fwd + memory_time(hw, T * 2 * h / tp * ctx.act_bytes))
+    # Selective recompute (`recompute_modules`): core attention forward again; the input
+    # norm again (read and write a row); MLA's q/k/v up-projections again from the latents.
+    redo = core_fwd if recomputes(m, "core_attn") else 0.0
+    if recomputes(m, "layernorm"):
+        redo += _norm_time(ctx, T)
+    if recomputes(m, "mla_up_proj") and md.multi_latent_attention:
+        up = [(md.kv_lora_rank, n * (md.qk_head_dim + md.v_head_dim) / tp)]
+        if md.q_lora_rank:
+            up.append((md.q_lora_rank, n * (md.qk_head_dim + md.qk_pos_emb_head_dim) / tp))
+        redo += sum(linear_time(hw, p, T, n_in, n_out)[0] for n_in, n_out in up)
+    c = _block_cost(m, fwd, bwd, redo)
+    c.launches = 32 + 3 * calls + 3 * len(shapes) * (2 if p == "fp8" else 1)
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
     if m.cp > 1:
         # Ring exchange of K and V: cp-1 steps, each passes this rank's K/V chunk on; the
@@ -175,16 +189,29 @@ def _block_cost(m: Mapping, fwd: float, bwd: float, selective_s: float) -> Cost:
     return c
 
 
-def dense_mlp_cost(ctx: Context, ffn: int) -> Cost:
-    """A tp-split MLP (dense layers, and shared experts inside MoE layers)."""
+def _norm_time(ctx: Context, tokens: float) -> float:
+    """One RMSNorm/LayerNorm forward over a sequence-parallel shard: read and write a row."""
+    return memory_time(ctx.hw, tokens * 2 * ctx.model.hidden_size / ctx.mapping.tp * ctx.act_bytes)
+
+
+def dense_mlp_cost(ctx: Context, ffn: int, module: str = "mlp") -> Cost:
+    """A tp-split MLP: a dense layer's (`module` "mlp", with its input norm) or the shared
+    experts of a MoE layer ("shared_experts", the norm being the MoE block's)."""
     m, hw = ctx.mapping, ctx.hw
     T, h = ctx.tokens_attn, ctx.model.hidden_size
     fwd, bwd = _mlp_gemms(ctx, T, ffn / m.tp)
     elem = T * 4 * h / m.tp * ctx.act_bytes  # norm + residual
     fwd += memory_time(hw, elem) + 6 * hw.kernel_overhead_s
     bwd += memory_time(hw, 2 * elem) + 12 * hw.kernel_overhead_s
-    c = _block_cost(m, fwd, bwd, memory_time(hw, T * ffn / m.tp * 3 * ctx.act_bytes))
-    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
+    whole = recomputes(m, module)
+    redo = fwd if whole else 0.0
+    if module == "mlp" and recomputes(m, "layernorm") and not whole:
+        redo += _norm_time(ctx, T)
+    c = _block_cost(m, fwd, bwd, redo)
+    c.launches = 18 + 3 + 6 * (2 if ctx.prec == "fp8" else 1)
+    # Full recompute, or recomputing the whole MLP, gathers its sequence-parallel input again.
+    again = m.recompute == "full" or whole
+    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if again else 1.0)
     return c
 
 
@@ -201,27 +228,66 @@ def moe_cost(ctx: Context) -> Cost:
     # Router GEMM (replicated weights, fp32 logits in Megatron: small) and its softmax/top-k.
     rf, rb = linear_time(hw, "bf16" if p != "fp32" else "fp32", Te, h, E)
     fwd, bwd = fwd + rf, bwd + rb
-    # Permute/unpermute and dispatcher buffers: about 6 passes over each assignment's h.
-    elem = (Te * 4 * h + assigned * 6 * h) * ctx.act_bytes
-    fwd += memory_time(hw, elem) + 25 * hw.kernel_overhead_s
-    bwd += memory_time(hw, 2 * elem) + 40 * hw.kernel_overhead_s
-    c = _block_cost(m, fwd, bwd,
-                    memory_time(hw, assigned * md.expert_ffn / m.etp * 3 * ctx.act_bytes))
-
-    passes = 4 + (2 if m.recompute == "full" else 0)  # dispatch + combine, fwd and bwd
-    tok_bytes = h * ctx.act_bytes
-    if m.dispatcher == "alltoall":
-        a2a = collective_time(hw, ctx.place["ep"], "all_to_all",
-                              Te * k * ctx.capacity_scale * tok_bytes, ctx.expert_load)
-        etp = collective_time(hw, ctx.place["etp"], "all_gather",
-                              Te * k * ctx.capacity_scale * ctx.expert_load * tok_bytes)
-        c.parts["ep_comm"] = passes * (a2a + etp)
+    # Data movement of dispatch and combine (`dispatch.routed_traffic`), the same rows again
+    # backward; fp32 router scores: softmax/sigmoid, top-k, aux loss, about 8 passes of T x E.
+    tokens_in = Te * m.tp * m.ep if m.dispatcher == "allgather" else Te
+    rows = routed_traffic(md, m.dispatcher, m.ep, ctx.place["ep"].per_node, tokens_in, assigned)
+    elem = rows * h * ctx.act_bytes + Te * E * 4 * 8
+    # Launches: router, permutation and dispatcher kernels, plus one GEMM per local expert
+    # and GEMM (TE's grouped linear issues per-expert cuBLAS calls; fp8 adds a quantization
+    # kernel per expert input).
+    expert_kernels = local_experts * (1 + (p == "fp8"))
+    fwd += memory_time(hw, elem) + (25 + 2 * expert_kernels) * hw.kernel_overhead_s
+    bwd += memory_time(hw, elem) + (40 + 4 * expert_kernels) * hw.kernel_overhead_s
+    launches = 65 + 6 * expert_kernels + 3 + 3
+    # Selective recompute: the whole MoE block forward ("moe"), else the experts' activation
+    # function (read 2f, write f per routed row, "moe_act"); the pre-MLP norm ("layernorm").
+    if recomputes(m, "moe"):
+        redo = fwd
     else:
-        ag = collective_time(hw, ctx.place["tp_ep"], "all_gather", Te * tok_bytes)
-        c.parts["ep_comm"] = passes * ag
+        act = assigned * md.expert_ffn / m.etp * 3 * ctx.act_bytes
+        redo = memory_time(hw, act) if recomputes(m, "moe_act") else 0.0
+        redo += _norm_time(ctx, ctx.tokens_attn) if recomputes(m, "layernorm") else 0.0
+    c = _block_cost(m, fwd, bwd, redo)
+    c.launches = launches
+
+    # Dispatch + combine, forward and backward; a recomputed MoE layer dispatches again.
+    passes = 4 + (2 if m.recompute == "full" or recomputes(m, "moe") else 0)
+    one = dispatch_time(hw, md, m.dispatcher, ctx.place, Te, h * ctx.act_bytes,
+                        ctx.capacity_scale, ctx.expert_load, m.ep)
+    c.parts["ep_comm"] = passes * one
 
     if md.shared_ffn:
-        c.add(dense_mlp_cost(ctx, md.shared_ffn))
+        c.add(dense_mlp_cost(ctx, md.shared_ffn, "shared_experts"))
+    return c
+
+
+def recomputes(m: Mapping, module: str) -> bool:
+    """Whether selective recompute covers `module` (Megatron's --recompute-modules)."""
+    return m.recompute == "selective" and module in m.recompute_modules
+
+
+def moe_layer_cost(ctx: Context, attn: Cost, moe: Cost) -> Cost:
+    """Attention + MoE block; with `moe_a2a_overlap` the expert all-to-alls run under the
+    layer's computation of another micro-batch (`dispatch.overlapped_comm`)."""
+    c = Cost()
+    c.add(attn)
+    c.add(moe)
+    if ctx.mapping.moe_a2a_overlap:
+        exposed, slowdown = overlapped_comm(c.parts["ep_comm"], c.fwd_compute + c.bwd_compute,
+                                            ctx.hw.flex_sm_share)
+        c.parts["ep_comm"] = exposed
+        c.parts["compute"] += slowdown
+    return c
+
+
+def host_bound(hw: Hardware, c: Cost) -> Cost:
+    """`c` taking at least its host time: when the host launches a block's kernels
+    (`launches` x `host_launch_s`) slower than the GPU runs them (compute and exposed
+    communication), the GPU waits for the difference (counted as compute)."""
+    gap = c.launches * hw.host_launch_s - c.total
+    if gap > 0:
+        c.parts["compute"] += gap
     return c
 
 
@@ -236,7 +302,7 @@ def logits_cost(ctx: Context) -> Cost:
     # of traffic per logit); backward subtracts the one-hot, scales and casts back (about 22).
     fwd += memory_time(hw, T * v * 38) + 10 * hw.kernel_overhead_s
     bwd += memory_time(hw, T * v * 22) + 8 * hw.kernel_overhead_s
-    c = Cost()
+    c = Cost(launches=21)
     c.parts["compute"] = fwd + bwd
     c.fwd_compute, c.bwd_compute = fwd, bwd
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 1, 1)

@@ -109,7 +109,9 @@ def static_memory_lower_bound(model: ModelSpec, precision: str, probe: Mapping, 
 def rank_chunks(model: ModelSpec, m: Mapping, rank: int) -> list[range]:
     """The layer ranges (one per model chunk) pipeline rank `rank` holds."""
     return stage_chunks(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
-                        m.decoder_last_pipeline_num_layers)[rank]
+                        m.decoder_last_pipeline_num_layers,
+                        embedding=m.account_for_embedding_in_pipeline_split,
+                        loss=m.account_for_loss_in_pipeline_split)[rank]
 
 
 def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int, int, int]:
@@ -143,37 +145,51 @@ def plain_mapping(m: Mapping) -> Mapping:
 
 def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapping,
                                moe: bool, act_bytes: float, expert_factor: float) -> float:
-    """Bytes one layer keeps for its backward, one micro-batch, on one rank."""
+    """Bytes one layer keeps for its backward, one micro-batch, on one rank.
+
+    Per token (elements): norm input and output (the output is the next GEMM's input; the
+    `layernorm` recompute module keeps only the input), q/k/v and the attention output
+    (fused attention keeps nothing else, so `core_attn` saves no memory here; `mla_up_proj`
+    keeps MLA's latents instead of the up-projected q/k/v), the MLP's fc1 output (2f with
+    SwiGLU) and activation output (f; `mlp` / `shared_experts` keep neither); per routed
+    (token, expert) row: the expert input (gathered over etp), fc1 and activation outputs
+    (`moe_act` drops the activation output) and the expert output; the router's fp32
+    scores (`moe` keeps none of the MoE block's rows)."""
     h, n = model.hidden_size, model.num_attention_heads
     tp, cp = m.tp, m.cp
     T = m.micro_batch_size * training.seq_length / cp
     sp = tp if m.sp else 1
     if m.recompute == "full":
         return T * h / sp * act_bytes  # only the layer input
+
+    def redo(module: str) -> bool:
+        return m.recompute == "selective" and module in m.recompute_modules
+
+    norms = (1 if redo("layernorm") else 2) * h / sp  # norm input (+ output)
     if model.multi_latent_attention:
-        qkv = n * (2 * (model.qk_head_dim + model.qk_pos_emb_head_dim) + model.v_head_dim) / tp
-        qkv += (model.kv_lora_rank + (model.q_lora_rank or 0)) / 1  # latent inputs
+        latents = model.kv_lora_rank + (model.q_lora_rank or 0)
+        qkv = latents if redo("mla_up_proj") else latents + n * (
+            2 * (model.qk_head_dim + model.qk_pos_emb_head_dim) + model.v_head_dim) / tp
         out = n * model.v_head_dim / tp
     else:
         d, g = model.head_dim, model.query_groups
         qkv = (n + 2 * g) * d / tp
         out = n * d / tp
-    selective = m.recompute == "selective"
-    # norm input, QKV GEMM input (SP shard), q/k/v, attention output (= out-proj input).
-    attn = 2 * h / sp + qkv + out  # softmax statistics are negligible
-    act_keep = 2 if selective else 3  # SwiGLU: fc1 output (2f) + activation output (f)
+    attn = norms + qkv + out  # softmax statistics are negligible
     if not moe:
-        mlp = 2 * h / sp + act_keep * model.ffn_hidden_size / tp
+        mlp = norms + (0 if redo("mlp") else 3) * model.ffn_hidden_size / tp
         return T * (attn + mlp) * act_bytes
-    k = model.topk
     Te = T / tp
-    # Per routed assignment: expert input (gathered over etp), fc1 output, activation output,
-    # expert output before combine.
-    per_assign = m.etp * h + act_keep * model.expert_ffn + h
-    routed = Te * k * expert_factor * per_assign
-    router = Te * model.num_experts * 4 / act_bytes  # fp32 probabilities
-    shared = (2 * h / sp + act_keep * model.shared_ffn / tp) * T if model.shared_ffn else 0.0
-    return (T * attn + 2 * Te * h + routed + router + shared) * act_bytes
+    routed = router = 0.0
+    if not redo("moe"):
+        act_keep = 2 if redo("moe_act") else 3
+        per_row = m.etp * h + act_keep * model.expert_ffn + h
+        routed = Te * model.topk * expert_factor * per_row
+        router = Te * model.num_experts * 4 / act_bytes  # fp32 scores
+    shared = 0.0
+    if model.shared_ffn:
+        shared = (2 * h / sp + (0 if redo("shared_experts") else 3) * model.shared_ffn / tp) * T
+    return (T * attn + Te * norms * sp + routed + router + shared) * act_bytes
 
 
 def inflight_chunks(m: Mapping, rank: int, num_microbatches: int) -> float:

@@ -54,7 +54,7 @@ def _small_moe(vocab=32000, freq=(0, 1, 1, 1, 1, 1, 1, 1)):
 CASES = [
     # (model, global batch, pinned fields, what must show up in the answer)
     (_small_moe(), 32, {"tp": 1, "ep": 1, "etp": 1}, None),
-    (_small_moe(vocab=151936), 32, {"tp": 1, "ep": 2, "etp": 1}, "uneven"),
+    (_small_moe(vocab=151936), 32, {"tp": 1, "ep": 2, "etp": 1, "vpp": 1}, "uneven"),
     (_small_moe(vocab=151936), 16, {"ep": 1, "etp": 1, "cp": 1, "recompute": "full"}, "partial"),
     (_small_moe(freq=[1] * 8), 16, {"ep": 1, "etp": 1, "cp": 1, "recompute": "full"}, "partial"),
     # interleaved dense/MoE layers: the stage model's table lookups (AddElement), no presolve
