@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from .flops import mfu, model_flops_per_step
-from .hardware import Hardware, hardware
+from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
-from .layers import host_bound, logits_cost, moe_cost, moe_layer_cost
+from .layers import host_bound, logits_cost, moe_cost, moe_layer_cost, with_mtp
 from .layout import group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
 from .memory import inflight_chunks, pipeline_send_bytes, plain_mapping, rank_layer_counts
 from .memory import rank_memory
-from .params import edge_params, layer_params
+from .params import edge_params, layer_params, mtp_last_kind
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -105,7 +105,8 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     b, s = m.micro_batch_size, training.seq_length
     return Context(
         model=model, training=training, mapping=m, hw=hw,
-        prec=training.precision,
+        prec=fp8_gemm_key(training.fp8_recipe) if training.precision == "fp8"
+        else training.precision,
         act_bytes=activation_element_bytes(training.precision),
         tokens_attn=b * s / m.cp,
         tokens_moe=b * s / (m.cp * m.tp),
@@ -150,7 +151,7 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
         d, e = layer_params(md, bool(slot % 2), m)
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
-    dense += edge_params(md, m.tp, True, False)
+    dense += edge_params(md, m, True, False)[0]
     grad_bytes, param_bytes = GRAD_BYTES, ctx.act_bytes
     pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
 
@@ -239,8 +240,10 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
         c.add(part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size)))
         layer_costs[False] = c
     layer_costs = {kind: host_bound(ctx.hw, c) for kind, c in layer_costs.items()}
-    out = (layer_costs, part("embedding", (), lambda: embedding_cost(ctx)),
-           part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx))))
+    output = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
+    if model.mtp_num_layers:
+        output = with_mtp(ctx, output, layer_costs[mtp_last_kind(model)])
+    out = (layer_costs, part("embedding", (), lambda: embedding_cost(ctx)), output)
     cache[key] = out
     return out
 

@@ -61,7 +61,16 @@ def megatron_flops_per_sequence(model: ModelSpec, seq_length: int, causal_half: 
         )
     )
     logits = 6 * h * padded_vocab(model.vocab_size)
-    return s * (mlp + attn + logits)
+    # Multi-token prediction: per module a 2h -> h projection, one layer like the decoder's
+    # last, and its own output layer (Megatron-LM's num_floating_point_operations).
+    mtp = 0.0
+    if model.mtp_num_layers:
+        last_moe = pattern[-1]
+        layer_attn = attn / L
+        layer_mlp = expansion * h * gated * (
+            (model.expert_ffn * model.topk + model.shared_ffn) if last_moe else model.ffn_hidden_size)
+        mtp = model.mtp_num_layers * (6 * 2 * h * h + layer_attn + layer_mlp + logits)
+    return s * (mlp + attn + logits + mtp)
 
 
 def model_flops_per_step(model: ModelSpec, training: TrainingSpec) -> float:

@@ -69,6 +69,16 @@ class Hardware:
         return self.peak_flops["fp32" if precision == "fp32" else "bf16"]
 
 
+def fp8_gemm_key(recipe: str) -> str:
+    """The `Hardware.peak_flops` key of fp8 GEMMs under `recipe` (per-tensor recipes: "fp8")."""
+    return "fp8" if recipe in ("delayed", "tensorwise") else f"fp8_{recipe}"
+
+
+def fp8_cast_bytes(recipe: str) -> float:
+    """HBM bytes per element to quantize one GEMM input under `recipe` (data file)."""
+    return float(efficiency_table()["fp8_recipes"]["value"][recipe]["cast_bytes"])
+
+
 def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     gpu = resolve_gpu(cluster.gpu)
     prof = cluster.profile or Profile()
@@ -85,6 +95,8 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     for prec, measured in (prof.gemm_tflops or {}).items():
         if prec in peak:
             peak[prec] = measured * 1e12 / gemm_eff
+    for recipe, row in efficiency_table()["fp8_recipes"]["value"].items():
+        peak[fp8_gemm_key(recipe)] = peak["fp8"] * row["gemm_factor"]  # fp8 GEMMs per recipe
     is_cpu = cluster.gpu == "cpu" or gpu.name.lower().startswith("cpu")
     intra = cluster.intra_node_GBps or gpu.intra_node_GBps or 450.0
     inter = cluster.inter_node_GBps or gpu.inter_node_GBps or 50.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .flops import padded_vocab
-from .hardware import Hardware
+from .hardware import Hardware, fp8_cast_bytes
 from .dispatch import dispatch_time, overlapped_comm, routed_traffic
 from .kernels import collective_time, linear_time, memory_time, ring_time
 from .layout import GroupPlacement
@@ -59,7 +59,7 @@ class Context:
     training: TrainingSpec
     mapping: Mapping
     hw: Hardware
-    prec: str  # GEMM precision
+    prec: str  # GEMM precision: a `Hardware.peak_flops` key (fp8 ones per recipe)
     act_bytes: float  # bytes per activation element
     tokens_attn: float  # T_a
     tokens_moe: float  # T_e
@@ -67,13 +67,17 @@ class Context:
     capacity_scale: float  # fraction of routed assignments kept (<= 1 with token dropping)
     place: dict[str, GroupPlacement]
 
+    @property
+    def fp8(self) -> bool:
+        return self.training.precision == "fp8"
+
 
 def _cast_overhead(ctx: Context, elements: float) -> float:
     """fp8: every GEMM input is quantized with a transposed copy for the other GEMM of the
-    pair (Transformer Engine cast-transpose: read bf16, write fp8 twice), fwd and bwd."""
-    if ctx.prec != "fp8":
+    pair (Transformer Engine cast-transpose), fwd and bwd; bytes per element by recipe."""
+    if not ctx.fp8:
         return 0.0
-    return memory_time(ctx.hw, elements * 4.0)
+    return memory_time(ctx.hw, elements * fp8_cast_bytes(ctx.training.fp8_recipe))
 
 
 def _tp_collectives(ctx: Context, tokens: float, n_fwd: int, n_bwd: int) -> float:
@@ -145,7 +149,7 @@ def attention_cost(ctx: Context) -> Cost:
             up.append((md.q_lora_rank, n * (md.qk_head_dim + md.qk_pos_emb_head_dim) / tp))
         redo += sum(linear_time(hw, p, T, n_in, n_out)[0] for n_in, n_out in up)
     c = _block_cost(m, fwd, bwd, redo)
-    c.launches = 32 + 3 * calls + 3 * len(shapes) * (2 if p == "fp8" else 1)
+    c.launches = 32 + 3 * calls + 3 * len(shapes) * (2 if ctx.fp8 else 1)
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
     if m.cp > 1:
         # Ring exchange of K and V: cp-1 steps, each passes this rank's K/V chunk on; the
@@ -208,7 +212,7 @@ def dense_mlp_cost(ctx: Context, ffn: int, module: str = "mlp") -> Cost:
     if module == "mlp" and recomputes(m, "layernorm") and not whole:
         redo += _norm_time(ctx, T)
     c = _block_cost(m, fwd, bwd, redo)
-    c.launches = 18 + 3 + 6 * (2 if ctx.prec == "fp8" else 1)
+    c.launches = 18 + 3 + 6 * (2 if ctx.fp8 else 1)
     # Full recompute, or recomputing the whole MLP, gathers its sequence-parallel input again.
     again = m.recompute == "full" or whole
     c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if again else 1.0)
@@ -236,7 +240,7 @@ def moe_cost(ctx: Context) -> Cost:
     # Launches: router, permutation and dispatcher kernels, plus one GEMM per local expert
     # and GEMM (TE's grouped linear issues per-expert cuBLAS calls; fp8 adds a quantization
     # kernel per expert input).
-    expert_kernels = local_experts * (1 + (p == "fp8"))
+    expert_kernels = local_experts * (1 + ctx.fp8)
     fwd += memory_time(hw, elem) + (25 + 2 * expert_kernels) * hw.kernel_overhead_s
     bwd += memory_time(hw, elem) + (40 + 4 * expert_kernels) * hw.kernel_overhead_s
     launches = 65 + 6 * expert_kernels + 3 + 3
@@ -291,12 +295,31 @@ def host_bound(hw: Hardware, c: Cost) -> Cost:
     return c
 
 
+def with_mtp(ctx: Context, output: Cost, layer: Cost) -> Cost:
+    """The last stage's output block with `mtp_num_layers` multi-token-prediction modules:
+    each runs one layer like the decoder's last (`layer`), a 2h -> h projection of the
+    normalized hidden state and next embedding, and its own output layer and loss."""
+    num = ctx.model.mtp_num_layers or 0
+    c = Cost()
+    c.add(output, 1 + num)
+    if num:
+        c.add(layer, num)
+        h = ctx.model.hidden_size
+        f, b = linear_time(ctx.hw, ctx.prec, ctx.tokens_attn, 2 * h, h / ctx.mapping.tp)
+        c.parts["compute"] += num * (f + b)
+        c.fwd_compute += num * f
+        c.bwd_compute += num * b
+    return c
+
+
 def logits_cost(ctx: Context) -> Cost:
     """Final norm, output layer (vocab split by tp) and the cross-entropy."""
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
     T = ctx.tokens_attn
     v = padded_vocab(md.vocab_size, m.tp) / m.tp
-    fwd, bwd = linear_time(hw, ctx.prec, T, md.hidden_size, v)
+    # The output layer is Megatron's own ColumnParallelLinear, not a Transformer Engine
+    # module: it stays in bf16 under fp8 training.
+    fwd, bwd = linear_time(hw, "fp32" if ctx.prec == "fp32" else "bf16", T, md.hidden_size, v)
     # Vocab-parallel cross-entropy in fp32 (Megatron's unfused version): forward casts the
     # logits to fp32, subtracts the max, exponentiates, sums and normalizes (about 38 bytes
     # of traffic per logit); backward subtracts the one-hot, scales and casts back (about 22).

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .flops import padded_vocab
-from .params import edge_params, layer_params, pipeline_params
+from .params import edge_params, layer_params, mtp_last_kind, pipeline_params
 from .specs import Mapping, ModelSpec, TrainingSpec
 from .stage_split import stage_chunks
 
@@ -85,13 +85,21 @@ def pipeline_send_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping) ->
 
 
 def edge_activation_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping, first: bool,
-                          last: bool, act_bytes: float) -> float:
-    """Activations of one micro-batch besides the layers: the embedding output on the first
-    rank, fp32 logits and their gradient on the last."""
+                          last: bool, act_bytes: float, expert_factor: float = 1.0) -> float:
+    """Activations of one micro-batch besides the decoder layers: the embedding output on the
+    first rank; fp32 logits and their gradient on the last, and per MTP module its layer,
+    its projection input (2h) and its own logits."""
     T = m.micro_batch_size * training.seq_length / m.cp
-    out = T * model.hidden_size / (m.tp if m.sp else 1) * act_bytes if first else 0.0
+    sp = m.tp if m.sp else 1
+    out = T * model.hidden_size / sp * act_bytes if first else 0.0
     if last:
-        out += T * padded_vocab(model.vocab_size, m.tp) / m.tp * 4 * 2
+        logits = T * padded_vocab(model.vocab_size, m.tp) / m.tp * 4 * 2
+        num_mtp = model.mtp_num_layers or 0
+        out += logits * (1 + num_mtp)
+        if num_mtp:
+            layer = activation_bytes_per_layer(model, training, m, mtp_last_kind(model),
+                                               act_bytes, expert_factor)
+            out += num_mtp * (layer + T * 2 * model.hidden_size / sp * act_bytes)
     return out
 
 
@@ -256,13 +264,15 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
             act_full = max(activation_bytes_per_layer(model, training, no_rc, k, act_bytes,
                                                       expert_factor) for k in kinds)
     first, last = rank == 0, rank == m.pp - 1
-    dense += edge_params(model, m.tp, first, last)
+    d, e = edge_params(model, m, first, last)
+    dense, expert = dense + d, expert + e
     weights, grads, optimizer = static_bytes(dense, expert, training.precision,
                                              optimizer_shards(m))
     chunks = inflight_chunks(m, rank, num_microbatches)
     activations = act_layers / m.vpp * chunks
     # With full recompute, the layer being recomputed holds its full activations.
     activations += act_full
-    activations += edge_activation_bytes(model, training, m, first, last, act_bytes)
+    activations += edge_activation_bytes(model, training, m, first, last, act_bytes,
+                                         expert_factor)
     buffers = buffer_bytes(weights + grads + optimizer + activations, reserve)
     return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp, reserve)

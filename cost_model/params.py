@@ -51,15 +51,37 @@ def embedding_params(model: ModelSpec, tp: int) -> float:
     return padded_vocab(model.vocab_size, tp) / tp * model.hidden_size
 
 
-def edge_params(model: ModelSpec, tp: int, first: bool, last: bool) -> float:
-    """Parameters a pipeline rank holds besides its layers: the embedding on the first rank,
-    the final norm and the output layer on the last (module docstring for tied embeddings)."""
-    v = embedding_params(model, tp)
-    extra = v if first else 0.0
+def edge_params(model: ModelSpec, m: Mapping, first: bool, last: bool) -> tuple[float, float]:
+    """(dense, expert) parameters a pipeline rank holds besides its decoder layers: the
+    embedding on the first rank; the final norm, the output layer (module docstring for tied
+    embeddings) and the multi-token-prediction layers on the last."""
+    v = embedding_params(model, m.tp)
+    dense = v if first else 0.0
+    expert = 0.0
     if last:
-        extra += model.hidden_size + (v if model.untie_embeddings_and_output_weights or not first
+        dense += model.hidden_size + (v if model.untie_embeddings_and_output_weights or not first
                                       else 0.0)
-    return extra
+        d, e = mtp_params(model, m)
+        dense, expert = dense + d, expert + e
+    return dense, expert
+
+
+def mtp_last_kind(model: ModelSpec) -> bool:
+    """The kind of layer each MTP module repeats: the decoder's last layer's (True: MoE)."""
+    return bool(model.moe_layer_pattern()[-1])
+
+
+def mtp_params(model: ModelSpec, m: Mapping) -> tuple[float, float]:
+    """(dense, expert) parameters of the multi-token-prediction modules, one shard: each has
+    two norms (hidden state, embedding), a projection 2h -> h (split by tp) and one
+    transformer layer like the decoder's last; embedding and output layer are shared with
+    the main model (Megatron-Core transformer/multi_token_prediction.py)."""
+    num = model.mtp_num_layers or 0
+    if not num:
+        return 0.0, 0.0
+    h = model.hidden_size
+    d, e = layer_params(model, mtp_last_kind(model), m)
+    return num * (d + 2 * h + 2 * h * h / m.tp), num * e
 
 
 def pipeline_params(model: ModelSpec, m: Mapping, pp: int,
@@ -68,9 +90,9 @@ def pipeline_params(model: ModelSpec, m: Mapping, pp: int,
     (one tp / ep x etp shard each): every layer once, the embedding/output per `edge_params`.
     `layers` = `stacked_layer_params(model, m)` when the caller has it."""
     dense, expert = layers or stacked_layer_params(model, m)
-    dense += edge_params(model, m.tp, True, pp == 1)
-    if pp > 1:
-        dense += edge_params(model, m.tp, False, True)
+    for first, last in ((True, pp == 1),) + (((False, True),) if pp > 1 else ()):
+        d, e = edge_params(model, m, first, last)
+        dense, expert = dense + d, expert + e
     return dense, expert
 
 

@@ -108,9 +108,9 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
 
     def edge_bytes(first: bool, last: bool) -> float:
         """Weights, gradients, optimizer state and activations of the embedding / output."""
-        return (sum(static_bytes(edge_params(model, base.tp, first, last), 0.0,
-                                 training.precision, shards))
-                + edge_activation_bytes(model, training, base, first, last, act_b))
+        return (sum(static_bytes(*edge_params(model, base, first, last), training.precision,
+                                 shards))
+                + edge_activation_bytes(model, training, base, first, last, act_b, load))
 
     first_extra, last_extra = edge_bytes(True, False), edge_bytes(False, True)
     pp_comm = int(round(pipeline_sends_time(ctx) / q))
