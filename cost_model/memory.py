@@ -17,6 +17,7 @@ count plus the one in progress).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .flops import padded_vocab
 from .params import edge_params, layer_params, mtp_last_kind, pipeline_params
@@ -49,9 +50,12 @@ def state_bytes_per_param(precision: str) -> tuple[float, float, float]:
 def optimizer_shards(m: Mapping) -> tuple[int, int]:
     """(dense, expert) ranks the optimizer state is sharded over: dp*cp and edp with the
     distributed optimizer, none without."""
-    if not m.distributed_optimizer:
-        return 1, 1
-    return (m.dp or 1) * m.cp, m.edp or 1
+    return optimizer_shards_of(m.dp or 1, m.cp, m.edp or 1, m.distributed_optimizer)
+
+
+def optimizer_shards_of(dp: int, cp: int, edp: int, distributed: bool) -> tuple[int, int]:
+    """`optimizer_shards` from the sizes alone."""
+    return (dp * cp, edp) if distributed else (1, 1)
 
 
 def static_bytes(dense: float, expert: float, precision: str,
@@ -116,10 +120,18 @@ def static_memory_lower_bound(model: ModelSpec, precision: str, probe: Mapping, 
 
 def rank_chunks(model: ModelSpec, m: Mapping, rank: int) -> list[range]:
     """The layer ranges (one per model chunk) pipeline rank `rank` holds."""
-    return stage_chunks(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
+    return list(_chunks(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
                         m.decoder_last_pipeline_num_layers,
-                        embedding=m.account_for_embedding_in_pipeline_split,
-                        loss=m.account_for_loss_in_pipeline_split)[rank]
+                        m.account_for_embedding_in_pipeline_split,
+                        m.account_for_loss_in_pipeline_split)[rank])
+
+
+@lru_cache(maxsize=65_536)
+def _chunks(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None,
+            embedding: bool, loss: bool) -> tuple[tuple[range, ...], ...]:
+    """`stage_chunks`, kept: the planner asks for the same splits thousands of times."""
+    return tuple(tuple(c) for c in stage_chunks(num_layers, pp, vpp, first, last,
+                                                embedding=embedding, loss=loss))
 
 
 def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int, int, int]:

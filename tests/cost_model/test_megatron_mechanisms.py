@@ -150,3 +150,15 @@ def test_a_layer_takes_at_least_its_host_launch_time():
     assert host_bound(hw, big).parts["compute"] == 1.0
     cpu = hardware(ClusterSpec(num_nodes=1, gpus_per_node=2, gpu="cpu"))
     assert cpu.host_launch_s == 0.0  # CPU ranks count their op overhead as compute already
+
+
+def test_dispatch_data_movement_rows():
+    """100 tokens, 800 routed rows: alltoall 2T + 10C with several local experts (8C with
+    one); flex lands R = T x 6.60 rows per GPU (EP16, 8 per node) and moves 2T + 4R + 2C."""
+    from cost_model.dispatch import routed_traffic
+
+    assert routed_traffic(QWEN3_30B, "alltoall", 16, 8, 100, 800) == 2 * 100 + 10 * 800
+    assert routed_traffic(QWEN3_30B, "alltoall", 128, 8, 100, 800) == 2 * 100 + 8 * 800
+    rows = 100 * expected_distinct_bins(128, 8, 8)
+    assert routed_traffic(QWEN3_30B, "flex", 16, 8, 100, 800) == pytest.approx(
+        2 * 100 + 4 * rows + 2 * 800)
