@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -100,11 +99,11 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from .schemas import PlanRequest
-    from .service import run_plan
+    from .service import make_plan
     from .settings import Settings
 
     req = _parse(PlanRequest, _read_json(args.json))
-    answer = run_plan(req, req.time_limit_s or Settings().plan_time_limit_s)
+    answer = make_plan(req, req.time_limit_s or Settings().plan_time_limit_s)
     if args.format == "table":
         rows = []
         for i, c in enumerate(answer.candidates):
@@ -165,26 +164,22 @@ def cmd_run(args: argparse.Namespace) -> None:
         from executor.launch import run_plan
     except ImportError as exc:
         raise CLIError(f"the executor is not available: {exc}", EXIT_FAILED) from None
+    from .backends import RunJob
     from .backends.local import LocalBackend
 
+    out = Path(args.out).resolve()
     if isinstance(plan.get("cluster"), dict):  # the same checks as the service's local runs
-        why = LocalBackend().unavailable(plan, args.candidate)
+        try:
+            job = RunJob.from_plan(out.name, plan, args.candidate, args.steps, out)
+        except (ValidationError, KeyError, TypeError) as exc:
+            raise CLIError(f"--plan {args.plan}: not a usable plan answer: {exc}") from None
+        why = LocalBackend().unavailable(job)
         if why:
             raise CLIError(why.replace("backend='local'", "foldplan run"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"seed": args.seed}
-    accepted = inspect.signature(run_plan).parameters
-    for name in ("save_every", "resume"):
-        value = getattr(args, name)
-        if value not in (None, False):
-            if name not in accepted:
-                raise CLIError(f"--{name.replace('_', '-')} is not supported by this executor")
-            kwargs[name] = value
     with contextlib.redirect_stdout(sys.stderr):  # rank output to stderr; stdout is the JSON
-        metrics = run_plan(plan, args.candidate, args.steps, out, **kwargs)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics, indent=2))
+        metrics = run_plan(plan, args.candidate, args.steps, out, seed=args.seed,
+                           save_every=args.save_every or 0, resume=args.resume)
+    print(json.dumps(metrics, indent=2))  # what run_plan read back from out/metrics.json
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

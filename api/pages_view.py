@@ -1,22 +1,22 @@
 """View data for the HTML pages: chart geometry and the rank-layout grid, as plain dicts.
 
 Kept out of the templates so they stay declarative and this stays testable. All drawing is
-inline SVG; no external assets. The runs table is also drawn in the browser by
-api/static/runs.js, which keeps it live.
+inline SVG; no external assets. The runs table is drawn only in the browser, by
+api/static/runs.js, from the run answers the plan page ships (api/routers/pages.py) and then
+from the API.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from cost_model.specs import Mapping
-from planner.layout import build_layout
+from cost_model.estimate import BREAKDOWN_KEYS
+from cost_model.layout import GROUP_KINDS, build_layout
 
-from .schemas import GROUP_KEYS, PlanAnswer
+from .schemas import PlanAnswer
 
-BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "bubble",
-                  "dp_comm", "optimizer")
+# Colours of the step-time components, in the order of cost_model.estimate.BREAKDOWN_KEYS
+# (the order the bars stack in).
 BREAKDOWN_COLORS = {
     "compute": "#3b6fb6", "recompute": "#7fa7dc", "tp_comm": "#e3892b", "cp_comm": "#f1c232",
     "ep_comm": "#c0392b", "pp_comm": "#8e5ea2", "bubble": "#9aa0a6", "dp_comm": "#2e9c6a",
@@ -80,7 +80,7 @@ def layout_grid(plan: PlanAnswer, candidate: int) -> dict[str, Any]:
     drawn_ranks = drawn_nodes * gpn
     cell = 22 if gpn <= 16 else max(4, 352 // gpn)
     kinds = []
-    for kind in GROUP_KEYS:
+    for kind in GROUP_KINDS:
         group_of = {}
         for gi, ranks in enumerate(layout.groups[kind]):
             for r in ranks:
@@ -117,11 +117,6 @@ def mapping_rows(plan: PlanAnswer) -> list[tuple[str, list[Any]]]:
     return rows
 
 
-def full_mapping(m: Mapping) -> str:
-    return ", ".join(f"{k}={v}" for k, v in m.model_dump(exclude_none=True).items()
-                     if k in ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp"))
-
-
 def megatron_text(args: list[str]) -> str:
     """One `--flag value` per line, shell continuation style, ready to paste."""
     lines: list[str] = []
@@ -131,62 +126,3 @@ def megatron_text(args: list[str]) -> str:
         else:
             lines[-1] += " " + token
     return " \\\n".join(lines)
-
-
-# --- Runs table -----------------------------------------------------------------------------
-# The server draws the table once so the page reads without JavaScript; api/static/runs.js then
-# redraws it from GET /v1/plans/{id}/runs with the same columns and the same number formats.
-
-ACTIVE_RUN_STATUSES = ("queued", "running")
-
-
-def _num(v: Any) -> float | None:
-    """A finite number from stored JSON, else None (bools, strings, NaN are not numbers here)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def fmt_seconds(x: float | None) -> str:
-    """`fmtSeconds` in runs.js: '12.34 s' from 1 s up, '87.5 ms' below, '—' for no value."""
-    if x is None:
-        return "—"
-    if x >= 100:
-        return f"{x:.0f} s"
-    if x >= 1:
-        return f"{x:.2f} s"
-    ms = 1000 * x
-    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
-
-
-def steps_done(metrics: dict[str, Any] | None) -> int:
-    """Last step number measured: the end of `metrics.steps`, else the number of losses."""
-    if not isinstance(metrics, dict):
-        return 0
-    steps, loss = metrics.get("steps"), metrics.get("loss")
-    if isinstance(steps, list) and steps and _num(steps[-1]) is not None:
-        return int(steps[-1])
-    return len(loss) if isinstance(loss, list) else 0
-
-
-def run_row(run: Any) -> dict[str, Any]:
-    """One row of the runs table, every cell already formatted (`run` is a RunRow)."""
-    metrics = run.metrics if isinstance(run.metrics, dict) else {}
-    predicted = run.predicted if isinstance(run.predicted, dict) else {}
-    measured, pred = _num(metrics.get("step_time_s")), _num(predicted.get("step_time_s"))
-    tokens, mfu = _num(metrics.get("tokens_per_s")), _num(metrics.get("mfu"))
-    return {
-        "id": run.id, "short_id": run.id[:8], "candidate": f"#{run.candidate + 1}",
-        "backend": run.backend, "status": run.status,
-        "progress": f"{steps_done(run.metrics)} / {run.steps} steps",
-        "measured": fmt_seconds(measured), "predicted": fmt_seconds(pred),
-        "ratio": f"{measured / pred:.2f}×" if measured is not None and pred else "—",
-        "tokens_per_s": f"{tokens:,.0f}" if tokens is not None else "—",
-        "mfu": f"{100 * mfu:.1f}%" if mfu is not None else "—",
-        "cancellable": run.status in ACTIVE_RUN_STATUSES,
-    }
-
-
-def run_rows(runs: list[Any]) -> list[dict[str, Any]]:
-    """The runs table of a plan page, in the given order (the store gives newest first)."""
-    return [run_row(r) for r in runs]

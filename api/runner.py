@@ -15,13 +15,14 @@ unfinished rows and polls their jobs by handle: a job still alive is reattached 
 reporting progress), one that ended while the server was down is finished from its files,
 and a row marked running without a job (the server died between the two writes) is failed as
 lost. Stopping the server does not stop jobs; DELETE does.
+
+A run folder's files are read only through executor/run_files.py; api/run_progress.py turns
+them into a run's `metrics`, api/prediction.py makes its `predicted`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import statistics
 import threading
 import traceback
 from pathlib import Path
@@ -29,129 +30,14 @@ from typing import Any
 
 from sqlalchemy.orm import object_session
 
-from .backends import Backend, BackendUnavailable, JobState
+from executor.run_files import LOG_FILE, METRICS_FILE, RunFileError, read_metrics, write_plan_file
+
+from .backends import Backend, BackendUnavailable, JobState, RunJob
 from .db import Database, RunRow, get_plan, get_run, unfinished_runs, utcnow
+from .prediction import load_profile, machine_prediction
+from .run_progress import LOG_TAIL_CHARS, ProgressReader, log_tail, partial_metrics, with_rates
 
-LOG_TAIL_CHARS = 4000
-PARTIAL_POINTS = 2000
 log = logging.getLogger("foldplan.runs")
-
-
-def log_tail(out_dir: Path) -> str | None:
-    """The last LOG_TAIL_CHARS of the run's train.log, if any."""
-    path = out_dir / "train.log"
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 4 * LOG_TAIL_CHARS))
-        text = f.read().decode(errors="replace")
-    return text[-LOG_TAIL_CHARS:] or None
-
-
-class ProgressReader:
-    """Reads rank 0's progress.jsonl of each run incrementally (a long run's file is not
-    re-read every pass); a half-written last line waits for the next pass."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run id -> (offset, steps)
-
-    def read(self, run_id: str, out_dir: Path) -> tuple[list[dict[str, Any]], bool]:
-        """All steps so far and whether any arrived since the last call."""
-        offset, steps = self._seen.get(run_id, (0, []))
-        path = out_dir / "progress.jsonl"
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-        except OSError:
-            return steps, False
-        end = chunk.rfind(b"\n") + 1  # only whole lines
-        for line in chunk[:end].decode(errors="replace").splitlines():
-            try:
-                steps.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a garbled line is skipped, not fatal
-        self._seen[run_id] = (offset + end, steps)
-        return steps, end > 0
-
-    def forget(self, run_id: str) -> None:
-        self._seen.pop(run_id, None)
-
-
-def with_rates(metrics: dict[str, Any], tokens_per_step: float,
-               predicted: dict[str, Any] | None) -> dict[str, Any]:
-    """Add tokens/s and MFU from the measured step time. MFU uses the same model FLOPs and
-    peak as the prediction (predicted mfu x predicted time / measured time), so measured and
-    predicted MFU compare like for like."""
-    t = metrics.get("step_time_s")
-    if not t:
-        return metrics
-    metrics.setdefault("tokens_per_s", tokens_per_step / t)
-    if predicted and predicted.get("mfu") and predicted.get("step_time_s"):
-        metrics["mfu"] = predicted["mfu"] * predicted["step_time_s"] / t
-    return metrics
-
-
-def partial_metrics(progress: list[dict[str, Any]]) -> dict[str, Any]:
-    """Metrics of a run still going, from its progress lines: at most PARTIAL_POINTS evenly
-    spaced steps (always the first and the latest), so a long run's row stays small while it is
-    rewritten every pass; the final metrics.json holds every step. The step time is the median
-    over the kept steps after the first."""
-    n = len(progress)
-    if n > PARTIAL_POINTS:
-        idx = sorted({round(i * (n - 1) / (PARTIAL_POINTS - 1)) for i in range(PARTIAL_POINTS)})
-        progress = [progress[i] for i in idx]
-    times = [p.get("time_s", 0.0) for p in progress]
-    return {
-        "loss": [p.get("loss") for p in progress],
-        "steps": [p.get("step") for p in progress],
-        "step_times_s": times,
-        "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
-        "expert_load_imbalance": [p.get("expert_load_imbalance") for p in progress],
-        "partial": True,
-    }
-
-
-def load_profile(path: Path) -> dict[str, Any]:
-    """A `foldplan profile` JSON, checked as the cost model will read it; ValueError naming the
-    file and the problem otherwise (the server refuses to start with a bad profile)."""
-    from cost_model.specs import ClusterSpec
-
-    try:
-        profile = json.loads(Path(path).read_text())
-        ClusterSpec(num_nodes=1, gpus_per_node=1, gpu="cpu", profile=profile)
-    except (OSError, json.JSONDecodeError, ValueError) as exc:
-        why = "; ".join(e["msg"] for e in exc.errors()) if hasattr(exc, "errors") else str(exc)
-        raise ValueError(f"run_profile={str(path)!r} is not a usable profile: {why}") from None
-    return profile
-
-
-def machine_prediction(plan: dict[str, Any], candidate: int, profile: dict[str, Any] | None,
-                       profile_path: Path | None = None) -> dict[str, Any]:
-    """The estimate for the machine the run uses: the plan's own cluster, or, when the server
-    has a profile of its run machines (read from `profile_path`), the same cluster shape with
-    the profile's numbers."""
-    est = dict(plan["candidates"][candidate]["estimate"])
-    cl = plan["cluster"]
-    gpu = cl.get("gpu")
-    gpu_name = gpu if isinstance(gpu, str) else (gpu or {}).get("name", "custom GPU")
-    if profile is None:
-        est["machine"] = (f"the plan's cluster: {cl['num_nodes']} x {cl['gpus_per_node']} "
-                          f"{gpu_name}")
-        return est
-    from cost_model.estimate import estimate
-    from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
-
-    on_cpu = profile.get("backend") == "gloo" or not profile.get("machine", {}).get("cuda_devices")
-    cluster = ClusterSpec.model_validate(  # a CPU profile: CPU ranks, whatever the plan's GPU
-        {**cl, "profile": profile, **({"gpu": "cpu"} if on_cpu else {})})
-    mapping = Mapping.model_validate(plan["candidates"][candidate]["mapping"])
-    est = estimate(ModelSpec.model_validate(plan["model"]), cluster,
-                   TrainingSpec.model_validate(plan["training"]), mapping).model_dump(mode="json")
-    est["machine"] = f"this server's run machines, profiled in {profile_path}"
-    return est
 
 
 class RunManager:
@@ -176,13 +62,18 @@ class RunManager:
 
     # --- called by the API ------------------------------------------------------------------
 
-    def unavailable(self, backend: str, plan: dict[str, Any], candidate: int) -> str | None:
-        """Why `backend` cannot run this candidate here (None: it can)."""
+    def job(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int) -> RunJob:
+        """The backends' description of run `run_id` of a stored plan answer (folder
+        FOLDPLAN_RUN_DIR/<run id>)."""
+        return RunJob.from_plan(run_id, plan, candidate, steps, self.run_dir / run_id)
+
+    def unavailable(self, backend: str, job: RunJob) -> str | None:
+        """Why `backend` cannot run this job here (None: it can)."""
         b = self.backends.get(backend)
         if b is None:
             return (f"backend={backend!r} is not configured on this server; configured: "
                     f"{sorted(self.backends)}")
-        return b.unavailable(plan, candidate)
+        return b.unavailable(job)
 
     def predict(self, plan: dict[str, Any], candidate: int) -> dict[str, Any]:
         return machine_prediction(plan, candidate, self.profile, self.profile_path)
@@ -286,7 +177,7 @@ class RunManager:
             r.status, r.started_at = "running", r.started_at or utcnow()
         if state.state == "running":
             progress, new = self._progress.read(r.id, out_dir)
-            if new:
+            if new and progress:
                 r.metrics = self._rates(r, partial_metrics(progress))
             self._refresh_log_tail(r, out_dir)
             return False
@@ -294,14 +185,14 @@ class RunManager:
         return True
 
     def _complete(self, r: RunRow, out_dir: Path, state: JobState) -> None:
-        metrics_file = out_dir / "metrics.json"
-        if metrics_file.is_file():
+        if (out_dir / METRICS_FILE).is_file():
             try:
-                metrics = json.loads(metrics_file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
+                metrics = read_metrics(out_dir)
+            except RunFileError as exc:
                 self._finish(r, "failed", error=f"metrics.json unreadable: {exc}")
                 return
-            self._finish(r, "succeeded", metrics=self._rates(r, metrics))
+            self._finish(r, "succeeded",
+                         metrics=self._rates(r, metrics.model_dump(mode="json")))
             return
         progress, _ = self._progress.read(r.id, out_dir)
         if progress:
@@ -312,7 +203,7 @@ class RunManager:
     def _refresh_log_tail(self, r: RunRow, out_dir: Path) -> None:
         """Keep the log tail of a running job current (written only when the log grew)."""
         try:
-            size = (out_dir / "train.log").stat().st_size
+            size = (out_dir / LOG_FILE).stat().st_size
         except OSError:
             return
         if self._log_sizes.get(r.id) != size:
@@ -343,21 +234,21 @@ class RunManager:
                 return
             plan = get_plan(s, r.plan_id).answer
             candidate, steps, backend_name = r.candidate, r.steps, r.backend
-            out_dir = self.run_dir / run_id
-            r.out_dir = str(out_dir)
+            r.out_dir = str(self.run_dir / run_id)
         backend = self.backends.get(backend_name)
         try:
+            job = self.job(run_id, plan, candidate, steps)
             if backend is None:
                 raise BackendUnavailable(f"backend {backend_name!r} is not configured on this "
                                          "server")
-            why = backend.unavailable(plan, candidate)  # checked again: the server may differ
-            if why:  # from the one that accepted the request (restart, other settings)
+            why = backend.unavailable(job)  # checked again: the server may differ from the
+            if why:  # one that accepted the request (restart, other settings)
                 raise BackendUnavailable(why)
-            out_dir.mkdir(parents=True, exist_ok=True)
+            job.out_dir.mkdir(parents=True, exist_ok=True)
             _check_executor(plan, candidate)
-            (out_dir / "plan.json").write_text(json.dumps(plan))
-            job = backend.start(run_id, plan, candidate, steps, out_dir)
-            state = _safe_poll(backend, job)
+            write_plan_file(job.out_dir, plan)
+            handle = backend.start(job)
+            state = _safe_poll(backend, handle)
         except Exception as exc:  # noqa: BLE001 - a run that cannot start is data, shown
             detail = "" if isinstance(exc, (BackendUnavailable, RuntimeError, ValueError)) \
                 else "\n" + traceback.format_exc()[-LOG_TAIL_CHARS:]
@@ -368,12 +259,13 @@ class RunManager:
             return
         with self.db.session() as s:
             r = get_run(s, run_id)
-            r.job = job
+            r.job = handle
             if r.status == "queued" and state != "pending":  # a Slurm job may wait for nodes
                 r.status, r.started_at = "running", utcnow()
             cancelled = r.status == "cancelled"
         if cancelled:  # cancelled while starting: stop what just started
-            threading.Thread(target=self._stop_job, args=(run_id, backend, job), daemon=True).start()
+            threading.Thread(target=self._stop_job, args=(run_id, backend, handle),
+                             daemon=True).start()
 
 
 def _safe_poll(backend: Backend, job: dict[str, Any]) -> str:

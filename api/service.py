@@ -15,6 +15,7 @@ from importlib import metadata, resources
 from typing import Any
 
 from cost_model.estimate import Estimate, estimate
+from cost_model.layout import GROUP_KINDS, build_layout
 from cost_model.presets import (
     gpu_presets,
     import_hf_config,
@@ -24,10 +25,8 @@ from cost_model.presets import (
 )
 from cost_model.specs import ClusterSpec, HFConfigRef, ModelSpec, PresetRef
 from cost_model.validate import InvalidMapping
-from planner.layout import build_layout
 
 from .schemas import (
-    GROUP_KEYS,
     EstimateError,
     EstimateRequest,
     LayoutAnswer,
@@ -113,8 +112,8 @@ def run_estimate(req: EstimateRequest) -> Estimate | list[Estimate | EstimateErr
     return out
 
 
-def run_plan(req: PlanRequest, time_limit_s: float | None,
-             plan_id: str | None = None) -> PlanAnswer:
+def make_plan(req: PlanRequest, time_limit_s: float | None,
+              plan_id: str | None = None) -> PlanAnswer:
     """Run the planner and wrap its result in the contract's plan answer."""
     from planner.search import plan  # imported here: the planner is the heavy dependency
 
@@ -147,8 +146,8 @@ def run_layout(req: LayoutRequest) -> LayoutAnswer:
     except (ValueError, AssertionError) as exc:
         raise RequestError(("mapping",), str(exc)) from exc
     return LayoutAnswer(
-        groups={k: layout.groups[k] for k in GROUP_KEYS},
-        crosses_node={k: layout.crosses_node(k) for k in GROUP_KEYS},
+        groups={k: layout.groups[k] for k in GROUP_KINDS},
+        crosses_node={k: layout.crosses_node(k) for k in GROUP_KINDS},
     )
 
 

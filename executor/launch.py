@@ -3,8 +3,9 @@
     run_plan(plan, candidate, steps, out_dir) -> metrics dict (the metrics.json of rank 0)
 
 Runs `python -m torch.distributed.run --nproc-per-node N --master-port <free port>
--m executor.train ...` with N = the plan's world size (num_nodes * gpus_per_node), streams
-the ranks' output, and raises RuntimeError with the tail of the log when a rank fails.
+<rank_argv(...)>` (executor/run_files.py: the rank command line the service's backends use
+too) with N = the plan's world size (num_nodes * gpus_per_node), streams the ranks' output,
+and raises RuntimeError with the tail of the log when a rank fails.
 On a machine without GPUs every rank is a CPU process on gloo (GLOO_SOCKET_IFNAME=lo,
 MASTER_ADDR=127.0.0.1). Multi-node launches are not done here (use the exported scripts).
 A rank that dies makes torchrun stop the others; the error names the rank that failed first
@@ -13,7 +14,6 @@ A rank that dies makes torchrun stop the others; the error names the rank that f
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -21,10 +21,10 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 from .config import load_run
+from .run_files import LOG_FILE, METRICS_FILE, rank_argv, read_metrics, write_plan_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,11 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_argv(nproc: int, rank_args: list[str]) -> list[str]:
-    """torchrun on this host only: `nproc` ranks, rendezvous on a free loopback port."""
+def torchrun_argv(nproc: int, ranks: list[str]) -> list[str]:
+    """torchrun on this host only: `nproc` ranks running `ranks` (see `rank_argv`),
+    rendezvous on a free loopback port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            *rank_args]
+            *ranks]
 
 
 def rank_env() -> dict[str, str]:
@@ -69,50 +70,35 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 0,
-             nproc: int | None = None, data: str | None = None, echo: bool = True,
-             save_every: int = 0, resume: bool = False,
-             on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
-    """Train `steps` steps of candidate `candidate`; return the metrics dict.
+             data: str | None = None, echo: bool = True, save_every: int = 0,
+             resume: bool = False) -> dict:
+    """Train `steps` steps of candidate `candidate` with the plan's whole world on this
+    machine; return metrics.json as a dict (read through `RunMetrics`: a malformed file
+    raises `RunFileError`).
 
     `data`: Megatron indexed dataset prefix (default: the bundled corpus). `save_every`:
     checkpoint into out_dir every K steps. `resume`: continue from the latest complete
-    checkpoint in out_dir up to `steps` in total. `on_start` receives the torchrun process
-    (leader of its own process group) so a caller can stop the run with
-    `stop_process_group`.
+    checkpoint in out_dir up to `steps` in total.
     """
     run = load_run(plan, candidate)  # refuses unsupported plans before any process starts
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    world = run.world_size
-    nproc = world if nproc is None else nproc
-    if nproc != world:
-        raise ValueError(f"nproc={nproc} but the plan's cluster has {world} GPUs; run_plan "
-                         "launches the whole world on this machine")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the ranks run in REPO_ROOT, not in the caller's cwd
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan_file = out_dir / "plan.json"
-    plan_file.write_text(json.dumps(plan))
-    metrics_file = out_dir / "metrics.json"
-    if metrics_file.exists():
-        metrics_file.unlink()
-    cmd = torchrun_argv(nproc, ["-m", "executor.train", "--plan", str(plan_file),
-                                "--candidate", str(candidate), "--steps", str(steps),
-                                "--out", str(out_dir), "--seed", str(seed)])
-    if data:
-        cmd += ["--data", str(data)]
-    if save_every:
-        cmd += ["--save-every", str(save_every)]
-    if resume:
-        cmd += ["--resume"]
+    write_plan_file(out_dir, plan)
+    metrics_file = out_dir / METRICS_FILE
+    metrics_file.unlink(missing_ok=True)
+    ranks = rank_argv(out_dir, candidate, steps, seed=seed, data=data, save_every=save_every,
+                      resume=resume)
+    cmd = torchrun_argv(run.world_size, ranks)
     env = rank_env()
     tail: deque[str] = deque(maxlen=60)
-    with open(out_dir / "train.log", "w") as log:
+    log_file = out_dir / LOG_FILE
+    with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert proc.stdout is not None
         try:
-            if on_start is not None:
-                on_start(proc)
             for line in proc.stdout:
                 log.write(line)
                 tail.append(line)
@@ -122,11 +108,11 @@ def run_plan(plan: dict, candidate: int, steps: int, out_dir: Path, seed: int = 
         finally:  # Ctrl-C or any error here: leave no rank behind (own session, no SIGINT)
             stop_process_group(proc)
     if rc != 0 or not metrics_file.exists():
-        text = (out_dir / "train.log").read_text(errors="replace")
+        text = log_file.read_text(errors="replace")
         failed = sorted({int(r) for r in re.findall(r"rank (\d+) failed", text)}
                         | {int(r) for r in re.findall(r"rank\s*:\s*(\d+) \(local_rank", text)})
         root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", text, re.DOTALL)
         first = f"rank {root.group(1)} failed first (torchrun's root cause); " if root else ""
         raise RuntimeError(f"training failed (exit {rc}); {first}ranks reporting failure: {failed}; "
                            "last lines:\n" + "".join(tail))
-    return json.loads(metrics_file.read_text())
+    return read_metrics(out_dir).model_dump(mode="json")

@@ -1,12 +1,9 @@
 """Rank entry point: `python -m executor.train --plan P --candidate K --steps N --out DIR`.
 
 Started by torchrun (see launch.py), one process per rank. Builds the process groups of the
-plan's folded layout, trains; rank 0 appends one JSON line per step to DIR/progress.jsonl
-({"step", "loss", "time_s"}) and at the end writes DIR/metrics.json:
-  {"loss": [...], "steps": [...], "step_times_s": [...], "step_time_s": median excluding the
-   first step, "tokens_per_s": ..., "mfu": ..., "expert_load_imbalance": [...] (busiest expert
-   over the mean per step, what training.moe_expert_load_imbalance asks for),
-   "comm_bytes": {"<group>.<op>": bytes per rank per step, ...}, ...}
+plan's folded layout, trains; rank 0 appends one `ProgressLine` per step to DIR/progress.jsonl
+and at the end writes DIR/metrics.json (`RunMetrics`); both models, with a description of
+every field, live in executor/run_files.py, which the service reads them back through.
 --save-every K checkpoints into DIR every K steps; --resume continues from the latest
 complete checkpoint up to --steps in total (metrics then hold only the steps run now).
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
@@ -22,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import traceback
 from datetime import timedelta
@@ -31,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cost_model.flops import model_flops_per_step
+from cost_model.flops import mfu, model_flops_per_step
 from cost_model.hardware import hardware
 
 from . import checkpoint
@@ -39,6 +35,14 @@ from .comm import CommCounter
 from .config import load_run
 from .data import IndexedDataset, bundled_corpus_tokens
 from .parallel_dims import build_parallel_dims
+from .run_files import (
+    PROGRESS_FILE,
+    ProgressLine,
+    RunMetrics,
+    append_progress,
+    median_step_time,
+    write_metrics,
+)
 from .trainer import OptimConfig, Trainer
 
 
@@ -118,9 +122,9 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     if start >= args.steps:
         raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
-    progress = Path(args.out) / "progress.jsonl"
+    out = Path(args.out)
     if rank == 0 and not args.resume:
-        progress.unlink(missing_ok=True)
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
     fail_rank, fail_step = os.environ.get("FOLDPLAN_FAIL_RANK"), os.environ.get("FOLDPLAN_FAIL_STEP")
     for step in range(start, args.steps):
         if fail_rank is not None and int(fail_rank) == rank and int(fail_step or "0") == step:
@@ -132,45 +136,40 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
         if rank == 0:
             print(f"step {step + 1}/{args.steps} loss {r.loss:.4f} aux {r.aux_loss:.4f} "
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
-            with open(progress, "a") as f:  # read by the service while the run goes on
-                f.write(json.dumps({"step": step + 1, "loss": r.loss, "time_s": r.time_s,
-                                    "expert_load_imbalance": r.expert_load_imbalance}) + "\n")
+            append_progress(out, ProgressLine(  # read by the service while the run goes on
+                step=step + 1, loss=r.loss, time_s=r.time_s,
+                expert_load_imbalance=r.expert_load_imbalance))
         if args.save_every and (step + 1) % args.save_every == 0:
-            checkpoint.save(Path(args.out), step + 1, rank, trainer, meta)
+            checkpoint.save(out, step + 1, rank, trainer, meta)
     comm = comm_summary(counter, world)
     if rank == 0:
         times = [r.time_s for r in results]
-        step_time = statistics.median(times[1:]) if len(times) > 1 else times[0]
-        tokens_per_step = run.training.global_batch_size * run.training.seq_length
+        step_time = median_step_time(times)
+        precision = "fp32" if autocast is None else "bf16"
         flops = model_flops_per_step(run.model, run.training)
-        peak = hardware(run.cluster).peak_flops["fp32" if autocast is None else "bf16"]
-        metrics = {
-            "loss": [r.loss for r in results],
-            "steps": [r.step + 1 for r in results],
-            "step_times_s": times,
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_step / step_time,
-            "model_flops_per_step": flops,
-            "tflops_per_gpu": flops / step_time / world / 1e12,
-            # against the peak of the plan's GPU (the service recomputes it for the machine used)
-            "mfu": flops / (step_time * world * peak),
-            "comm_bytes": comm,
-            "aux_loss": [r.aux_loss for r in results],
-            "grad_norm": [r.grad_norm for r in results],
-            "num_dropped": [r.num_dropped for r in results],
-            "expert_load_imbalance": [r.expert_load_imbalance for r in results],
-            "world_size": world,
-            "backend": backend,
-            "device": device.type,
-            "precision": "fp32" if autocast is None else "bf16",
-            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if use_cuda else None,
-            "mapping": run.mapping.model_dump(),
-        }
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(out / "metrics.json")
+        # against the peak of the plan's GPU (the service re-bases it on its prediction)
+        peak = hardware(run.cluster).mfu_peak_flops(precision)
+        write_metrics(out, RunMetrics(
+            loss=[r.loss for r in results],
+            steps=[r.step + 1 for r in results],
+            step_times_s=times,
+            step_time_s=step_time,
+            tokens_per_s=run.training.global_batch_size * run.training.seq_length / step_time,
+            model_flops_per_step=flops,
+            tflops_per_gpu=flops / step_time / world / 1e12,
+            mfu=mfu(flops, step_time, world, peak),
+            comm_bytes=comm,
+            aux_loss=[r.aux_loss for r in results],
+            grad_norm=[r.grad_norm for r in results],
+            num_dropped=[r.num_dropped for r in results],
+            expert_load_imbalance=[r.expert_load_imbalance for r in results],
+            world_size=world,
+            backend=backend,
+            device=device.type,
+            precision=precision,
+            peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if use_cuda else None,
+            mapping=run.mapping.model_dump(mode="json"),
+        ))
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -5,22 +5,25 @@ touches processes or a scheduler and the run's folder. Everything a backend need
 job again after a server restart is in the JSON `handle` that `start` returns (stored in the
 run row), so a restarted server can reattach to a run that is still going.
 
-The run's folder (`out_dir`, under FOLDPLAN_RUN_DIR) holds, for every backend:
-  plan.json       the plan answer (written by the runner before `start`)
-  train.log       everything the job printed
-  progress.jsonl  one line per finished step from rank 0: {"step", "loss", "time_s"}
-  metrics.json    rank 0's final metrics; its presence after the job ends means success
-Backends whose machines are elsewhere (Slurm) need `out_dir` on a file system those machines
-share with the server.
+A backend gets each run as a `RunJob`: the run's shape (nodes, GPUs per node, candidate,
+steps, folder) built once from the stored plan and the request, and the ranks' command line
+(`RunJob.rank_argv`, the same one `foldplan run` uses). The run's folder (`out_dir`, under
+FOLDPLAN_RUN_DIR) holds plan.json (written by the runner before `start`), train.log,
+progress.jsonl and metrics.json; executor/run_files.py describes them. Backends whose machines
+are elsewhere (Slurm) need `out_dir` on a file system those machines share with the server.
 """
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cost_model.specs import ClusterSpec
+from executor.run_files import LOG_FILE, PLAN_FILE, rank_argv
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,45 @@ class BackendUnavailable(Exception):
     """This backend cannot run the request on this server; the message says why."""
 
 
-def rank_args(out_dir: Path, candidate: int, steps: int, seed: int = 0) -> list[str]:
-    """Arguments after `torchrun ...`: the module every rank runs and its options."""
-    return ["-m", "executor.train", "--plan", str(out_dir / "plan.json"),
-            "--candidate", str(candidate), "--steps", str(steps), "--out", str(out_dir),
-            "--seed", str(seed)]
+class RunJob(BaseModel):
+    """One run as a backend starts it, built once from the stored plan and the run request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str = Field(description="The run's id (names the Slurm job, the run folder).")
+    candidate: int = Field(ge=0, description="Index of the plan candidate to train.")
+    steps: int = Field(ge=1, description="Steps to train.")
+    out_dir: Path = Field(description="The run folder, absolute (see executor/run_files.py).")
+    num_nodes: int = Field(ge=1, description="Nodes of the plan's cluster.")
+    gpus_per_node: int = Field(ge=1, description="Ranks per node (one per GPU).")
+    world_size: int = Field(ge=1, description="Ranks in all: the plan cluster's world size.")
+    peak_gib_per_rank: float = Field(ge=0, description="The plan's memory estimate per rank "
+                                     "(worst pipeline stage) in GiB; 0 when the plan has none.")
+    seed: int = Field(default=0, description="Data and initialisation seed of the ranks.")
+
+    @classmethod
+    def from_plan(cls, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
+                  out_dir: Path) -> RunJob:
+        """The job of candidate `candidate` of a stored plan answer (its `cluster` and the
+        candidate's `estimate`), written into `out_dir`."""
+        cluster = ClusterSpec.model_validate(plan["cluster"])
+        est = plan["candidates"][candidate].get("estimate") or {}
+        return cls(run_id=run_id, candidate=candidate, steps=steps,
+                   out_dir=Path(out_dir).resolve(), num_nodes=cluster.num_nodes,
+                   gpus_per_node=cluster.gpus_per_node, world_size=cluster.world_size,
+                   peak_gib_per_rank=float((est.get("memory") or {}).get("peak_gib") or 0.0))
+
+    @property
+    def plan_file(self) -> Path:
+        return self.out_dir / PLAN_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.out_dir / LOG_FILE
+
+    def rank_argv(self) -> list[str]:
+        """What every rank runs after its launcher (torchrun)."""
+        return rank_argv(self.out_dir, self.candidate, self.steps, seed=self.seed)
 
 
 class Backend(ABC):
@@ -49,16 +86,15 @@ class Backend(ABC):
 
     name: str
 
-    def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
-        """Why this server cannot run the candidate with this backend, or None if it can.
+    def unavailable(self, job: RunJob) -> str | None:
+        """Why this server cannot run the job with this backend, or None if it can.
 
         Checked when the run is requested (answered as 422 naming `backend`)."""
         return None
 
     @abstractmethod
-    def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
-              out_dir: Path) -> dict[str, Any]:
-        """Start the job (plan.json is already in out_dir); return its JSON handle."""
+    def start(self, job: RunJob) -> dict[str, Any]:
+        """Start the job (plan.json is already in its out_dir); return its JSON handle."""
 
     @abstractmethod
     def poll(self, handle: dict[str, Any]) -> JobState:
@@ -67,6 +103,3 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, handle: dict[str, Any]) -> None:
         """Stop every process of the job; idempotent; returns without waiting long."""
-
-
-PYTHON = sys.executable

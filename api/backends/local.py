@@ -19,22 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import Backend, JobState, rank_args
+from . import Backend, JobState, RunJob
 
-# (plan, candidate, steps, out_dir) -> argv of the job's leader process
-CommandFn = Callable[[dict[str, Any], int, int, Path], list[str]]
+# job -> argv of the job's leader process
+CommandFn = Callable[[RunJob], list[str]]
 KILL_GRACE_S = 5.0
 MAX_CPU_RANKS = 64
 
 
-def torchrun_command(plan: dict[str, Any], candidate: int, steps: int, out_dir: Path) -> list[str]:
-    """torchrun on this host with the plan's whole world (see executor/launch.py)."""
+def torchrun_command(job: RunJob) -> list[str]:
+    """torchrun on this host with the job's whole world (see executor/launch.py)."""
     try:
         from executor.launch import torchrun_argv
     except ImportError as exc:
         raise RuntimeError(f"the executor is not available here: {exc}") from exc
-    world = plan["cluster"]["num_nodes"] * plan["cluster"]["gpus_per_node"]
-    return torchrun_argv(world, rank_args(out_dir, candidate, steps))
+    return torchrun_argv(job.world_size, job.rank_argv())
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -58,8 +57,8 @@ class LocalBackend(Backend):
         self._children: dict[int, subprocess.Popen] = {}  # pid -> child we started (to reap)
         self._lock = threading.Lock()
 
-    def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
-        world = plan["cluster"]["num_nodes"] * plan["cluster"]["gpus_per_node"]
+    def unavailable(self, job: RunJob) -> str | None:
+        world = job.world_size
         gpus = _gpu_count()
         if gpus:
             return None if world <= gpus else (
@@ -69,25 +68,23 @@ class LocalBackend(Backend):
             return (f"backend='local' on a host without GPUs starts one CPU process per rank: "
                     f"{world} ranks is over the limit of {MAX_CPU_RANKS}")
         # every rank's memory comes out of this host's RAM
-        est = plan["candidates"][candidate].get("estimate") or {}
-        per_rank = float((est.get("memory") or {}).get("peak_gib") or 0.0)
+        per_rank = job.peak_gib_per_rank
         available = _available_gib()
         if available is not None and per_rank * world > 0.9 * available:
-            return (f"backend='local' on a host without GPUs: candidate {candidate} needs "
+            return (f"backend='local' on a host without GPUs: candidate {job.candidate} needs "
                     f"about {per_rank:.1f} GiB per rank (the plan's estimate) x {world} ranks "
                     f"= {per_rank * world:.0f} GiB, and this host has {available:.0f} GiB "
                     "available; use backend='slurm' or a smaller model")
         return None
 
-    def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
-              out_dir: Path) -> dict[str, Any]:
+    def start(self, job: RunJob) -> dict[str, Any]:
         try:
             from executor.launch import rank_env
         except ImportError as exc:
             raise RuntimeError(f"the executor is not available here: {exc}") from exc
-        argv = self.command(plan, candidate, steps, out_dir)
-        with open(out_dir / "train.log", "ab") as log:
-            proc = subprocess.Popen(argv, cwd=out_dir, env=rank_env(), stdin=subprocess.DEVNULL,
+        argv = self.command(job)
+        with open(job.log_file, "ab") as log:
+            proc = subprocess.Popen(argv, cwd=job.out_dir, env=rank_env(), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with self._lock:
             self._children[proc.pid] = proc

@@ -31,12 +31,12 @@ from typing import Any
 
 from api.settings import Settings
 
-from . import Backend, JobState, rank_args
+from . import Backend, JobState, RunJob
 
 log = logging.getLogger(__name__)
 
-# (out_dir, candidate, steps) -> argv that srun starts once per node instead of torchrun
-RankCommand = Callable[[Path, int, int], list[str]]
+# job -> argv that srun starts once per node instead of torchrun
+RankCommand = Callable[[RunJob], list[str]]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_S = 30.0
 POLL_TIMEOUT_S = 20.0
@@ -59,17 +59,15 @@ class SlurmBackend(Backend):
         self.rank_command = rank_command
         self.python = settings.slurm_python or sys.executable
 
-    def unavailable(self, plan: dict[str, Any], candidate: int) -> str | None:
+    def unavailable(self, job: RunJob) -> str | None:
         for tool in REQUIRED:
             if shutil.which(tool) is None:
                 return f"backend='slurm' is not configured on this server: {tool} not found on PATH"
         return None
 
-    def start(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
-              out_dir: Path) -> dict[str, Any]:
-        out_dir = Path(out_dir).resolve()
-        script = out_dir / "job.sbatch"
-        script.write_text(self.job_script(run_id, plan, candidate, steps, out_dir))
+    def start(self, job: RunJob) -> dict[str, Any]:
+        script = job.out_dir / "job.sbatch"
+        script.write_text(self.job_script(job))
         try:
             r = subprocess.run(["sbatch", "--parsable", str(script)], check=False,
                                capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
@@ -82,19 +80,17 @@ class SlurmBackend(Backend):
         if r.returncode != 0 or not job_id.isdigit():
             raise RuntimeError(f"sbatch failed (exit {r.returncode}): "
                                f"{(r.stderr or r.stdout).strip()}")
-        log.info("run %s submitted as slurm job %s", run_id, job_id)
+        log.info("run %s submitted as slurm job %s", job.run_id, job_id)
         return {"job_id": job_id}
 
-    def job_script(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
-                   out_dir: Path) -> str:
+    def job_script(self, job: RunJob) -> str:
         """The batch script: #SBATCH options, the ranks' environment, one torchrun per node."""
         s = self.settings
-        num_nodes = int(plan["cluster"]["num_nodes"])
-        options = [f"--job-name=foldplan-{run_id[:8]}", f"--nodes={num_nodes}",
+        options = [f"--job-name=foldplan-{job.run_id[:8]}", f"--nodes={job.num_nodes}",
                    "--ntasks-per-node=1",
                    # '%' would be a filename pattern (%j, ...) to Slurm: '%%' is a plain '%'
-                   f"--output={str(out_dir / 'train.log').replace('%', '%%')}",
-                   "--open-mode=append", f"--chdir={out_dir}"]
+                   f"--output={str(job.log_file).replace('%', '%%')}",
+                   "--open-mode=append", f"--chdir={job.out_dir}"]
         if s.slurm_partition:
             options.append(f"--partition={s.slurm_partition}")
         if s.slurm_account:
@@ -104,15 +100,15 @@ class SlurmBackend(Backend):
         options += s.slurm_extra_args
         q = shlex.quote
         lines = ["#!/bin/bash", *(f"#SBATCH {q(opt)}" for opt in options),
-                 (f"# foldplan run {run_id}: candidate {candidate}, {steps} steps "
+                 (f"# foldplan run {job.run_id}: candidate {job.candidate}, {job.steps} steps "
                   "(written by api/backends/slurm.py)"),
                  "set -eu",
                  'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"',
                  f'export PYTHONPATH={q(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"']
-        if num_nodes == 1:  # CPU ranks talk over gloo on loopback (see executor/launch.py)
+        if job.num_nodes == 1:  # CPU ranks talk over gloo on loopback (see executor/launch.py)
             lines.append('export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"')
         if self.rank_command is not None:
-            launch = " ".join(q(a) for a in self.rank_command(out_dir, candidate, steps))
+            launch = " ".join(q(a) for a in self.rank_command(job))
         else:
             # The batch script runs on the allocation's first node, the rendezvous host, so
             # a port free here is free there.
@@ -121,12 +117,11 @@ class SlurmBackend(Backend):
                        "s.bind((\"\", 0)); print(s.getsockname()[1])')"),
                       ('echo "foldplan: slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, '
                        'rendezvous $head:$port"')]
-            gpus_per_node = int(plan["cluster"]["gpus_per_node"])
             launch = " ".join([
                 q(self.python), "-m", "torch.distributed.run", '--nnodes="$SLURM_NNODES"',
-                f"--nproc-per-node={gpus_per_node}", "--rdzv-backend=c10d",
+                f"--nproc-per-node={job.gpus_per_node}", "--rdzv-backend=c10d",
                 '--rdzv-endpoint="$head:$port"', '--rdzv-id="$SLURM_JOB_ID"',
-                *(q(a) for a in rank_args(out_dir, candidate, steps))])
+                *(q(a) for a in job.rank_argv())])
         lines.append(f"srun --kill-on-bad-exit=1 {launch}")
         return "\n".join(lines) + "\n"
 

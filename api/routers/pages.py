@@ -15,16 +15,10 @@ from cost_model.presets import resolve_gpu
 
 from .. import db as store
 from ..deps import SessionDep
-from ..pages_view import (
-    layout_grid,
-    mapping_rows,
-    megatron_text,
-    memory_chart,
-    run_rows,
-    time_chart,
-)
+from ..pages_view import layout_grid, mapping_rows, megatron_text, memory_chart, time_chart
 from ..schemas import PlanAnswer
 from ..service import foldplan_version, presets
+from .runs import run_answer
 
 templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
 router = APIRouter(tags=["pages"], include_in_schema=False)
@@ -62,7 +56,9 @@ def plan_page(request: Request, plan_id: str, s: SessionDep,
     ctx = {"plan": plan, "chosen": chosen, "version": foldplan_version(),
            "gpu_name": resolve_gpu(plan.cluster.gpu).name if isinstance(plan.cluster.gpu, str)
            else plan.cluster.gpu.name,
-           "runs": run_rows(store.runs_of_plan(s, plan_id)), "unfolded": plan.search.best_unfolded}
+           # the runs table's first rows (runs.js draws them): what GET /v1/plans/{id}/runs says
+           "runs": [run_answer(r).model_dump(mode="json") for r in store.runs_of_plan(s, plan_id)],
+           "unfolded": plan.search.best_unfolded}
     if plan.candidates:
         ctx.update(time_chart=time_chart(plan), memory_chart=memory_chart(plan),
                    layout=layout_grid(plan, chosen), mapping_rows=mapping_rows(plan),

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import db as store
 from ..deps import DatabaseDep, SessionDep, SettingsDep
 from ..schemas import ErrorAnswer, PlanAnswer, PlanList, PlanRequest, PlanSummary
-from ..service import cost_model_constants, run_plan
+from ..service import cost_model_constants, make_plan
 from . import BAD_INPUT, NOT_FOUND
 from .examples import PLAN_EXAMPLES
 
@@ -45,7 +45,7 @@ async def create_plan(
     try:
         with anyio.fail_after(limit + settings.plan_grace_s):
             answer = await anyio.to_thread.run_sync(
-                lambda: run_plan(req, limit, plan_id), abandon_on_cancel=True,
+                lambda: make_plan(req, limit, plan_id), abandon_on_cancel=True,
                 limiter=request.app.state.plan_limiter,
             )
     except TimeoutError:

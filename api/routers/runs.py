@@ -55,11 +55,12 @@ def create_run(
     if req.candidate >= len(candidates):
         raise RequestError(("candidate",), f"candidate={req.candidate} but the plan has "
                            f"{len(candidates)} candidates")
-    why = runner.unavailable(req.backend, plan.answer, req.candidate)
+    run_id = uuid.uuid4().hex
+    why = runner.unavailable(req.backend, runner.job(run_id, plan.answer, req.candidate, req.steps))
     if why:
         raise RequestError(("backend",), why)
     row = store.RunRow(
-        id=uuid.uuid4().hex, plan_id=plan_id, candidate=req.candidate, steps=req.steps,
+        id=run_id, plan_id=plan_id, candidate=req.candidate, steps=req.steps,
         backend=req.backend, status="queued",
         predicted=runner.predict(plan.answer, req.candidate), created_at=store.utcnow(),
     )

@@ -16,7 +16,8 @@
   function num(v) { return typeof v === 'number' && isFinite(v) ? v : null; }
   function list(v) { return Array.isArray(v) ? v : []; }
 
-  // Same rules as api/pages_view.py fmt_seconds.
+  // Seconds for people: '12.34 s' from 1 s up ('123 s' from 100 s), '87.5 ms' / '250 ms' below,
+  // '—' for no value. The one formatter of step times on the pages (runs.js uses it too).
   function fmtSeconds(x) {
     if (x === null) return '—';
     if (x >= 100) return x.toFixed(0) + ' s';

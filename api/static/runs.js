@@ -1,10 +1,11 @@
 // The run panel of the plan page (GET /plans/{id}): a live table of the plan's runs and, for the
 // selected run, a loss chart, a step-time chart against the prediction, the error and log tail.
 //
-// Data: GET /v1/plans/{plan_id}/runs (newest first) once, then ?status=queued&status=running
-// every second while any run is queued or running (each run that finishes fetched once), never
-// otherwise. Charts: api/static/line_chart.js (loaded first). The server draws the table once (api/pages_view.py `run_row`, same
-// columns and number formats) so the page reads without JavaScript; this script takes over.
+// This script is the only renderer of the runs table. Data: the plan's runs as
+// GET /v1/plans/{plan_id}/runs answers them (newest first), shipped in the page
+// (<script id="runs-data">, so the table is drawn without waiting for a request), then
+// ?status=queued&status=running every second while any run is queued or running (each run that
+// finishes fetched once), never otherwise. Charts: api/static/line_chart.js (loaded first).
 // Every piece of run data goes into the DOM through textContent or setAttribute, never as markup.
 // No libraries, no network access beyond this server: the page works offline.
 (function () {
@@ -23,7 +24,7 @@
       fmtSeconds = chart.fmtSeconds;
 
   var state = {
-    runs: null,        // last list from the server (plus runs started here it has not listed yet)
+    runs: [],          // last list from the server (plus runs started here it has not listed yet)
     selected: null,    // id of the run the reader picked
     pinned: false,     // true once the reader picked one: keep it instead of following the newest
     started: {},       // id -> run answer of runs this page started, until the list has them
@@ -79,7 +80,7 @@
 
   // The run in the detail panel: the one the reader picked, else the newest.
   function selectedRun() {
-    var runs = state.runs || [];
+    var runs = state.runs;
     if (state.pinned) {
       for (var i = 0; i < runs.length; i++) if (runs[i].id === state.selected) return runs[i];
     }
@@ -117,7 +118,7 @@
   }
 
   function renderTable() {
-    var runs = state.runs || [];
+    var runs = state.runs;
     var shown = selectedRun();
     var rows = runs.map(function (run) {
       var tr = runRow(run);
@@ -309,7 +310,7 @@
   // ---- data ----------------------------------------------------------------------------------
 
   function anyActive() {
-    return (state.runs || []).some(function (r) { return ACTIVE[r.status]; });
+    return state.runs.some(function (r) { return ACTIVE[r.status]; });
   }
 
   function merge(fetched) {
@@ -328,12 +329,11 @@
     return r.json();
   }
 
-  // The first load takes every run; later polls only the active ones (finished runs can carry
-  // long metrics) plus, once, each run that stopped being active since the last poll (also one
+  // The page shipped every run; polls take only the active ones (finished runs can carry long
+  // metrics) plus, once, each run that stopped being active since the last poll (also one
   // started here that finished before a poll saw it).
   async function fetchRuns() {
     var base = '/v1/plans/' + encodeURIComponent(planId) + '/runs';
-    if (state.runs === null) return getJSON(base);
     var active = await getJSON(base + '?status=queued&status=running');
     if (!Array.isArray(active)) throw new Error('unexpected answer');
     var now = {};
@@ -361,7 +361,7 @@
       render();
     } catch (e) {
       state.failures += 1;
-      if (state.runs === null || anyActive()) {
+      if (anyActive()) {
         say('Could not refresh the runs (' + e.message + '); retrying.', true);
       }
     }
@@ -370,7 +370,7 @@
 
   function schedule() {
     if (state.timer !== null) return;
-    if (state.failures > 0 && (state.runs === null || anyActive())) {
+    if (state.failures > 0 && anyActive()) {
       if (state.failures < 100) state.timer = setTimeout(refresh, RETRY_MS);
     } else if (anyActive()) {
       state.timer = setTimeout(refresh, POLL_MS);
@@ -431,7 +431,7 @@
       var run = await r.json();
       say('Run ' + String(run.id).slice(0, 8) + ' started.', false);
       state.started[run.id] = run;
-      state.runs = merge((state.runs || []).filter(function (x) { return x.id !== run.id; }));
+      state.runs = merge(state.runs.filter(function (x) { return x.id !== run.id; }));
       state.pinned = false;  // follow the newest: this one
       render();
       schedule();
@@ -442,6 +442,9 @@
     }
   });
 
-  // The server's rows stand until the first answer arrives.
-  refresh();
+  // The runs the page shipped: drawn at once, then followed while any is active.
+  var shipped = JSON.parse(document.getElementById('runs-data').textContent);
+  state.runs = Array.isArray(shipped) ? shipped : [];
+  render();
+  schedule();
 })();

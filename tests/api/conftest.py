@@ -95,8 +95,9 @@ def fake_backend(mode: str = "ok"):
     """The local backend launching fake_rank.py (see there for `mode`) instead of torchrun."""
     from api.backends.local import LocalBackend
 
-    def command(plan, candidate, steps, out_dir):
-        return [sys.executable, str(FAKE_RANK), str(out_dir), str(steps), mode]
+    def command(job):
+        return [sys.executable, str(FAKE_RANK), str(job.out_dir), str(job.steps), mode,
+                str(job.candidate)]
     return LocalBackend(command=command)
 
 

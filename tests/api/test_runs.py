@@ -311,25 +311,26 @@ def test_bad_run_profile_refuses_to_start(settings, tmp_path):
 
 
 def test_progress_is_read_incrementally_and_whole_lines_only(tmp_path):
-    from api.runner import ProgressReader
+    from api.run_progress import ProgressReader
 
     reader = ProgressReader()
     f = tmp_path / "progress.jsonl"
     assert reader.read("r", tmp_path) == ([], False)  # no file yet
     f.write_text('{"step": 1, "loss": 5.0, "time_s": 1.0}\n{"step": 2, "lo')
     steps, new = reader.read("r", tmp_path)
-    assert new and [x["step"] for x in steps] == [1]  # the half-written line waits
+    assert new and [x.step for x in steps] == [1]  # the half-written line waits
     assert reader.read("r", tmp_path)[1] is False
     with open(f, "a") as out:
         out.write('ss": 4.0, "time_s": 1.0}\nnot json\n{"step": 3, "loss": 3.0, "time_s": 1.0}\n')
     steps, new = reader.read("r", tmp_path)
-    assert new and [x["step"] for x in steps] == [1, 2, 3]  # a garbled line is skipped
+    assert new and [x.step for x in steps] == [1, 2, 3]  # a garbled line is skipped
 
 
 def test_partial_metrics_of_a_long_run_stay_bounded():
-    from api.runner import PARTIAL_POINTS, partial_metrics
+    from api.run_progress import PARTIAL_POINTS, partial_metrics
+    from executor.run_files import ProgressLine
 
-    progress = [{"step": i + 1, "loss": 10.0 - i * 1e-4, "time_s": 3.0 if i == 0 else 0.5}
+    progress = [ProgressLine(step=i + 1, loss=10.0 - i * 1e-4, time_s=3.0 if i == 0 else 0.5)
                 for i in range(25_000)]
     m = partial_metrics(progress)
     assert len(m["loss"]) == len(m["steps"]) == PARTIAL_POINTS

@@ -15,11 +15,12 @@ from conftest import REPO, fake_plan_answer
 from slurm_cluster import local_slurm
 from test_cli import TINY
 
-from api.backends import JobState
+from api.backends import JobState, RunJob
 from api.backends.slurm import SlurmBackend
 from api.settings import Settings
+from executor.run_files import read_metrics
 
-ONE_NODE = {"cluster": {"num_nodes": 1, "gpus_per_node": 2, "gpu": "cpu"}}
+ONE_NODE = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)  # 1 node x 2 CPU ranks
 
 # Stands in for torchrun: argv[1] = out_dir, argv[2] = ok | fail | sleep.
 FAKE_RANK = """\
@@ -34,11 +35,17 @@ if mode == "fail":
     sys.exit(3)
 if mode == "sleep":
     time.sleep(120)
-with open(out / "progress.jsonl", "a") as f:
-    for step in (1, 2):
-        f.write(json.dumps({"step": step, "loss": 5.0 - step, "time_s": 0.1}) + "\\n")
+from executor.run_files import ProgressLine, RunMetrics, append_progress, write_metrics
+for step in (1, 2):
+    append_progress(out, ProgressLine(step=step, loss=5.0 - step, time_s=0.1))
 time.sleep(0.5)
-(out / "metrics.json").write_text(json.dumps({"loss": [4.0, 3.0]}))
+plan = json.loads((out / "plan.json").read_text())
+write_metrics(out, RunMetrics(
+    loss=[4.0, 3.0], steps=[1, 2], step_times_s=[0.1, 0.1], step_time_s=0.1, tokens_per_s=2560.0,
+    model_flops_per_step=0.0, tflops_per_gpu=0.0, mfu=0.0, aux_loss=[0.0, 0.0],
+    grad_norm=[1.0, 1.0], num_dropped=[0, 0], expert_load_imbalance=[None, None], comm_bytes={},
+    world_size=2, backend="gloo", device="cpu", precision="fp32",
+    mapping=plan["candidates"][0]["mapping"]))
 print("fake rank done", flush=True)
 """
 
@@ -56,7 +63,7 @@ def fake_backend(tmp_path: Path, mode: str, **settings) -> SlurmBackend:
     script.write_text(FAKE_RANK)
     return SlurmBackend(
         Settings(run_dir=tmp_path, **settings),
-        rank_command=lambda out, c, s: [sys.executable, str(script), str(out), mode])
+        rank_command=lambda job: [sys.executable, str(script), str(job.out_dir), mode])
 
 
 def new_run_dir(tmp_path: Path, plan: dict) -> Path:
@@ -64,6 +71,10 @@ def new_run_dir(tmp_path: Path, plan: dict) -> Path:
     out.mkdir()
     (out / "plan.json").write_text(json.dumps(plan))
     return out
+
+
+def job_of(run_id: str, plan: dict, out: Path, steps: int = 2) -> RunJob:
+    return RunJob.from_plan(run_id, plan, 0, steps, out)
 
 
 def wait_finished(backend: SlurmBackend, handle: dict, timeout: float) -> list[JobState]:
@@ -96,8 +107,12 @@ def test_job_script_options_and_quoting(tmp_path):
                         slurm_time_limit="01:00:00", slurm_python="/opt/py env/bin/python",
                         slurm_extra_args=["--gpus-per-node=8", "--qos=high"])
     out = tmp_path / "runs" / "a b%c"
-    plan = {"cluster": {"num_nodes": 4, "gpus_per_node": 8, "gpu": "h100"}}
-    text = SlurmBackend(settings).job_script("0123456789abcdef", plan, 2, 10, out)
+    plan = {"cluster": {"num_nodes": 4, "gpus_per_node": 8, "gpu": "h100"},
+            "candidates": [{}, {}, {"estimate": {"memory": {"peak_gib": 70.0}}}]}
+    job = RunJob.from_plan("0123456789abcdef", plan, 2, 10, out)
+    assert (job.num_nodes, job.gpus_per_node, job.world_size) == (4, 8, 32)
+    assert job.peak_gib_per_rank == 70.0
+    text = SlurmBackend(settings).job_script(job)
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     sbatch = [ln.removeprefix("#SBATCH ") for ln in lines if ln.startswith("#SBATCH ")]
@@ -116,7 +131,7 @@ def test_job_script_options_and_quoting(tmp_path):
 
 def test_unavailable_without_sbatch(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    reason = SlurmBackend(Settings(run_dir=tmp_path)).unavailable(ONE_NODE, 0)
+    reason = SlurmBackend(Settings(run_dir=tmp_path)).unavailable(job_of("x", ONE_NODE, tmp_path))
     assert reason == "backend='slurm' is not configured on this server: sbatch not found on PATH"
 
 
@@ -160,13 +175,13 @@ def test_poll_reads_sacct_when_scontrol_forgot(tmp_path, monkeypatch):
 def test_job_succeeds(slurm, tmp_path):
     backend = fake_backend(tmp_path, "ok")
     out = new_run_dir(tmp_path, ONE_NODE)
-    handle = backend.start("feedbeef0001", ONE_NODE, 0, 2, out)
+    handle = backend.start(job_of("feedbeef0001", ONE_NODE, out))
     assert handle["job_id"].isdigit()
     first = backend.poll(handle)
     assert first.state in ("pending", "running"), first
     seen = wait_finished(backend, handle, 60)
     assert seen[-1] == JobState("finished", None), seen
-    assert json.loads((out / "metrics.json").read_text()) == {"loss": [4.0, 3.0]}
+    assert read_metrics(out).loss == [4.0, 3.0]
     assert len((out / "progress.jsonl").read_text().splitlines()) == 2
     log = (out / "train.log").read_text()
     assert "fake rank done" in log
@@ -180,7 +195,7 @@ def test_job_succeeds(slurm, tmp_path):
 def test_job_fails(slurm, tmp_path):
     backend = fake_backend(tmp_path, "fail")
     out = new_run_dir(tmp_path, ONE_NODE)
-    handle = backend.start("feedbeef0002", ONE_NODE, 0, 2, out)
+    handle = backend.start(job_of("feedbeef0002", ONE_NODE, out))
     final = wait_finished(backend, handle, 60)[-1]
     assert final == JobState("finished", f"slurm job {handle['job_id']}: FAILED, exit code 3:0")
     assert not (out / "metrics.json").exists()
@@ -190,7 +205,7 @@ def test_job_fails(slurm, tmp_path):
 def test_cancel_stops_the_job(slurm, tmp_path):
     backend = fake_backend(tmp_path, "sleep")
     out = new_run_dir(tmp_path, ONE_NODE)
-    handle = backend.start("feedbeef0003", ONE_NODE, 0, 2, out)
+    handle = backend.start(job_of("feedbeef0003", ONE_NODE, out))
     deadline = time.monotonic() + 60
     while not (out / "pid").exists() or not (out / "pid").read_text():
         assert time.monotonic() < deadline, "the job never started"
@@ -211,7 +226,7 @@ def test_sbatch_refusal_is_an_error(slurm, tmp_path):
     backend = fake_backend(tmp_path, "ok", slurm_partition="nosuchpartition")
     out = new_run_dir(tmp_path, ONE_NODE)
     with pytest.raises(RuntimeError, match="(?i)sbatch failed.*invalid partition"):
-        backend.start("feedbeef0004", ONE_NODE, 0, 2, out)
+        backend.start(job_of("feedbeef0004", ONE_NODE, out))
 
 
 @pytest.mark.timeout(180)
@@ -220,12 +235,12 @@ def test_real_executor_two_cpu_ranks(slurm, tmp_path):
     plan = fake_plan_answer([{"tp": 1, "pp": 1, "ep": 2}], TINY)
     out = new_run_dir(tmp_path, plan)
     backend = SlurmBackend(Settings(run_dir=tmp_path))
-    handle = backend.start("feedbeef0005", plan, 0, 2, out)
+    handle = backend.start(job_of("feedbeef0005", plan, out))
     final = wait_finished(backend, handle, 150)[-1]
     log = (out / "train.log").read_text(errors="replace")
     assert final == JobState("finished", None), log[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["loss"]) == 2 and metrics["world_size"] == 2
+    metrics = read_metrics(out)  # what the real executor wrote reads back through the model
+    assert len(metrics.loss) == 2 and metrics.world_size == 2
     assert "rendezvous localhost:" in log
 
 

@@ -1,0 +1,59 @@
+"""The prediction a run is measured against: the plan's estimate, or one for the profiled run
+machines of this server (FOLDPLAN_RUN_PROFILE).
+
+A run's `predicted` is the cost model's estimate (`step_time_s`, `mfu`, `model_flops_per_step`,
+`breakdown`, `memory`, ...) plus `machine` (which machine it is for), `num_gpus` and
+`peak_flops_per_gpu` (the GPUs and the per-GPU peak its MFU is counted against:
+`Hardware.mfu_peak_flops` at the plan's precision), so the measured MFU uses the same FLOPs
+and peak (api/run_progress.py `with_rates`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cost_model.estimate import estimate
+from cost_model.hardware import hardware
+from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """A `foldplan profile` JSON, checked as the cost model will read it; ValueError naming the
+    file and the problem otherwise (the server refuses to start with a bad profile)."""
+    try:
+        profile = json.loads(Path(path).read_text())
+        ClusterSpec(num_nodes=1, gpus_per_node=1, gpu="cpu", profile=profile)
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        why = "; ".join(e["msg"] for e in exc.errors()) if hasattr(exc, "errors") else str(exc)
+        raise ValueError(f"run_profile={str(path)!r} is not a usable profile: {why}") from None
+    return profile
+
+
+def machine_prediction(plan: dict[str, Any], candidate: int, profile: dict[str, Any] | None,
+                       profile_path: Path | None = None) -> dict[str, Any]:
+    """The estimate for the machine the run uses: the plan's own cluster, or, when the server
+    has a profile of its run machines (read from `profile_path`), the same cluster shape with
+    the profile's numbers."""
+    cl = plan["cluster"]
+    training = TrainingSpec.model_validate(plan["training"])
+    if profile is None:
+        cluster = ClusterSpec.model_validate(cl)
+        est = dict(plan["candidates"][candidate]["estimate"])
+        gpu = cl.get("gpu")
+        gpu_name = gpu if isinstance(gpu, str) else (gpu or {}).get("name", "custom GPU")
+        est["machine"] = (f"the plan's cluster: {cl['num_nodes']} x {cl['gpus_per_node']} "
+                          f"{gpu_name}")
+    else:
+        on_cpu = (profile.get("backend") == "gloo"
+                  or not profile.get("machine", {}).get("cuda_devices"))
+        cluster = ClusterSpec.model_validate(  # a CPU profile: CPU ranks, whatever the plan's GPU
+            {**cl, "profile": profile, **({"gpu": "cpu"} if on_cpu else {})})
+        mapping = Mapping.model_validate(plan["candidates"][candidate]["mapping"])
+        est = estimate(ModelSpec.model_validate(plan["model"]), cluster, training,
+                       mapping).model_dump(mode="json")
+        est["machine"] = f"this server's run machines, profiled in {profile_path}"
+    est["num_gpus"] = cluster.world_size
+    est["peak_flops_per_gpu"] = hardware(cluster).mfu_peak_flops(training.precision)
+    return est
