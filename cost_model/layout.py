@@ -2,7 +2,7 @@
 
 Pure arithmetic, no torch.distributed. It lives at the bottom of the package stack because
 the cost model needs it (a group's link bandwidth depends on whether its ranks share a node);
-`planner.layout` is its public face.
+the planner, the service (`/v1/layout`, the plan page) and the executor import it from here.
 
 Rule (Megatron-Core `RankGenerator` / `generate_masked_orthogonal_rank_groups`): the world is a
 grid whose axes are the order string's tokens, leftmost fastest. Rank r has coordinates

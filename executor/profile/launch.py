@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,16 +18,11 @@ from pathlib import Path
 
 from cost_model.profile_model import Profile
 
+from ..launch import free_port
 from .fit import profile_from_ranks
 from .measure import machine_info, measure_rank
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_profile(profile: Profile, out: Path) -> None:
@@ -75,7 +69,7 @@ def run_profile(out: Path, nproc: int = 2, backend: str | None = None, quick: bo
             raise ValueError(f"nproc={nproc} but this host has {torch.cuda.device_count()} CUDA "
                              "devices: one rank per GPU (or --backend gloo)")
     out = Path(out)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["OMP_NUM_THREADS"] = "1"
