@@ -2,7 +2,8 @@
 
 Answer shape (FastAPI's own validation shape, plus a one-line `message`):
 {"detail": [{"loc": ["body", "cluster", "num_nodes"], "msg": "...", "type": "..."}],
- "message": "cluster.num_nodes: ..."} ; InvalidMapping also carries `reasons`.
+ "message": "cluster.num_nodes: ..."} ; InvalidMapping locates each error at its field
+(["body", "mapping", "ep"], ["body", "training", "fp8_recipe"], ...) and also carries `reasons`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ async def _on_request_error(_req: Request, exc: RequestError) -> JSONResponse:
 
 
 async def _on_invalid_mapping(_req: Request, exc: InvalidMapping) -> JSONResponse:
-    errs = [{"loc": ("body", "mapping"), "msg": r, "type": "invalid_mapping"} for r in exc.reasons]
+    """One item per typed error, located at the field to change in its request section
+    (("body", "mapping", "ep"), ("body", "training", "fp8_recipe"), ...); `reasons` keeps the
+    messages alone."""
+    errs = [{"loc": ("body", e.section, e.field), "msg": e.message, "type": "invalid_mapping"}
+            for e in exc.errors]
     return _answer(422, errs, reasons=list(exc.reasons))
 
 

@@ -1,7 +1,8 @@
-"""Built-in models, GPU presets and the Hugging Face config.json importer.
+"""Built-in models, GPU presets, and any model input resolved to a ModelSpec.
 
 Model dimensions come from each model's published Hugging Face config.json (source named per
-preset). GPU constants live in data/gpus.json, each with its source.
+preset), imported by the rules of `hf_import.py` (re-exported here). GPU constants live in
+data/gpus.json, each with its source.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from .hf_import import UnsupportedConfig, import_hf_config
 from .specs import ClusterSpec, GPUSpec, HFConfigRef, ModelInput, ModelSpec, PresetRef
+
+__all__ = ["UnsupportedConfig", "check_cluster", "gpu_presets", "import_hf_config",
+           "model_presets", "preset_model", "preset_source", "resolve_gpu", "resolve_model"]
 
 _MODELS: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": dict(
@@ -30,19 +35,22 @@ _MODELS: dict[str, dict[str, Any]] = {
         num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
         ffn_hidden_size=18944, vocab_size=151936, num_experts=64, moe_ffn_hidden_size=2560,
         moe_router_topk=8, moe_shared_expert_intermediate_size=20480,
-        _source="Qwen/Qwen2-57B-A14B config.json",
+        add_qkv_bias=True, moe_shared_expert_gate=True,
+        _source="Qwen/Qwen2-57B-A14B config.json (q/k/v biases and the shared expert gate of "
+                "transformers' Qwen2-MoE code)",
     ),
     "qwen3-30b-a3b": dict(
         num_layers=48, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
         kv_channels=128, ffn_hidden_size=6144, vocab_size=151936, num_experts=128,
-        moe_ffn_hidden_size=768, moe_router_topk=8,
-        _source="Qwen/Qwen3-30B-A3B config.json",
+        moe_ffn_hidden_size=768, moe_router_topk=8, qk_layernorm=True,
+        _source="Qwen/Qwen3-30B-A3B config.json (q_norm/k_norm of transformers' Qwen3-MoE code)",
     ),
     "qwen3-235b-a22b": dict(
         num_layers=94, hidden_size=4096, num_attention_heads=64, num_query_groups=4,
         kv_channels=128, ffn_hidden_size=12288, vocab_size=151936, num_experts=128,
-        moe_ffn_hidden_size=1536, moe_router_topk=8,
-        _source="Qwen/Qwen3-235B-A22B config.json",
+        moe_ffn_hidden_size=1536, moe_router_topk=8, qk_layernorm=True,
+        _source="Qwen/Qwen3-235B-A22B config.json (q_norm/k_norm of transformers' Qwen3-MoE "
+                "code)",
     ),
     "deepseek-v2-lite": dict(
         num_layers=27, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=10944,
@@ -50,7 +58,8 @@ _MODELS: dict[str, dict[str, Any]] = {
         moe_shared_expert_intermediate_size=2816, moe_layer_freq=[0] + [1] * 26,
         multi_latent_attention=True, q_lora_rank=None, kv_lora_rank=512, qk_head_dim=128,
         qk_pos_emb_head_dim=64, v_head_dim=128,
-        _source="deepseek-ai/DeepSeek-V2-Lite config.json (first_k_dense_replace=1)",
+        _source="deepseek-ai/DeepSeek-V2-Lite config.json (first_k_dense_replace=1; softmax "
+                "greedy top-k: n_group=1, routed_scaling_factor=1, no MTP)",
     ),
     "deepseek-v3": dict(
         num_layers=61, hidden_size=7168, num_attention_heads=128, ffn_hidden_size=18432,
@@ -58,7 +67,12 @@ _MODELS: dict[str, dict[str, Any]] = {
         moe_shared_expert_intermediate_size=2048, moe_layer_freq=[0] * 3 + [1] * 58,
         multi_latent_attention=True, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
         qk_pos_emb_head_dim=64, v_head_dim=128,
-        _source="deepseek-ai/DeepSeek-V3 config.json (first_k_dense_replace=3; MTP not modelled)",
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8, moe_router_group_topk=4,
+        mtp_num_layers=1,
+        _source="deepseek-ai/DeepSeek-V3 config.json (first_k_dense_replace=3; scoring_func "
+                "sigmoid, topk_method noaux_tc, routed_scaling_factor 2.5, n_group 8, "
+                "topk_group 4, num_nextn_predict_layers 1)",
     ),
     "llama3-70b": dict(
         num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
@@ -115,132 +129,6 @@ def resolve_gpu(gpu: str | GPUSpec) -> GPUSpec:
 def check_cluster(cluster: ClusterSpec) -> None:
     """Raise ValueError naming the field if the cluster refers to something unknown."""
     resolve_gpu(cluster.gpu)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face config.json import
-
-
-class UnsupportedConfig(ValueError):
-    """A config.json foldplan cannot represent; the message names the field."""
-
-
-_HF_DENSE = {"llama", "mistral", "qwen2", "qwen3"}
-_HF_MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
-
-
-def _req(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise UnsupportedConfig(f"hf_config.{key} is required for model_type {cfg.get('model_type')!r}")
-    return cfg[key]
-
-
-def import_hf_config(cfg: dict[str, Any]) -> tuple[ModelSpec, list[str]]:
-    """Map a Hugging Face config.json to a ModelSpec; also return notes on what was mapped.
-
-    Supported `model_type`s: llama, mistral, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe,
-    deepseek_v2, deepseek_v3 (MoE). Anything else, or features the cost model cannot represent
-    (sliding-window attention in use, non-SiLU activations), is refused with the field named.
-    """
-    mt = cfg.get("model_type")
-    if mt not in _HF_DENSE | _HF_MOE:
-        raise UnsupportedConfig(
-            f"hf_config.model_type={mt!r} is not supported; supported: "
-            f"{', '.join(sorted(_HF_DENSE | _HF_MOE))}"
-        )
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UnsupportedConfig(f"hf_config.hidden_act={act!r} is not supported (only silu/SwiGLU)")
-    if cfg.get("use_sliding_window") or (mt in ("mistral", "mixtral") and cfg.get("sliding_window")):
-        raise UnsupportedConfig(
-            f"hf_config.sliding_window={cfg.get('sliding_window')!r}: sliding-window attention "
-            "is not modelled"
-        )
-    notes: list[str] = []
-    layers = _req(cfg, "num_hidden_layers")
-    spec: dict[str, Any] = dict(
-        name=cfg.get("_name_or_path") or mt,
-        num_layers=layers,
-        hidden_size=_req(cfg, "hidden_size"),
-        num_attention_heads=_req(cfg, "num_attention_heads"),
-        vocab_size=_req(cfg, "vocab_size"),
-        ffn_hidden_size=_req(cfg, "intermediate_size"),
-        swiglu=True,
-        untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
-    )
-    notes.append(
-        "num_hidden_layers->num_layers, hidden_size, num_attention_heads, vocab_size, "
-        "intermediate_size->ffn_hidden_size, tie_word_embeddings->untie_embeddings_and_output_weights"
-    )
-    if mt.startswith("deepseek"):
-        spec.update(
-            multi_latent_attention=True,
-            q_lora_rank=cfg.get("q_lora_rank"),
-            kv_lora_rank=_req(cfg, "kv_lora_rank"),
-            qk_head_dim=_req(cfg, "qk_nope_head_dim"),
-            qk_pos_emb_head_dim=_req(cfg, "qk_rope_head_dim"),
-            v_head_dim=_req(cfg, "v_head_dim"),
-        )
-        notes.append(
-            "MLA: q_lora_rank, kv_lora_rank, qk_nope_head_dim->qk_head_dim, "
-            "qk_rope_head_dim->qk_pos_emb_head_dim, v_head_dim"
-        )
-    else:
-        spec["num_query_groups"] = cfg.get("num_key_value_heads")
-        if cfg.get("head_dim"):
-            spec["kv_channels"] = cfg["head_dim"]
-            notes.append("head_dim->kv_channels")
-        notes.append("num_key_value_heads->num_query_groups")
-
-    if mt == "mixtral":
-        spec.update(
-            num_experts=_req(cfg, "num_local_experts"),
-            moe_ffn_hidden_size=cfg["intermediate_size"],
-            moe_router_topk=_req(cfg, "num_experts_per_tok"),
-        )
-        notes.append("num_local_experts->num_experts, num_experts_per_tok->moe_router_topk")
-    elif mt in ("qwen2_moe", "qwen3_moe"):
-        step = cfg.get("decoder_sparse_step", 1) or 1
-        dense_layers = set(cfg.get("mlp_only_layers") or [])
-        pattern = [
-            0 if (i in dense_layers or (i + 1) % step) else 1 for i in range(layers)
-        ]
-        spec.update(
-            num_experts=_req(cfg, "num_experts"),
-            moe_ffn_hidden_size=_req(cfg, "moe_intermediate_size"),
-            moe_router_topk=_req(cfg, "num_experts_per_tok"),
-            moe_shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or None,
-            moe_layer_freq=pattern if 0 in pattern else 1,
-        )
-        notes.append(
-            "num_experts, moe_intermediate_size->moe_ffn_hidden_size, num_experts_per_tok->"
-            "moe_router_topk, shared_expert_intermediate_size, decoder_sparse_step/"
-            "mlp_only_layers->moe_layer_freq"
-        )
-    elif mt.startswith("deepseek"):
-        first_dense = cfg.get("first_k_dense_replace", 0) or 0
-        freq = cfg.get("moe_layer_freq", 1) or 1
-        pattern = [1 if (i >= first_dense and i % freq == 0) else 0 for i in range(layers)]
-        shared = (cfg.get("n_shared_experts") or 0) * _req(cfg, "moe_intermediate_size")
-        spec.update(
-            num_experts=_req(cfg, "n_routed_experts"),
-            moe_ffn_hidden_size=cfg["moe_intermediate_size"],
-            moe_router_topk=_req(cfg, "num_experts_per_tok"),
-            moe_shared_expert_intermediate_size=shared or None,
-            moe_layer_freq=pattern if 0 in pattern else 1,
-        )
-        notes.append(
-            "n_routed_experts->num_experts, moe_intermediate_size->moe_ffn_hidden_size, "
-            "n_shared_experts*moe_intermediate_size->moe_shared_expert_intermediate_size, "
-            "first_k_dense_replace/moe_layer_freq->moe_layer_freq"
-        )
-        if cfg.get("num_nextn_predict_layers"):
-            notes.append("num_nextn_predict_layers (multi-token prediction) is not modelled")
-    try:
-        model = ModelSpec(**spec)
-    except ValueError as exc:
-        raise UnsupportedConfig(f"hf_config does not describe a valid model: {exc}") from exc
-    return model, notes
 
 
 def resolve_model(model: ModelInput) -> ModelSpec:

@@ -4,43 +4,23 @@ Infeasibility is data: `mapping_errors` returns typed `MappingError`s (a kind, t
 concerns, a message naming the offending values); the planner branches on kinds, the API
 shows fields and messages, the executor adds refusals of its own kind. `resolve_mapping`
 fills in the derived fields (dp, edp, sequence_parallel) or raises `InvalidMapping`.
+
+Sizes, the batch and the stage split are checked here (the split's arithmetic and its rules in
+`stage_split.py`); Megatron-Core's rules for its newer options (a2a overlap, flex dispatcher,
+recompute modules, fp8 recipes) in `option_rules.py`; with `training.runtime='foldplan'` what
+foldplan's executor cannot run (`runtimes.py`, kind "executor").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
+from .errors import ErrorKind, InvalidMapping, MappingError, field_section
+from .option_rules import option_errors
+from .runtimes import executor_errors
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .stage_split import StageSplitError, stage_layer_counts
 
-ErrorKind = Literal["world", "layer", "stage_split", "pipeline", "batch", "option", "executor"]
-"""What an error concerns. `world`: the sizes do not fill the cluster; `layer`: tp/cp/ep/etp
-(and sequence parallelism) against the model and sequence, whatever the pipeline; `stage_split`:
-the layers do not split over the pipeline stages as asked; `pipeline`: pp/vpp/split options
-that do not go together; `batch`: the global batch against micro-batch and dp; `option`:
-other settings that do not go together; `executor`: what foldplan's executor cannot run."""
-
-
-@dataclass(frozen=True)
-class MappingError:
-    """One reason a mapping cannot run."""
-
-    kind: ErrorKind
-    field: str  # the request field to change (a mapping field, or a model/training field)
-    message: str  # names the offending values
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class InvalidMapping(ValueError):
-    """A mapping that cannot run for this model x cluster x training setup."""
-
-    def __init__(self, errors: list[MappingError]):
-        super().__init__("; ".join(e.message for e in errors))
-        self.errors = errors
-        self.reasons = [e.message for e in errors]
+__all__ = ["ErrorKind", "InvalidMapping", "MappingError", "data_parallel_sizes",
+           "field_section", "mapping_data_parallel", "mapping_errors", "resolve_mapping"]
 
 
 def data_parallel_sizes(world_size: int, tp: int, cp: int, ep: int, etp: int,
@@ -106,7 +86,9 @@ def _layer_errors(model: ModelSpec, training: TrainingSpec, m: Mapping, sp: bool
 def _pipeline_errors(model: ModelSpec, m: Mapping, errors: list[MappingError]) -> None:
     try:
         stage_layer_counts(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
-                           m.decoder_last_pipeline_num_layers)
+                           m.decoder_last_pipeline_num_layers,
+                           embedding=m.account_for_embedding_in_pipeline_split,
+                           loss=m.account_for_loss_in_pipeline_split)
     except StageSplitError as e:
         errors.append(MappingError(e.kind, e.field, str(e)))
     if m.vpp > 1 and m.pp == 1:
@@ -142,7 +124,10 @@ def mapping_errors(
     if m.pp > 1 and not m.order.endswith("pp") and edp != dp:
         errors.append(MappingError("option", "order", f"order={m.order!r} with pp={m.pp} needs "
                                    f"edp == dp (got edp={edp}, dp={dp})"))
+    errors += option_errors(model, cluster, training, m)
     resolved = m.model_copy(update={"dp": dp, "edp": edp, "sequence_parallel": sp})
+    if training.runtime == "foldplan":  # the estimate predicts foldplan's executor
+        errors += executor_errors(model, training, resolved)
     return errors, resolved
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cost_model.runtimes import executor_errors
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import MappingError, mapping_errors
 
@@ -39,23 +40,14 @@ class RunSpec:
 def unsupported_reasons(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                         mapping: Mapping) -> list[MappingError]:
     """Why this executor cannot run the combination (empty list = it can): every rule of the
-    cost model's validator, then the executor's own refusals (kind "executor")."""
+    cost model's validator, then what the executor does not run (kind "executor", the table of
+    `cost_model.runtimes`, whatever `training.runtime` the plan predicted), then the byte-level
+    corpus's own need."""
     errors, m = mapping_errors(model, cluster, training, mapping)
-
-    def refuse(field: str, message: str) -> None:
-        errors.append(MappingError("executor", field, message))
-
-    if model.multi_latent_attention:
-        refuse("multi_latent_attention",
-               "multi_latent_attention=true: MLA is not supported by the executor yet")
-    if m.tp > 1 and not m.sp and not model.is_moe:  # MoE models: the validator's rule
-        refuse("sequence_parallel", f"sequence_parallel=false with tp={m.tp}: the executor "
-                                    "always runs TP with sequence parallelism")
-    if model.vocab_size % m.tp:  # the executor does not pad the vocabulary
-        refuse("tp", f"tp={m.tp} does not divide vocab_size={model.vocab_size}")
+    errors += [e for e in executor_errors(model, training, m) if e not in errors]
     if model.vocab_size < 256:
-        refuse("vocab_size", f"vocab_size={model.vocab_size} < 256: the byte-level corpus "
-                             "needs 256 ids")
+        errors.append(MappingError("executor", "vocab_size", f"vocab_size={model.vocab_size} < "
+                                   "256: the byte-level corpus needs 256 ids"))
     return errors
 
 

@@ -34,7 +34,9 @@ def stage_layer_ranges(num_layers: int, mapping: Mapping) -> list[list[range]]:
     `cost_model.stage_split`); raises StageSplitError (a ValueError) for a split it refuses."""
     return stage_chunks(num_layers, mapping.pp, mapping.vpp,
                         mapping.decoder_first_pipeline_num_layers,
-                        mapping.decoder_last_pipeline_num_layers)
+                        mapping.decoder_last_pipeline_num_layers,
+                        embedding=mapping.account_for_embedding_in_pipeline_split,
+                        loss=mapping.account_for_loss_in_pipeline_split)
 
 
 def schedule_1f1b(num_micro: int, pp: int, pp_rank: int) -> list[tuple[str, int, int]]:

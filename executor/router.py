@@ -6,6 +6,8 @@ Score functions (Megatron-Core names):
   softmax, pre_softmax=False  top-k on logits, softmax over the K chosen logits (default)
   softmax, pre_softmax=True   softmax over all E, then top-k of those probabilities
   sigmoid                     sigmoid scores, top-k, normalised to sum 1 when K > 1
+then the routed weights times `topk_scaling_factor` when set (Megatron's
+--moe-router-topk-scaling-factor; DeepSeek-V3's routed_scaling_factor).
 Capacity (token dropping): on this rank's T local tokens,
   capacity = ceil(capacity_factor * T * K / E)
 and each expert keeps the `capacity` routed pairs with the highest probability ("probs" drop
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cost_model.specs import ModelSpec, TrainingSpec
+
 from .comm import CommCounter, all_reduce_
 from .parallel_dims import ParallelDims
 
@@ -41,10 +45,22 @@ class RouterConfig:
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: float = 1e-3
     capacity_factor: float | None = None  # None = dropless
+    topk_scaling_factor: float | None = None  # routed weights times this; None = 1
 
     def __post_init__(self):
         if self.score_function not in ("softmax", "sigmoid"):
             raise ValueError(f"score_function={self.score_function!r}: use 'softmax' or 'sigmoid'")
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, training: TrainingSpec) -> RouterConfig:
+        """The routing the spec asks for, as Megatron runs it (planner/export.py writes the
+        same): a top-1 softmax router takes the softmax before the choice (Megatron refuses
+        softmax over a single chosen logit, whose gradient is zero)."""
+        softmax = spec.moe_router_score_function == "softmax"
+        return cls(score_function=spec.moe_router_score_function,
+                   pre_softmax=softmax and spec.topk == 1,
+                   capacity_factor=training.moe_expert_capacity_factor,
+                   topk_scaling_factor=spec.moe_router_topk_scaling_factor)
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,8 @@ class Router(nn.Module):
             top_TK, indices_TK = torch.topk(logits_TE, K, dim=1)
             probs_TK = torch.softmax(top_TK, dim=-1)
             aux_scores_TE = torch.softmax(logits_TE, dim=-1)
+        if cfg.topk_scaling_factor is not None:
+            probs_TK = probs_TK * cfg.topk_scaling_factor
 
         # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
         token_group = dims.group("tp_cp_dp")

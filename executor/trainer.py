@@ -88,7 +88,7 @@ class Trainer:
         self.spec, self.training, self.dims, self.counter = spec, training, dims, counter
         self.optim_config = optim or OptimConfig()
         if router_config is None:
-            router_config = RouterConfig(capacity_factor=training.moe_expert_capacity_factor)
+            router_config = RouterConfig.for_model(spec, training)
         ranges = stage_layer_ranges(spec.num_layers, m)[dims.pp_rank]
         last = dims.pp_rank == dims.pp - 1
         self.chunks = [

@@ -17,13 +17,16 @@ None depends on the rank order or, beyond the choice offered, the optimizer shar
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from itertools import product
 
 from cost_model.estimate import make_context, micro_batch_costs, micro_batch_work
 from cost_model.hardware import hardware
 from cost_model.kernels import p2p_time
 from cost_model.layout import group_placement
-from cost_model.memory import optimizer_shards, pipeline_send_bytes, static_memory_lower_bound
+from cost_model.memory import optimizer_shards_of, pipeline_send_bytes
+from cost_model.memory import static_memory_lower_bound
 from cost_model.params import stacked_layer_params
 from cost_model.specs import Mapping
 from cost_model.validate import data_parallel_sizes, mapping_errors
@@ -36,9 +39,7 @@ class LayerConfig:
     ep: int
     etp: int
     micro_batch_size: int
-    recompute: str
-    dispatcher: str
-    probe: Mapping  # the configuration as a resolved pp=1 mapping
+    probe: Mapping  # the configuration as a resolved pp=1 mapping (every per-layer option)
     work_s: float  # W: one micro-batch through every layer, embedding and output
     work_floor_s: float  # W of the same layout without recompute (partial recompute's floor)
     layer_params: tuple[float, float]  # (dense, expert) of all layers, one tp / ep x etp shard
@@ -58,32 +59,44 @@ class PipelineBound:
     vpp: int
 
 
-def layer_configs(model, cluster, training, values, cache: dict) -> list[LayerConfig]:
-    """Every valid layer configuration with its costs."""
+def layer_options(values) -> list[dict]:
+    """The per-layer option combinations of the space (recompute modules only with selective
+    recompute; the overlap only where the dispatcher can overlap)."""
+    out = []
+    for mbs, rc, disp, overlap in product(values["micro_batch_size"], values["recompute"],
+                                          values["dispatcher"], values["moe_a2a_overlap"]):
+        if overlap and disp == "allgather":
+            continue
+        modules = values["recompute_modules"] if rc == "selective" else [("core_attn",)]
+        backends = values["flex_backend"] if disp == "flex" else ["deepep"]
+        for mods, backend in product(modules, backends):
+            out.append(dict(micro_batch_size=mbs, recompute=rc, recompute_modules=mods,
+                            dispatcher=disp, flex_backend=backend, moe_a2a_overlap=overlap))
+    return out
+
+
+def layer_configs(model, cluster, training, values, cache: dict,
+                  deadline: float = math.inf) -> list[LayerConfig] | None:
+    """Every valid layer configuration with its costs; None when `deadline` (a
+    `time.perf_counter()` value) passes first."""
     world = cluster.world_size
     hw = hardware(cluster)
+    options = layer_options(values)
     out = []
-    for tp in values["tp"]:
-        for cp in values["cp"]:
-            if world % (tp * cp):
+    for tp, cp, ep, etp in product(values["tp"], values["cp"], values["ep"], values["etp"]):
+        if world % (tp * cp) or world % (ep * etp):
+            continue
+        if time.perf_counter() > deadline:
+            return None
+        dp, edp = data_parallel_sizes(world, tp, cp, ep, etp, 1)
+        for opts in options:
+            probe = Mapping(tp=tp, cp=cp, ep=ep, etp=etp, pp=1, dp=dp, edp=edp, **opts)
+            errors, probe = mapping_errors(model, cluster, training, probe)
+            # Only errors about the layer and its options disqualify it here (the pipeline
+            # and batch are not chosen yet: rules on pp / vpp are kind "pipeline").
+            if any(e.kind in ("layer", "option") for e in errors):
                 continue
-            for ep in values["ep"]:
-                for etp in values["etp"]:
-                    if world % (ep * etp):
-                        continue
-                    for mbs in values["micro_batch_size"]:
-                        for rc in values["recompute"]:
-                            for disp in values["dispatcher"]:
-                                dp, edp = data_parallel_sizes(world, tp, cp, ep, etp, 1)
-                                probe = Mapping(tp=tp, cp=cp, ep=ep, etp=etp, micro_batch_size=mbs,
-                                                recompute=rc, dispatcher=disp, pp=1, dp=dp,
-                                                edp=edp)
-                                errors, probe = mapping_errors(model, cluster, training, probe)
-                                # Only errors about the layer itself disqualify it here.
-                                if any(e.kind == "layer" for e in errors):
-                                    continue
-                                out.append(_layer_config(model, cluster, training, probe, hw,
-                                                         cache))
+            out.append(_layer_config(model, cluster, training, probe, hw, cache))
     return out
 
 
@@ -97,8 +110,7 @@ def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> 
     floor = micro_batch_work(floor_ctx, cache)
     layers, head, tail = micro_batch_costs(floor_ctx, cache)
     return LayerConfig(
-        probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe.recompute,
-        probe.dispatcher, probe, w, floor, stacked_layer_params(model, probe), head.total,
+        probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe, w, floor, stacked_layer_params(model, probe), head.total,
         tail.total, min(c.total for c in layers.values()),
         pipeline_send_bytes(model, training, probe))
 
@@ -106,9 +118,8 @@ def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> 
 def memory_lower_bound(model, training, lc: LayerConfig, pp: int, dp: int, edp: int,
                        sharded: bool, hw) -> float:
     """Peak memory of every mapping of (lc, pp) is at least this (module docstring)."""
-    m = lc.probe.model_copy(update={"pp": pp, "dp": dp, "edp": edp,
-                                    "distributed_optimizer": sharded})
-    return static_memory_lower_bound(model, training.precision, m, pp, optimizer_shards(m),
+    return static_memory_lower_bound(model, training.precision, lc.probe, pp,
+                                     optimizer_shards_of(dp, lc.cp, edp, sharded),
                                      hw.memory_reserve_bytes, lc.layer_params)
 
 
@@ -127,6 +138,7 @@ def pipeline_bounds(model, cluster, training, values, configs):
     hw = hardware(cluster)
     sharded = True in values["distributed_optimizer"]
     closest: tuple = (math.inf, None, 0)
+    memory_bounds: dict[tuple, float] = {}
     out = []
     for lc in configs:
         for pp in values["pp"]:
@@ -135,7 +147,12 @@ def pipeline_bounds(model, cluster, training, values, configs):
             dp, edp = data_parallel_sizes(world, lc.tp, lc.cp, lc.ep, lc.etp, pp)
             if gbs % (lc.micro_batch_size * dp):
                 continue
-            need = memory_lower_bound(model, training, lc, pp, dp, edp, sharded, hw)
+            # The bound depends on the sizes only, not on the layer's other options.
+            key = (lc.tp, lc.cp, lc.ep, lc.etp, pp)
+            need = memory_bounds.get(key)
+            if need is None:
+                need = memory_bounds[key] = memory_lower_bound(model, training, lc, pp, dp, edp,
+                                                               sharded, hw)
             if need > hw.memory_bytes:
                 if need < closest[0]:
                     closest = (need, lc, pp)
@@ -143,7 +160,9 @@ def pipeline_bounds(model, cluster, training, values, configs):
             m = gbs // (lc.micro_batch_size * dp)
             sends = _send_time(cluster, values, lc, pp, dp, hw) if pp > 1 else 0.0
             for vpp in values["vpp"] if pp > 1 else [1]:
-                if vpp > 1 and (model.num_layers % (pp * vpp) or m % pp):
+                # Interleaving needs the layers (+ embedding / loss slots) in pp*vpp chunks.
+                slots = [model.num_layers + extra for extra in (0, 1, 2)]
+                if vpp > 1 and (all(x % (pp * vpp) for x in slots) or m % pp):
                     continue
                 # Partial recompute (pp >= 2, vpp == 1) can be as fast as none at all.
                 w = (lc.work_floor_s if (pp >= 2 and vpp == 1) else lc.work_s) + pp * sends

@@ -15,7 +15,9 @@ from cost_model.specs import Mapping
 
 # Preference among mappings the cost model cannot tell apart (same time and memory).
 _DEFAULTS = dict(order="tp-cp-ep-dp-pp", distributed_optimizer=True, dispatcher="alltoall",
-                 recompute="none")
+                 recompute="none", moe_a2a_overlap=False, recompute_modules=("core_attn",),
+                 flex_backend="deepep", account_for_embedding_in_pipeline_split=False,
+                 account_for_loss_in_pipeline_split=False)
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,14 @@ def tie_key(m: Mapping) -> tuple:
 
 
 def class_key(m: Mapping) -> Mapping:
-    """A configuration: the mapping without its stage split and recompute depth (the planner
-    reports the best of those for each configuration)."""
+    """A configuration: the mapping without its stage split (explicit or by counting the
+    embedding / loss as layers) and recompute depth (the planner reports the best of those
+    for each configuration)."""
     return m.model_copy(update={"decoder_first_pipeline_num_layers": None,
                                 "decoder_last_pipeline_num_layers": None,
-                                "recompute_num_layers": None})
+                                "recompute_num_layers": None,
+                                "account_for_embedding_in_pipeline_split": False,
+                                "account_for_loss_in_pipeline_split": False})
 
 
 def super_key(m: Mapping) -> Mapping:
@@ -60,7 +65,8 @@ def merged(m: Mapping) -> Mapping:
     """`m` without the fields that cannot tell candidates apart when time and memory agree."""
     update = {"order": "", "distributed_optimizer": True}
     if m.ep * m.etp == 1:
-        update["dispatcher"] = ""  # no expert communication: the dispatcher does not matter
+        # No expert communication: the dispatcher and its overlap do not matter.
+        update.update(dispatcher="", flex_backend="", moe_a2a_overlap=False)
     return m.model_copy(update=update)
 
 

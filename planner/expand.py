@@ -7,6 +7,8 @@ configurations, stage split left open, to the CP-SAT stage solver (`stages.py`).
 
 from __future__ import annotations
 
+from itertools import product
+
 from cost_model.specs import Mapping
 from cost_model.validate import data_parallel_sizes, mapping_errors
 
@@ -42,23 +44,37 @@ def _orders(values, fixed, pp: int, dp: int, edp: int) -> list[str]:
     return values["order"] if (pp > 1 and edp == dp) else [fixed.get("order", "tp-cp-ep-dp-pp")]
 
 
+_ACCOUNT_FIELDS = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+
+
+def _accounts(fixed, pp: int, vpp: int) -> list[tuple[bool, bool]]:
+    """Whether the embedding / the loss count as a layer in the split: pinned, else every
+    choice with interleaving (without it the stage solver already moves layers off the
+    first and last stages)."""
+    if any(f in fixed for f in _ACCOUNT_FIELDS):
+        return [tuple(fixed.get(f, False) for f in _ACCOUNT_FIELDS)]
+    if pp > 1 and vpp > 1:
+        return [(False, False), (True, True), (True, False), (False, True)]
+    return [(False, False)]
+
+
 def expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vpp: int):
     """All full mappings of one layer and pipeline configuration, resolved."""
     sizes = _sizes(cluster, fixed, lc, pp)
     if sizes is None:
         return
     dp, edp = sizes
-    for first, last in pinned_split(fixed):
+    for (first, last), (emb, loss) in product(pinned_split(fixed), _accounts(fixed, pp, vpp)):
         for order in _orders(values, fixed, pp, dp, edp):
             for dist in values["distributed_optimizer"]:
-                m = Mapping(tp=lc.tp, cp=lc.cp, pp=pp, vpp=vpp, ep=lc.ep, etp=lc.etp,
-                            dp=dp, edp=edp, micro_batch_size=lc.micro_batch_size,
-                            recompute=lc.recompute, dispatcher=lc.dispatcher,
-                            distributed_optimizer=dist, order=order,
-                            decoder_first_pipeline_num_layers=first,
-                            decoder_last_pipeline_num_layers=last,
-                            recompute_num_layers=fixed.get("recompute_num_layers"),
-                            sequence_parallel=fixed.get("sequence_parallel"))
+                m = lc.probe.model_copy(update=dict(
+                    pp=pp, vpp=vpp, dp=dp, edp=edp, distributed_optimizer=dist, order=order,
+                    decoder_first_pipeline_num_layers=first,
+                    decoder_last_pipeline_num_layers=last,
+                    account_for_embedding_in_pipeline_split=emb,
+                    account_for_loss_in_pipeline_split=loss,
+                    recompute_num_layers=fixed.get("recompute_num_layers"),
+                    sequence_parallel=fixed.get("sequence_parallel")))
                 errors, resolved = mapping_errors(model, cluster, training, m)
                 if not errors:
                     yield resolved
@@ -73,10 +89,9 @@ def stage_bases(model, cluster, training, values, fixed, lc: LayerConfig, pp: in
     dp, edp = sizes
     for order in _orders(values, fixed, pp, dp, edp):
         for dist in values["distributed_optimizer"]:
-            base = Mapping(tp=lc.tp, cp=lc.cp, pp=pp, ep=lc.ep, etp=lc.etp, dp=dp, edp=edp,
-                           micro_batch_size=lc.micro_batch_size, recompute=lc.recompute,
-                           dispatcher=lc.dispatcher, distributed_optimizer=dist, order=order,
-                           sequence_parallel=fixed.get("sequence_parallel"))
+            base = lc.probe.model_copy(update=dict(
+                pp=pp, dp=dp, edp=edp, distributed_optimizer=dist, order=order,
+                sequence_parallel=fixed.get("sequence_parallel")))
             # Every check but the layer split (the solver picks a valid one).
             probe = base.model_copy(update={"decoder_first_pipeline_num_layers": 1,
                                             "decoder_last_pipeline_num_layers": 1})

@@ -1,9 +1,10 @@
 """What users run: Megatron-LM arguments and launch scripts for a candidate.
 
-Argument names are those of Megatron-LM `core_r0.13.0` (`megatron/training/arguments.py`).
-Every parallel size is written, also when it is 1; the overlap flags are the ones the cost
-model assumes (gradient reduce-scatter and parameter all-gather overlapped, no TP-comm
-overlap), so what runs is what was estimated.
+Argument names are those of Megatron-LM `core_r0.16.0` (`megatron/training/arguments.py`; the
+TransformerConfig options are its fields with dashes, e.g. `moe_flex_dispatcher_backend` ->
+`--moe-flex-dispatcher-backend`). Every parallel size is written, also when it is 1; the
+overlap flags are the ones the cost model assumes (gradient reduce-scatter and parameter
+all-gather overlapped, no TP-comm overlap), so what runs is what was estimated.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import shlex
 
 from cost_model.specs import Mapping, ModelSpec, TrainingSpec
 
-MEGATRON_RELEASE = "core_r0.13.0"
+MEGATRON_RELEASE = "core_r0.16.0"
+# fp8 formats by recipe: e4m3 everywhere for the block-scaled recipes (DeepSeek-V3 trained
+# blockwise in e4m3; MXFP8 is e4m3 data), hybrid (e4m3 forward, e5m2 gradients) otherwise.
+_FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
 
 
 def _layer_freq_arg(model: ModelSpec) -> str:
@@ -29,6 +33,96 @@ def _layer_freq_arg(model: ModelSpec) -> str:
     return "(" + "+".join(f"[{v}]*{n}" for v, n in runs) + ")"
 
 
+def _pipeline_args(model: ModelSpec, m: Mapping) -> list[str]:
+    a: list[str] = []
+    split_flags = m.account_for_embedding_in_pipeline_split or m.account_for_loss_in_pipeline_split
+    if m.vpp > 1:
+        if split_flags:  # layers per virtual stage is not a whole number with the flags
+            a += ["--num-virtual-stages-per-pipeline-rank", str(m.vpp)]
+        else:
+            a += ["--num-layers-per-virtual-pipeline-stage",
+                  str(model.num_layers // (m.pp * m.vpp))]
+    if m.decoder_first_pipeline_num_layers is not None:
+        a += ["--decoder-first-pipeline-num-layers", str(m.decoder_first_pipeline_num_layers)]
+    if m.decoder_last_pipeline_num_layers is not None:
+        a += ["--decoder-last-pipeline-num-layers", str(m.decoder_last_pipeline_num_layers)]
+    if m.account_for_embedding_in_pipeline_split:
+        a += ["--account-for-embedding-in-pipeline-split"]
+    if m.account_for_loss_in_pipeline_split:
+        a += ["--account-for-loss-in-pipeline-split"]
+    return a
+
+
+def _recompute_args(m: Mapping) -> list[str]:
+    if m.partial_recompute:
+        return ["--recompute-granularity", "full", "--recompute-method", "block",
+                "--recompute-num-layers", str(m.recompute_num_layers)]
+    if m.recompute == "full":
+        return ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                "--recompute-num-layers", "1"]
+    if m.recompute == "selective":
+        return ["--recompute-granularity", "selective", "--recompute-modules",
+                *m.recompute_modules]
+    return []
+
+
+def _attention_args(model: ModelSpec) -> list[str]:
+    a: list[str] = []
+    if model.multi_latent_attention:
+        a += ["--multi-latent-attention", "--kv-lora-rank", str(model.kv_lora_rank),
+              "--qk-head-dim", str(model.qk_head_dim),
+              "--qk-pos-emb-head-dim", str(model.qk_pos_emb_head_dim),
+              "--v-head-dim", str(model.v_head_dim)]
+        if model.q_lora_rank:
+            a += ["--q-lora-rank", str(model.q_lora_rank)]
+    else:
+        if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
+            a += ["--group-query-attention", "--num-query-groups", str(model.num_query_groups)]
+        if model.kv_channels:
+            a += ["--kv-channels", str(model.kv_channels)]
+    if model.qk_layernorm:
+        a += ["--qk-layernorm"]
+    if model.add_qkv_bias:
+        a += ["--add-qkv-bias"]
+    if model.rotary_interleaved:
+        a += ["--rotary-interleaved"]
+    return a
+
+
+def _moe_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[str]:
+    a = [
+        "--num-experts", str(model.num_experts),
+        "--moe-ffn-hidden-size", str(model.expert_ffn),
+        "--moe-router-topk", str(model.topk),
+        "--moe-layer-freq", _layer_freq_arg(model),
+        "--moe-token-dispatcher-type", m.dispatcher,
+        "--moe-grouped-gemm",
+        "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-router-score-function", model.moe_router_score_function,
+    ]
+    if m.dispatcher == "flex":  # DeepEP / HybridEP take fp32 routing probabilities
+        a += ["--moe-flex-dispatcher-backend", m.flex_backend, "--moe-router-dtype", "fp32"]
+    if model.topk == 1 and model.moe_router_score_function == "softmax":
+        a += ["--moe-router-pre-softmax"]  # Megatron refuses softmax after a top-1 choice
+    if model.moe_router_enable_expert_bias:
+        a += ["--moe-router-enable-expert-bias"]
+    if model.moe_router_topk_scaling_factor is not None:
+        a += ["--moe-router-topk-scaling-factor", str(model.moe_router_topk_scaling_factor)]
+    if model.moe_router_num_groups is not None:
+        a += ["--moe-router-num-groups", str(model.moe_router_num_groups),
+              "--moe-router-group-topk", str(model.moe_router_group_topk)]
+    if model.shared_ffn:
+        a += ["--moe-shared-expert-intermediate-size", str(model.shared_ffn)]
+        if model.moe_shared_expert_gate:
+            a += ["--moe-shared-expert-gate"]
+    if m.moe_a2a_overlap:  # the overlap as Megatron's MoE guide runs it, wgrad delayed
+        a += ["--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute"]
+    if training.moe_expert_capacity_factor is not None:
+        a += ["--moe-expert-capacity-factor", str(training.moe_expert_capacity_factor),
+              "--moe-token-drop-policy", "probs"]
+    return a
+
+
 def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[str]:
     """Megatron-LM command-line arguments for model x training x mapping."""
     a: list[str] = [
@@ -38,12 +132,7 @@ def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[
         "--expert-model-parallel-size", str(m.ep),
         "--expert-tensor-parallel-size", str(m.etp),
     ]
-    if m.vpp > 1:
-        a += ["--num-layers-per-virtual-pipeline-stage", str(model.num_layers // (m.pp * m.vpp))]
-    if m.decoder_first_pipeline_num_layers is not None:
-        a += ["--decoder-first-pipeline-num-layers", str(m.decoder_first_pipeline_num_layers)]
-    if m.decoder_last_pipeline_num_layers is not None:
-        a += ["--decoder-last-pipeline-num-layers", str(m.decoder_last_pipeline_num_layers)]
+    a += _pipeline_args(model, m)
     if m.order == "tp-cp-ep-pp-dp":
         a += ["--use-tp-pp-dp-mapping"]
     if m.sp:
@@ -51,15 +140,7 @@ def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[
     if m.distributed_optimizer:
         a += ["--use-distributed-optimizer", "--overlap-param-gather"]
     a += ["--overlap-grad-reduce", "--accumulate-allreduce-grads-in-fp32"]
-    if m.partial_recompute:
-        a += ["--recompute-granularity", "full", "--recompute-method", "block",
-              "--recompute-num-layers", str(m.recompute_num_layers)]
-    elif m.recompute == "full":
-        a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
-              "--recompute-num-layers", "1"]
-    elif m.recompute == "selective":
-        a += ["--recompute-granularity", "selective",
-              "--recompute-modules", "core_attn", "moe_act", "layernorm"]
+    a += _recompute_args(m)
     a += [
         "--micro-batch-size", str(m.micro_batch_size),
         "--global-batch-size", str(training.global_batch_size),
@@ -75,41 +156,20 @@ def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[
         "--disable-bias-linear",
         "--transformer-impl", "transformer_engine",
     ]
-    if model.multi_latent_attention:
-        a += ["--multi-latent-attention", "--kv-lora-rank", str(model.kv_lora_rank),
-              "--qk-head-dim", str(model.qk_head_dim),
-              "--qk-pos-emb-head-dim", str(model.qk_pos_emb_head_dim),
-              "--v-head-dim", str(model.v_head_dim)]
-        if model.q_lora_rank:
-            a += ["--q-lora-rank", str(model.q_lora_rank)]
-    else:
-        if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
-            a += ["--group-query-attention", "--num-query-groups", str(model.num_query_groups)]
-        if model.kv_channels:
-            a += ["--kv-channels", str(model.kv_channels)]
+    a += _attention_args(model)
     if model.swiglu:
         a += ["--swiglu"]
     if model.untie_embeddings_and_output_weights:
         a += ["--untie-embeddings-and-output-weights"]
+    if model.mtp_num_layers is not None:
+        a += ["--mtp-num-layers", str(model.mtp_num_layers)]
     if model.is_moe:
-        a += [
-            "--num-experts", str(model.num_experts),
-            "--moe-ffn-hidden-size", str(model.expert_ffn),
-            "--moe-router-topk", str(model.topk),
-            "--moe-layer-freq", _layer_freq_arg(model),
-            "--moe-token-dispatcher-type", m.dispatcher,
-            "--moe-grouped-gemm",
-            "--moe-router-load-balancing-type", "aux_loss",
-        ]
-        if model.shared_ffn:
-            a += ["--moe-shared-expert-intermediate-size", str(model.shared_ffn)]
-        if training.moe_expert_capacity_factor is not None:
-            a += ["--moe-expert-capacity-factor", str(training.moe_expert_capacity_factor),
-                  "--moe-token-drop-policy", "probs"]
+        a += _moe_args(model, training, m)
     if training.precision == "bf16":
         a += ["--bf16"]
     elif training.precision == "fp8":
-        a += ["--bf16", "--fp8-format", "hybrid"]
+        a += ["--bf16", "--fp8-format", _FP8_FORMAT[training.fp8_recipe],
+              "--fp8-recipe", training.fp8_recipe]
     return a
 
 

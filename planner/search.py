@@ -102,9 +102,12 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     deadline = t0 + limit * 0.9
     values = candidate_values(model, cluster, training, fixed)
     cache: dict = {}  # per-layer costs shared by every mapping of this request
-    configs = layer_configs(model, cluster, training, values, cache)
-    bounds, closest = pipeline_bounds(model, cluster, training, values, configs)
+    configs = layer_configs(model, cluster, training, values, cache, deadline)
     state = SearchState(top_k, model.is_moe)
+    if configs is None:  # the time limit passed while costing the layer configurations
+        return _answer(model, cluster, training, state, [], [], (math.inf, None, 0), fixed,
+                       limit, t0, True, 0, 0)
+    bounds, closest = pipeline_bounds(model, cluster, training, values, configs)
 
     def consider(m: Mapping) -> None:
         state.consider(Row(m, evaluate(model, cluster, training, m, cache)))
@@ -141,6 +144,15 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                     errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
                     assert not errors, errors  # the solver picks only valid splits
                     consider(resolved)
+    return _answer(model, cluster, training, state, configs, bounds, closest, fixed, limit, t0,
+                   stopped_early, expanded, stage_solves)
+
+
+def _answer(model, cluster, training, state: SearchState, configs, bounds, closest, fixed,
+            limit: float, t0: float, stopped_early: bool, expanded: int,
+            stage_solves: int) -> PlanResult:
+    """Select the top-k from what the search found and write the answer."""
+    top_k = state.top_k
     rows = list(state.class_best.values())
     # Unevaluated configurations enter the selection at their bound, unless the time limit
     # cut the search (then nothing is proven and the answer is FEASIBLE).

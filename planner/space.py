@@ -9,10 +9,11 @@ mapping (etp = tp, ep carved out of dp) are members. Validity is the cost model'
 
 from __future__ import annotations
 
+from cost_model.runtimes import runtime_supports
 from cost_model.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 RECOMPUTE = ("none", "selective", "full")
-DISPATCHERS = ("alltoall", "allgather")
+DISPATCHERS = ("alltoall", "allgather", "flex")
 ORDERS = ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp")
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 MAX_VPP = 8
@@ -47,8 +48,9 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         ep_vals = [e for e in _divisors(model.num_experts) if world % e == 0]
         etp_vals = [t for t in _pow2_upto(g) if model.expert_ffn % t == 0]
         dispatchers = list(DISPATCHERS)
+        overlap = [False, True]
     else:
-        ep_vals, etp_vals, dispatchers = [1], [1], ["alltoall"]
+        ep_vals, etp_vals, dispatchers, overlap = [1], [1], ["alltoall"], [False]
     vals = {
         "tp": tp_vals,
         "cp": cp_vals,
@@ -58,19 +60,43 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         "etp": etp_vals,
         "micro_batch_size": list(MICRO_BATCH_SIZES),
         "recompute": list(RECOMPUTE),
+        "recompute_modules": module_sets(model),
         "distributed_optimizer": [True, False],
         "dispatcher": dispatchers,
+        "flex_backend": ["deepep"],  # HybridEP costs the same under the model: one is enough
+        "moe_a2a_overlap": overlap,
         "order": list(ORDERS),
     }
+    # The cpu preset and runtime 'foldplan' plan for foldplan's executor: only what it runs.
+    runtime = "foldplan" if (training.runtime == "foldplan" or cluster.gpu == "cpu") else "megatron"
+    for key in ("dispatcher", "flex_backend", "moe_a2a_overlap", "recompute_modules"):
+        vals[key] = [v for v in vals[key] if runtime_supports(runtime, key, v)]
     for key, value in fixed.items():
         if key in vals:
             vals[key] = [value]
     return vals
 
 
+def module_sets(model: ModelSpec) -> list[tuple[str, ...]]:
+    """Selective recompute choices (`recompute_modules`): Megatron's default (core attention),
+    the cheap recompute of norms and activation functions that public MoE recipes use, and
+    whole MLP / MoE blocks (their inputs kept)."""
+    cheap = ["layernorm"] + (["moe_act"] if model.is_moe else [])
+    if model.multi_latent_attention:
+        cheap.append("mla_up_proj")
+    blocks = ["layernorm", "moe" if model.is_moe else "mlp"]
+    if model.is_moe and model.shared_ffn:
+        blocks.append("shared_experts")
+    if model.is_moe and model.num_moe_layers < model.num_layers:
+        blocks.append("mlp")
+    return [("core_attn",), tuple(sorted(cheap)), tuple(sorted(blocks))]
+
+
 # Pinning all of these pins the whole mapping: the stage split then stays even unless pinned.
 CONTRACT_FIELDS = ("tp", "cp", "pp", "vpp", "ep", "etp", "micro_batch_size", "recompute",
                    "distributed_optimizer", "dispatcher", "order")
+# Searched beside them; left free, the planner chooses them.
+OPTION_FIELDS = ("recompute_modules", "flex_backend", "moe_a2a_overlap")
 
 
 def pinned_split(fixed: dict) -> list[tuple[int | None, int | None]]:

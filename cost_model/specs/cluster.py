@@ -23,6 +23,10 @@ class GPUSpec(_Spec):
     fp32_tflops: float | None = Field(
         None, ge=1e-3, le=1e6, description="fp32 (TF32 where the GPU has it) peak; null = bf16/2."
     )
+    compute_capability: float | None = Field(
+        None, ge=1, le=100, description="CUDA compute capability (8.0 Ampere, 9.0 Hopper, 10.0 "
+        "Blackwell); null = unknown (options that need an architecture are not checked)."
+    )
     intra_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default NVLink GB/s.")
     inter_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default network GB/s.")
     gemm_efficiency: float | None = Field(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-RecomputeModule = Literal["core_attn", "layernorm", "moe_act", "mla_up_proj", "mlp", "moe",
-                          "shared_experts"]
-
 from pydantic import Field, field_validator
 
 from .common import PositiveInt, _Spec
+
+RecomputeModule = Literal["core_attn", "layernorm", "moe_act", "mla_up_proj", "mlp", "moe",
+                          "shared_experts"]
+DEFAULT_RECOMPUTE_MODULES: tuple[RecomputeModule, ...] = ("core_attn",)  # Megatron's default
 
 
 class Mapping(_Spec):
@@ -49,8 +50,8 @@ class Mapping(_Spec):
         False, description="Overlap the expert all-to-all with another micro-batch's compute "
         "(Megatron's --overlap-moe-expert-parallel-comm with --delay-wgrad-compute).")
     recompute_modules: tuple[RecomputeModule, ...] = Field(
-        ("core_attn",), description="With recompute='selective': the modules recomputed in the "
-        "backward (Megatron's --recompute-modules).")
+        DEFAULT_RECOMPUTE_MODULES, description="With recompute='selective': the modules "
+        "recomputed in the backward (Megatron's --recompute-modules).")
     account_for_embedding_in_pipeline_split: bool = Field(
         False, description="The embedding counts as one layer when splitting the pipeline.")
     account_for_loss_in_pipeline_split: bool = Field(

@@ -107,6 +107,7 @@ class ModelSpec(_Spec):
                     f"moe_router_topk={self.moe_router_topk} exceeds num_experts={self.num_experts}"
                 )
         self._check_group_routing()
+        self._check_router_and_rope()
         if self.multi_latent_attention:
             missing = [
                 f
@@ -137,6 +138,24 @@ class ModelSpec(_Spec):
             raise ValueError(f"moe_router_topk={self.topk} must be a multiple of "
                              f"moe_router_group_topk={group_topk} and pick at most the "
                              f"{self.num_experts // groups} experts of each group")
+
+    def _check_router_and_rope(self) -> None:
+        """Megatron-Core's TransformerConfig rules on these fields alone (0.16,
+        transformer_config.py `__post_init__`), and one of foldplan's (a gate on nothing)."""
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            # 'Expert bias for aux-loss-free routing only supports sigmoid score function.'
+            raise ValueError("moe_router_enable_expert_bias=true needs moe_router_score_function="
+                             f"'sigmoid' (got {self.moe_router_score_function!r})")
+        if self.rotary_interleaved and self.multi_latent_attention:
+            # 'rotary_interleaved does not work with multi_latent_attention.' (MLA applies RoPE
+            # to interleaved pairs itself, models/common/embeddings/rope_utils.py)
+            raise ValueError("rotary_interleaved=true does not work with "
+                             "multi_latent_attention=true")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            # Megatron: "Only effective when moe-shared-expert-intermediate-size is set."
+            raise ValueError("moe_shared_expert_gate=true needs "
+                             "moe_shared_expert_intermediate_size (the model has no shared "
+                             "experts)")
 
     # Derived quantities (pure, no state).
     @property

@@ -91,6 +91,10 @@ EQUIV_CONFIGS = [
     ("pp2_vpp2_w2", 2, dict(pp=2, vpp=2), {}, False, SPEC_4L),
     ("pp2_tp2_ep2_last1", 4, dict(pp=2, tp=2, ep=2, decoder_last_pipeline_num_layers=1), {}, False),
     ("pp2_vpp2_dp2_ep2", 4, dict(pp=2, vpp=2, ep=2), {}, False, SPEC_4L),
+    # embedding and loss in the split: 4 + 2 slots over pp2 x vpp3, so the first chunk holds
+    # only the embedding and the last only the loss (chunks with no decoder layer)
+    ("pp2_vpp3_embed_loss_w2", 2, dict(pp=2, vpp=3, account_for_embedding_in_pipeline_split=True,
+                                       account_for_loss_in_pipeline_split=True), {}, False, SPEC_4L),
     # context parallelism (load-balanced chunks, K/V all-gather)
     ("cp2_w2", 2, dict(cp=2), {}, False),
     ("cp2_tp2_ep4_w4", 4, dict(cp=2, tp=2, ep=4), {}, False),
@@ -119,6 +123,8 @@ EQUIV_CONFIGS = [
     ("dp4_ep4_recompute_full", 4, dict(ep=4, recompute="full", distributed_optimizer=False), {}, False),
     ("dp2_ep2_recompute_selective", 2, dict(ep=2, recompute="selective"), {}, False),
     ("dp4_ep4_sigmoid", 4, dict(ep=4), dict(score_function="sigmoid"), False),
+    ("dp2_ep2_sigmoid_scaled", 2, dict(ep=2), dict(score_function="sigmoid", topk_scaling_factor=2.5),
+     False),
     ("dp4_ep2_pre_softmax", 4, dict(ep=2, etp=2), dict(pre_softmax=True), False),
     ("dp2_ep2_capacity", 2, dict(ep=2), dict(capacity_factor=1.0, aux_loss_coeff=0.0), True),
     ("dp4_etp2_ep2_capacity_allgather", 4, dict(ep=2, etp=2, dispatcher="allgather"),

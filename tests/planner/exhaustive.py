@@ -82,26 +82,48 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
         if gbs % (mbs * dp):
             continue
         for vpp in v["vpp"] if pp > 1 else [1]:
-            if vpp > 1 and model.num_layers % (pp * vpp):
+            if vpp > 1 and all((model.num_layers + x) % (pp * vpp) for x in (0, 1, 2)):
                 continue
             splits = all_splits(model, pp, fixed) if vpp == 1 and pp > 1 else pinned_split(fixed)
             for first, last in splits:
                 for order in v["order"] if (pp > 1 and edp == dp) else ["tp-cp-ep-dp-pp"]:
                     if "order" in fixed and fixed["order"] != order:
                         continue
-                    for disp in v["dispatcher"]:
+                    for opts in _options(v, pp, vpp, fixed):
                         for dist in v["distributed_optimizer"]:
-                            for rc in v["recompute"]:
-                                for depth in recompute_depths(model, rc, pp, vpp, first, last, fixed):
-                                    m = Mapping(
-                                        tp=tp, cp=cp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp,
-                                        edp=edp, micro_batch_size=mbs, recompute=rc,
-                                        recompute_num_layers=depth,
-                                        distributed_optimizer=dist, dispatcher=disp, order=order,
-                                        decoder_first_pipeline_num_layers=first,
-                                        decoder_last_pipeline_num_layers=last,
-                                        sequence_parallel=fixed.get("sequence_parallel"),
-                                    )
-                                    errors, resolved = mapping_errors(model, cluster, training, m)
-                                    if not errors:
-                                        yield resolved
+                            for depth in recompute_depths(model, opts["recompute"], pp, vpp,
+                                                          first, last, fixed):
+                                m = Mapping(
+                                    tp=tp, cp=cp, pp=pp, vpp=vpp, ep=ep, etp=etp, dp=dp,
+                                    edp=edp, micro_batch_size=mbs, recompute_num_layers=depth,
+                                    distributed_optimizer=dist, order=order,
+                                    decoder_first_pipeline_num_layers=first,
+                                    decoder_last_pipeline_num_layers=last,
+                                    sequence_parallel=fixed.get("sequence_parallel"), **opts,
+                                )
+                                errors, resolved = mapping_errors(model, cluster, training, m)
+                                if not errors:
+                                    yield resolved
+
+
+_ACCOUNT = ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
+
+
+def _options(v, pp, vpp, fixed) -> Iterator[dict]:
+    """Recompute mode and modules, dispatcher and its backend, the all-to-all overlap, and
+    (with interleaving) whether the embedding / loss count as layers in the split."""
+    accounts = [(False, False)]
+    if any(f in fixed for f in _ACCOUNT):
+        accounts = [tuple(fixed.get(f, False) for f in _ACCOUNT)]
+    elif pp > 1 and vpp > 1:
+        accounts = [(a, b) for a in (False, True) for b in (False, True)]
+    for rc in v["recompute"]:
+        for modules in v["recompute_modules"] if rc == "selective" else [("core_attn",)]:
+            for disp in v["dispatcher"]:
+                for backend in v["flex_backend"] if disp == "flex" else ["deepep"]:
+                    for overlap in v["moe_a2a_overlap"]:
+                        for emb, loss in accounts:
+                            yield dict(recompute=rc, recompute_modules=modules, dispatcher=disp,
+                                       flex_backend=backend, moe_a2a_overlap=overlap,
+                                       account_for_embedding_in_pipeline_split=emb,
+                                       account_for_loss_in_pipeline_split=loss)

@@ -14,7 +14,7 @@ from cost_model.specs import ClusterSpec, GPUSpec, Mapping, ModelSpec, TrainingS
 from exhaustive import enumerate_mappings
 from planner.bounds import layer_configs, memory_lower_bound, pipeline_bounds, split_bound
 from planner.search import plan
-from planner.space import CONTRACT_FIELDS, candidate_values
+from planner.space import CONTRACT_FIELDS, OPTION_FIELDS, candidate_values
 
 # The model of the report: 16 layers, width 2048, vocabulary 128,256 (the planner's bound
 # once counted two vocabulary copies for tied embeddings on one GPU).
@@ -33,9 +33,12 @@ def _cluster(pp: int, memory_gib: float) -> ClusterSpec:
 @pytest.mark.parametrize("recompute", ["full", "selective"])
 def test_fits_memory_and_planner_agree_at_the_boundary(tied, pp, recompute):
     model = ModelSpec(name="dense-16l", untie_embeddings_and_output_weights=not tied, **DENSE)
+    modules = ("layernorm",) if recompute == "selective" else ("core_attn",)
     fixed = dict(tp=1, cp=1, pp=pp, vpp=1, ep=1, etp=1, micro_batch_size=1, recompute=recompute,
-                 distributed_optimizer=True, dispatcher="alltoall", order="tp-cp-ep-dp-pp")
-    assert set(fixed) == set(CONTRACT_FIELDS)  # the whole mapping is pinned: one candidate
+                 distributed_optimizer=True, dispatcher="alltoall", order="tp-cp-ep-dp-pp",
+                 recompute_modules=modules, flex_backend="deepep", moe_a2a_overlap=False)
+    # The whole mapping is pinned: one candidate.
+    assert set(fixed) == set(CONTRACT_FIELDS + OPTION_FIELDS)
 
     def planner_fits(gib: float) -> bool:
         status = plan(model, _cluster(pp, gib), TRAIN, top_k=1, fixed=fixed).search.status
@@ -93,7 +96,8 @@ def test_lower_bounds_never_exceed_the_estimate(tied):
 
 
 def _layer_key(m: Mapping) -> tuple:
-    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.recompute, m.dispatcher)
+    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.recompute, m.dispatcher,
+            m.recompute_modules, m.flex_backend, m.moe_a2a_overlap)
 
 
 def test_a_bound_that_beats_every_row_gives_feasible_not_a_crash():
