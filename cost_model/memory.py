@@ -213,13 +213,16 @@ def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapp
 
 
 def inflight_chunks(m: Mapping, rank: int, num_microbatches: int) -> float:
-    """Model chunks whose activations rank `rank` holds at its peak."""
+    """Model chunks whose activations rank `rank` holds at its peak. With `moe_a2a_overlap`
+    the forward of the next micro-batch runs beside the backward of the current one, so one
+    more chunk is in flight (Megatron-Core's combined 1F1B schedule)."""
+    extra = 1 if m.moe_a2a_overlap else 0
     if m.pp == 1:
-        return 1.0
+        return float(min(1 + extra, num_microbatches))
     if m.vpp == 1:
-        return float(min(m.pp - rank, num_microbatches))
+        return float(min(m.pp - rank + extra, num_microbatches))
     warmup = (m.pp - rank - 1) * 2 + (m.vpp - 1) * m.pp
-    return float(min(warmup + 1, num_microbatches * m.vpp))
+    return float(min(warmup + 1 + extra, num_microbatches * m.vpp))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class SearchState:
     over: float = math.inf  # smallest excess over capacity among mappings that do not fit
     over_row: Row | None = None
     evaluated: int = 0
+    proven: bool = True  # every stage solve proved its split optimal
 
     def consider(self, row: Row) -> None:
         """Account for one evaluated mapping."""
@@ -141,6 +142,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                 ans = solve_stages(model, cluster, training, base, cache,
                                    max(0.01, deadline - time.perf_counter()))
                 if ans is not None:
+                    # A stage solve cut by the time limit found a split, not the best one.
+                    state.proven = state.proven and ans.status == "OPTIMAL"
                     errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
                     assert not errors, errors  # the solver picks only valid splits
                     consider(resolved)
@@ -159,6 +162,8 @@ def _answer(model, cluster, training, state: SearchState, configs, bounds, close
     bound = bounds[expanded].step_s if expanded < len(bounds) and not stopped_early else None
     status, chosen, stats, resolution = select(rows, bound, top_k, stopped_early,
                                                max(0.05, t0 + limit - time.perf_counter()))
+    if status == "OPTIMAL" and not state.proven:
+        status = "FEASIBLE"
     candidates = [_candidate(model, cluster, training, row) for row in chosen]
     reasons: list[str] = []
     if not candidates:

@@ -77,6 +77,9 @@ def test_a2a_overlap_hides_communication_under_the_other_micro_batch():
     plain = estimate(QWEN3_30B, cluster, training, base)
     hidden = estimate(QWEN3_30B, cluster, training, base.model_copy(update={"moe_a2a_overlap": True}))
     assert hidden.breakdown["ep_comm"] < 0.5 * plain.breakdown["ep_comm"]
+    # Its memory cost: the next micro-batch's forward runs beside this one's backward, so
+    # two micro-batches' activations are held (pp = 1).
+    assert hidden.memory.activations_gib > 1.5 * plain.memory.activations_gib
 
 
 def _acts(m: Mapping, moe: bool, model: ModelSpec = QWEN3_30B) -> float:
