@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy.orm import object_session
 
+from cost_model.specs import TrainingSpec
 from executor.run_files import LOG_FILE, METRICS_FILE, RunFileError, read_metrics, write_plan_file
 
 from .backends import Backend, BackendUnavailable, JobState, RunJob
@@ -212,7 +213,7 @@ class RunManager:
 
     def _rates(self, r: RunRow, metrics: dict[str, Any]) -> dict[str, Any]:
         tr = get_plan(object_session(r), r.plan_id).answer["training"]
-        return with_rates(metrics, tr["global_batch_size"] * tr["seq_length"], r.predicted)
+        return with_rates(metrics, TrainingSpec.model_validate(tr).tokens_per_step, r.predicted)
 
     def _finish(self, r: RunRow, status: str, error: str | None = None,
                 metrics: dict[str, Any] | None = None) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from .flops import mfu, model_flops_per_step
+from .flops import mfu, model_flops_per_step, tflops_per_gpu
 from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
@@ -327,8 +327,8 @@ def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         step_time_s=step,
         mfu=mfu(flops, step, n, hw.mfu_peak_flops(training.precision)),
         model_flops_per_step=flops,
-        tflops_per_gpu=flops / step / n / 1e12,
-        tokens_per_s=training.global_batch_size * training.seq_length / step,
+        tflops_per_gpu=tflops_per_gpu(flops, step, n),
+        tokens_per_s=training.tokens_per_step / step,
         fits_memory=r.fits_memory,
         memory=MemoryEstimate(
             peak_gib=wm.total / GIB,

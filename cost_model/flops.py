@@ -77,6 +77,11 @@ def model_flops_per_step(model: ModelSpec, training: TrainingSpec) -> float:
     return training.global_batch_size * megatron_flops_per_sequence(model, training.seq_length)
 
 
+def tflops_per_gpu(model_flops_per_step: float, step_time_s: float, num_gpus: int) -> float:
+    """Model TFLOP/s per GPU: Megatron-LM's FLOPs of one step over its time and GPUs."""
+    return model_flops_per_step / step_time_s / num_gpus / 1e12
+
+
 def mfu(model_flops_per_step: float, step_time_s: float, num_gpus: int,
         peak_flops_per_gpu: float) -> float:
     """Model FLOPs utilisation: Megatron-LM's FLOPs of one step over what `num_gpus` GPUs

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cost_model.flops import mfu, model_flops_per_step
+from cost_model.flops import mfu, model_flops_per_step, tflops_per_gpu
 from cost_model.hardware import hardware
 
 from . import checkpoint
@@ -154,9 +154,9 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
             steps=[r.step + 1 for r in results],
             step_times_s=times,
             step_time_s=step_time,
-            tokens_per_s=run.training.global_batch_size * run.training.seq_length / step_time,
+            tokens_per_s=run.training.tokens_per_step / step_time,
             model_flops_per_step=flops,
-            tflops_per_gpu=flops / step_time / world / 1e12,
+            tflops_per_gpu=tflops_per_gpu(flops, step_time, world),
             mfu=mfu(flops, step_time, world, peak),
             comm_bytes=comm,
             aux_loss=[r.aux_loss for r in results],

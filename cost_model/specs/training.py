@@ -34,3 +34,8 @@ class TrainingSpec(_Spec):
     runtime: Literal["megatron", "foldplan"] = Field(
         "megatron", description="What the estimate predicts: Megatron-Core, or foldplan's own "
         "executor.")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on: global batch x sequence length."""
+        return self.global_batch_size * self.seq_length
