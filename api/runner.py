@@ -277,6 +277,15 @@ def _safe_poll(backend: Backend, job: dict[str, Any]) -> str:
         return "running"
 
 
+def executor_refusal(plan: dict[str, Any], candidate: int) -> str | None:
+    """Why foldplan's executor cannot run this candidate (naming the option), or None."""
+    try:
+        _check_executor(plan, candidate)
+    except ValueError as exc:  # executor.config.UnsupportedPlan
+        return str(exc)
+    return None
+
+
 def _check_executor(plan: dict[str, Any], candidate: int) -> None:
     """Refuse, before any process starts, a plan the executor cannot run (names the reason).
 

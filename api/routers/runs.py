@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, HTTPException, Query
 
 from .. import db as store
 from ..deps import RunAuth, RunnerDep, SessionDep
+from ..runner import executor_refusal
 from ..schemas import ErrorAnswer, RunAnswer, RunRequest, RunStatus
 from ..service import RequestError
 from . import BAD_INPUT, NOT_FOUND
@@ -55,6 +56,10 @@ def create_run(
     if req.candidate >= len(candidates):
         raise RequestError(("candidate",), f"candidate={req.candidate} but the plan has "
                            f"{len(candidates)} candidates")
+    refusal = executor_refusal(plan.answer, req.candidate)
+    if refusal:
+        raise RequestError(("candidate",), f"candidate {req.candidate} uses what foldplan's "
+                           f"executor cannot run: {refusal}")
     run_id = uuid.uuid4().hex
     why = runner.unavailable(req.backend, runner.job(run_id, plan.answer, req.candidate, req.steps))
     if why:

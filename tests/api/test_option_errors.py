@@ -43,3 +43,16 @@ def test_batch_answers_the_rule_in_place(client):
     ok, bad = r.json()
     assert "step_time_s" in ok
     assert "flex_backend='hybridep' needs dispatcher='flex' (got 'allgather')" in bad["error"]
+
+
+def test_run_of_a_candidate_the_executor_cannot_run_is_422_naming_the_option(client, db_url):
+    """A Megatron-only option (here the flex dispatcher) is a fine plan but no run of ours:
+    the run request is refused before anything is queued."""
+    from conftest import fake_plan_answer, store_plan
+
+    answer = fake_plan_answer([dict(tp=2, ep=8, pp=8, dispatcher="flex")])
+    store_plan(db_url, answer)
+    r = client.post(f"/v1/plans/{answer['id']}/runs", json={"candidate": 0, "steps": 2})
+    assert r.status_code == 422, r.text
+    assert "candidate" in r.json()["message"] and "flex" in r.json()["message"]
+    assert client.get(f"/v1/plans/{answer['id']}/runs").json() == []  # nothing stored
