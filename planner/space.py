@@ -67,13 +67,16 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         "moe_a2a_overlap": overlap,
         "order": list(ORDERS),
     }
+    for key, value in fixed.items():
+        if key in vals:
+            vals[key] = [value]
     # The cpu preset and runtime 'foldplan' plan for foldplan's executor: only what it runs.
     runtime = "foldplan" if (training.runtime == "foldplan" or cluster.gpu == "cpu") else "megatron"
     for key in ("dispatcher", "flex_backend", "moe_a2a_overlap", "recompute_modules"):
         vals[key] = [v for v in vals[key] if runtime_supports(runtime, key, v)]
-    for key, value in fixed.items():
-        if key in vals:
-            vals[key] = [value]
+        if not vals[key]:  # only a pinned value can leave nothing
+            raise ValueError(f"fixed.{key}={fixed[key]!r}: foldplan's executor does not run it, "
+                             f"and plans for the cpu preset or runtime 'foldplan' are for it")
     return vals
 
 

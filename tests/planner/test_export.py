@@ -92,3 +92,25 @@ def test_selective_recompute_writes_the_mapping_modules_and_pre_softmax_for_top1
     top1 = QWEN2.model_copy(update={"moe_router_topk": 1})
     assert "--moe-router-pre-softmax" in megatron_args(top1, BF16, Mapping(tp=2, ep=4))
     assert "--moe-router-pre-softmax" not in megatron_args(QWEN2, BF16, Mapping(tp=2, ep=4))
+
+
+def test_cpu_plans_only_propose_what_the_executor_runs():
+    """The cpu preset plans for foldplan's executor: no flex dispatcher, overlap or recompute
+    modules beyond the default; pinning one of them is refused naming it."""
+    import pytest
+
+    from cost_model.presets import preset_model
+    from cost_model.runtimes import runtime_supports
+    from cost_model.specs import ClusterSpec, TrainingSpec
+    from planner.search import plan
+
+    model = preset_model("tiny-moe")
+    cluster = ClusterSpec(num_nodes=1, gpus_per_node=4, gpu="cpu")
+    training = TrainingSpec(seq_length=64, global_batch_size=8, precision="fp32")
+    result = plan(model, cluster, training, top_k=5)
+    assert result.candidates
+    for c in result.candidates:
+        for field in ("dispatcher", "moe_a2a_overlap", "recompute_modules", "flex_backend"):
+            assert runtime_supports("foldplan", field, getattr(c.mapping, field)), c.mapping
+    with pytest.raises(ValueError, match="fixed.dispatcher='flex'"):
+        plan(model, cluster, training, fixed={"dispatcher": "flex"})
