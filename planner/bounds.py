@@ -138,7 +138,12 @@ def pipeline_bounds(model, cluster, training, values, configs):
     hw = hardware(cluster)
     sharded = True in values["distributed_optimizer"]
     closest: tuple = (math.inf, None, 0)
+    # Interleaving needs the layers (+ embedding / loss slots) in pp*vpp chunks.
+    slots = [model.num_layers + extra for extra in (0, 1, 2)]
+    vpps = {pp: [v for v in values["vpp"] if v == 1 or any(x % (pp * v) == 0 for x in slots)]
+            if pp > 1 else [1] for pp in values["pp"]}
     memory_bounds: dict[tuple, float] = {}
+    send_times: dict[tuple, float] = {}
     out = []
     for lc in configs:
         for pp in values["pp"]:
@@ -158,11 +163,14 @@ def pipeline_bounds(model, cluster, training, values, configs):
                     closest = (need, lc, pp)
                 continue  # no expansion of it can fit
             m = gbs // (lc.micro_batch_size * dp)
-            sends = _send_time(cluster, values, lc, pp, dp, hw) if pp > 1 else 0.0
-            for vpp in values["vpp"] if pp > 1 else [1]:
-                # Interleaving needs the layers (+ embedding / loss slots) in pp*vpp chunks.
-                slots = [model.num_layers + extra for extra in (0, 1, 2)]
-                if vpp > 1 and (all(x % (pp * vpp) for x in slots) or m % pp):
+            sends = 0.0
+            if pp > 1:  # the same for every layer option with these sizes and send bytes
+                key = (lc.tp, lc.cp, pp, lc.send_bytes)
+                sends = send_times.get(key)
+                if sends is None:
+                    sends = send_times[key] = _send_time(cluster, values, lc, pp, dp, hw)
+            for vpp in vpps[pp]:
+                if vpp > 1 and m % pp:  # interleaving needs micro-batches in multiples of pp
                     continue
                 # Partial recompute (pp >= 2, vpp == 1) can be as fast as none at all.
                 w = (lc.work_floor_s if (pp >= 2 and vpp == 1) else lc.work_s) + pp * sends
