@@ -248,13 +248,13 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
     return out
 
 
-def micro_batch_work(ctx: Context, cache: dict | None = None) -> float:
-    """W: one micro-batch through every layer, the embedding and the output layer."""
-    layer_costs, head, tail = micro_batch_costs(ctx, cache)
-    num_moe = ctx.model.num_moe_layers
+def work_of(model: ModelSpec, layer_costs: dict[bool, Cost], head: Cost, tail: Cost) -> float:
+    """W: one micro-batch through every layer, the embedding and the output layer, from
+    `micro_batch_costs`' answer."""
+    num_moe = model.num_moe_layers
     w = head.total + tail.total
     for is_moe, c in layer_costs.items():
-        w += c.total * (num_moe if is_moe else ctx.model.num_layers - num_moe)
+        w += c.total * (num_moe if is_moe else model.num_layers - num_moe)
     return w
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from itertools import product
 
-from cost_model.estimate import make_context, micro_batch_costs, micro_batch_work
+from cost_model.estimate import make_context, micro_batch_costs, work_of
 from cost_model.hardware import hardware
 from cost_model.kernels import p2p_time
 from cost_model.layout import group_placement
@@ -102,16 +102,16 @@ def layer_configs(model, cluster, training, values, cache: dict,
 
 def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> LayerConfig:
     ctx = make_context(model, cluster, training, probe, hw)
-    w = micro_batch_work(ctx, cache)
-    floor_ctx = ctx
-    if probe.recompute == "full":
+    costs = micro_batch_costs(ctx, cache)
+    floor_costs = costs
+    if probe.recompute == "full":  # partial recompute can be as fast as none at all
         plain = probe.model_copy(update={"recompute": "none"})
-        floor_ctx = make_context(model, cluster, training, plain, hw)
-    floor = micro_batch_work(floor_ctx, cache)
-    layers, head, tail = micro_batch_costs(floor_ctx, cache)
+        floor_costs = micro_batch_costs(make_context(model, cluster, training, plain, hw), cache)
+    layers, head, tail = floor_costs
     return LayerConfig(
-        probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe, w, floor, stacked_layer_params(model, probe), head.total,
-        tail.total, min(c.total for c in layers.values()),
+        probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe,
+        work_of(model, *costs), work_of(model, *floor_costs), stacked_layer_params(model, probe),
+        head.total, tail.total, min(c.total for c in layers.values()),
         pipeline_send_bytes(model, training, probe))
 
 
