@@ -3,5 +3,7 @@
 Layers (no module imports one above it):
   parallel_dims -> comm -> tensor_parallel -> kernels -> router / dispatcher / experts / mlp
   -> moe / attention -> model -> pipeline / optimizer -> trainer -> reshard / checkpoint -> train
-  launch starts `python -m executor.train` under torchrun; config reads and checks the plan.
+  launch starts `python -m executor.train` under torchrun; config reads and checks the plan;
+  run_files is a run folder's typed files and the ranks' command line (shared with the
+  service, no torch); profile/ measures a machine for the cost model.
 """
