@@ -117,6 +117,10 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     head_t, tail_t = int(round(head.total / q)), int(round(tail.total / q))
     head_f, head_b = int(round(head.fwd_compute / q)), int(round(head.bwd_compute / q))
     budget = memory_budget(hw.memory_bytes, hw.memory_reserve_bytes)
+    peak_term = max(peak[e] for e in kinds if e in costs_plain) if full else 0
+    if not _may_fit(L, pp, num_mb, S, A_rc, A_pl, peak_term, first_extra, last_extra, budget,
+                    [e for e in kinds if e in costs_plain]):
+        return None  # no split fits: skip the model (exact: a necessary condition)
 
     cm = cp_model.CpModel()
     n_f = cm.new_int_var(1, L, "n_first")
@@ -195,8 +199,8 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         static = rsum(S, lo_v, hi_v, (lo_n, hi_n))
         extra = (first_extra if s == 0 else 0) + (last_extra if s == pp - 1 else 0)
         inflight = min(pp - s, num_mb)
-        # Full recompute: one layer of the model's largest kind holds its activations.
-        peak_term = max(peak[e] for e in kinds if e in costs_plain) if full else 0
+        # Full recompute: one layer of the model's largest kind holds its activations
+        # (`peak_term`).
         _add_stage_constraints(cm, T, t, static + inflight * acts + peak_term, extra, budget)
 
     dp_terms = _add_dp_constraints(cm, ctx, hw, base, n_f, rsum, PD, PE, FW, BW, vocab, head_f,
@@ -224,6 +228,27 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         update["recompute_num_layers"] = depth if depth < max(sizes) else None
     return StageAnswer(base.model_copy(update=update), solver.objective_value * q,
                        solver.status_name(status), solver.num_branches)
+
+
+def _may_fit(L, pp, num_mb, S, A_rc, A_pl, peak_term, first_extra, last_extra, budget,
+             kinds) -> bool:
+    """Whether some split could fit: stage s holds at most the layers that fit with the
+    cheapest layer kind's bytes (static + in-flight activations, recomputed or not); the
+    first, the last and (pp - 2) equal middle stages must hold all L layers."""
+    per_static = min(S[e] for e in kinds)
+    per_act = min(min(A_rc[e], A_pl[e]) for e in kinds)
+
+    def most(s: int) -> int:
+        extra = (first_extra if s == 0 else 0) + (last_extra if s == pp - 1 else 0)
+        room = budget - extra - peak_term
+        per_layer = per_static + min(pp - s, num_mb) * per_act
+        if room < per_layer:
+            return 0
+        return L if per_layer <= 0 else int(room // per_layer)
+
+    middle = min((most(s) for s in range(1, pp - 1)), default=0)
+    return min(most(0), most(pp - 1)) >= 1 and (pp == 2 or middle >= 1) and \
+        most(0) + most(pp - 1) + (pp - 2) * middle >= L
 
 
 def _add_layer_split_constraints(cm, n_f, n_l, k, L, pp) -> None:
