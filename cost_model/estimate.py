@@ -14,6 +14,7 @@ under the forward of the first; only what exceeds that window is exposed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydantic import BaseModel, Field
 
@@ -65,18 +66,23 @@ class Estimate(BaseModel):
 
 
 def _placements(cluster: ClusterSpec, m: Mapping) -> dict:
-    w, g = cluster.world_size, cluster.gpus_per_node
-    dense = (m.tp, m.cp, 1, m.dp, m.pp)
-    expert = (m.etp, 1, m.ep, m.edp, m.pp)
+    """Where each group of `m` sits (read-only: shared between mappings with these sizes)."""
+    return _placements_of(cluster.world_size, cluster.gpus_per_node, m.order,
+                          (m.tp, m.cp, 1, m.dp, m.pp), (m.etp, 1, m.ep, m.edp, m.pp))
+
+
+@lru_cache(maxsize=65_536)
+def _placements_of(w: int, g: int, order: str, dense: tuple, expert: tuple) -> dict:
+    """`_placements`, kept: a pure function of the sizes and the rank order."""
     return {
-        "tp": group_placement(w, g, m.order, dense, "tp"),
-        "cp": group_placement(w, g, m.order, dense, "cp"),
-        "dp_cp": group_placement(w, g, m.order, dense, "dp-cp"),
-        "pp": group_placement(w, g, m.order, dense, "pp"),
-        "ep": group_placement(w, g, m.order, expert, "ep"),
-        "etp": group_placement(w, g, m.order, expert, "tp"),
-        "edp": group_placement(w, g, m.order, expert, "dp"),
-        "tp_ep": group_placement(w, g, m.order, expert, "tp-ep"),
+        "tp": group_placement(w, g, order, dense, "tp"),
+        "cp": group_placement(w, g, order, dense, "cp"),
+        "dp_cp": group_placement(w, g, order, dense, "dp-cp"),
+        "pp": group_placement(w, g, order, dense, "pp"),
+        "ep": group_placement(w, g, order, expert, "ep"),
+        "etp": group_placement(w, g, order, expert, "tp"),
+        "edp": group_placement(w, g, order, expert, "dp"),
+        "tp_ep": group_placement(w, g, order, expert, "tp-ep"),
     }
 
 

@@ -9,7 +9,7 @@ replaces them with numbers measured on the user's own machines.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -62,6 +62,9 @@ class Hardware:
     flex_rdma_eff: float = 0.9  # ... and network part
     flex_sm_share: float = 0.18  # share of the SMs its kernels hold while they run
     host_launch_s: float = 0.0  # host time per counted kernel launch (0: host never binds)
+    # Results of pure functions of these constants and their arguments
+    # (`kernels.linear_time`): exact, the same numbers as computing them again.
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def mfu_peak_flops(self, precision: str) -> float:
         """The peak MFU is measured against: the dense bf16 rate (also for fp8 training, as

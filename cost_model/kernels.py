@@ -39,7 +39,21 @@ def gemm_time(hw: Hardware, prec: str, m: float, n: float, k: float, groups: int
 
 def linear_time(hw: Hardware, prec: str, tokens: float, n_in: float, n_out: float,
                 groups: int = 1, elem_bytes: float = 2.0) -> tuple[float, float]:
-    """(forward, backward) seconds of a linear layer: fwd, then dgrad + wgrad."""
+    """(forward, backward) seconds of a linear layer: fwd, then dgrad + wgrad. Kept in
+    `hw.memo` (a pure function of `hw` and the arguments: the planner asks ~100k times for
+    under 1k shapes)."""
+    key = ("linear", prec, tokens, n_in, n_out, groups, elem_bytes)
+    hit = hw.memo.get(key)
+    if hit is not None:
+        return hit
+    if len(hw.memo) > 200_000:  # a long-lived service: keep the memo bounded
+        hw.memo.clear()
+    hw.memo[key] = out = _linear_time(hw, prec, tokens, n_in, n_out, groups, elem_bytes)
+    return out
+
+
+def _linear_time(hw: Hardware, prec: str, tokens: float, n_in: float, n_out: float,
+                 groups: int, elem_bytes: float) -> tuple[float, float]:
     fwd = gemm_time(hw, prec, tokens, n_out, n_in, groups, elem_bytes)
     dgrad = gemm_time(hw, prec, tokens, n_in, n_out, groups, elem_bytes)
     wgrad = gemm_time(hw, prec, n_in, n_out, tokens, groups, elem_bytes)

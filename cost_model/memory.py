@@ -138,15 +138,26 @@ def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int
     """(dense, MoE) layers run in the mapping's recompute mode, then (dense, MoE) layers fully
     recomputed under partial recompute (the first `recompute_num_layers` of each chunk)."""
     r = m.recompute_num_layers if m.partial_recompute else 0
-    num_moe = model.num_moe_layers
-    if num_moe in (0, model.num_layers):  # all layers alike: only the counts matter
-        chunks = rank_chunks(model, m, rank)
+    return _layer_counts(model.moe_layer_pattern(), m.pp, m.vpp,
+                         m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers,
+                         m.account_for_embedding_in_pipeline_split,
+                         m.account_for_loss_in_pipeline_split, r, rank)
+
+
+@lru_cache(maxsize=65_536)
+def _layer_counts(pattern: tuple[int, ...], pp: int, vpp: int, first: int | None,
+                  last: int | None, embedding: bool, loss: bool, r: int,
+                  rank: int) -> tuple[int, int, int, int]:
+    """`rank_layer_counts`, kept (a pure function of its arguments; the planner asks for the
+    same ranks thousands of times)."""
+    num_layers, num_moe = len(pattern), sum(pattern)
+    chunks = _chunks(num_layers, pp, vpp, first, last, embedding, loss)[rank]
+    if num_moe in (0, num_layers):  # all layers alike: only the counts matter
         n = sum(len(c) for c in chunks)
         n_rc = sum(min(r, len(c)) for c in chunks)
         return (0, n - n_rc, 0, n_rc) if num_moe else (n - n_rc, 0, n_rc, 0)
-    pattern = model.moe_layer_pattern()
     plain_d = plain_m = rc_d = rc_m = 0
-    for chunk in rank_chunks(model, m, rank):
+    for chunk in chunks:
         n_rc = min(r, len(chunk))
         moe_rc = sum(pattern[i] for i in chunk[:n_rc])
         moe_all = sum(pattern[i] for i in chunk)
@@ -258,9 +269,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     act_layers = 0.0
     act_full = 0.0  # one layer's activations without recompute (full recompute's peak)
     plain = plain_mapping(m)
-    no_rc = m.model_copy(update={"recompute": "none", "recompute_num_layers": None}) \
-        if m.recompute == "full" else m
-    full_rc = m.model_copy(update={"recompute_num_layers": None})
+    full_rc = m if m.recompute_num_layers is None else \
+        m.model_copy(update={"recompute_num_layers": None})
     for slot, count in enumerate(counts):
         if not count:
             continue
@@ -276,6 +286,7 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
             # layer of the model's largest kind is allowed for.
             kinds = [k for k, n in ((False, model.num_layers - model.num_moe_layers),
                                     (True, model.num_moe_layers)) if n]
+            no_rc = m.model_copy(update={"recompute": "none", "recompute_num_layers": None})
             act_full = max(activation_bytes_per_layer(model, training, no_rc, k, act_bytes,
                                                       expert_factor) for k in kinds)
     first, last = rank == 0, rank == m.pp - 1

@@ -9,8 +9,9 @@ configuration (l, pp, vpp):
   and optimizer time, both non-negative) (`pipeline_bounds`);
 - memory: no rank holds less than the mean of the ranks' weights, gradients and optimizer
   state (`cost_model.memory.static_memory_lower_bound`, the same arithmetic as the estimate);
-- stage split (pp >= 2, vpp = 1, identical layers): the best integer balance of embedding +
-  first-stage layers, middle stages, output + last-stage layers (`split_bound`).
+- stage split (pp >= 2, vpp = 1): the best integer balance of embedding + first-stage
+  layers, middle stages, output + last-stage layers, each layer at its kind's cost without
+  recompute (`split_bound`).
 None depends on the rank order or, beyond the choice offered, the optimizer sharding.
 """
 
@@ -46,6 +47,7 @@ class LayerConfig:
     head_s: float  # embedding, one micro-batch
     tail_s: float  # output layer and loss, one micro-batch
     layer_floor_s: float  # the cheapest single layer, one micro-batch
+    kind_floor_s: tuple[float, float]  # (dense, MoE) layer without recompute, one micro-batch
     send_bytes: float  # one pipeline send of activations
 
 
@@ -112,6 +114,7 @@ def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> 
         probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe,
         work_of(model, *costs), work_of(model, *floor_costs), stacked_layer_params(model, probe),
         head.total, tail.total, min(c.total for c in layers.values()),
+        tuple(layers[k].total if k in layers else 0.0 for k in (False, True)),
         pipeline_send_bytes(model, training, probe))
 
 
@@ -187,14 +190,21 @@ def pipeline_bounds(model, cluster, training, values, configs):
 
 def split_bound(model, cluster, training, values, lc: LayerConfig, pp: int) -> float:
     """A lower bound on every stage split of (lc, pp, vpp=1), memory ignored (module
-    docstring); 0 (no bound) for models whose layers differ."""
+    docstring)."""
     L = model.num_layers
-    if model.num_moe_layers not in (0, L):
-        return 0.0
     dp, _ = data_parallel_sizes(cluster.world_size, lc.tp, lc.cp, lc.ep, lc.etp, pp)
     m = training.global_batch_size // (lc.micro_batch_size * dp)
     sends = _send_time(cluster, values, lc, pp, dp, hardware(cluster))
-    t, head, tail = lc.layer_floor_s, lc.head_s, lc.tail_s
+    if model.num_moe_layers in (0, L):
+        best = _homogeneous_split(L, pp, lc.layer_floor_s, lc.head_s, lc.tail_s)
+    else:
+        best = _mixed_split(model.moe_layer_pattern(), pp, lc.kind_floor_s, lc.head_s, lc.tail_s)
+    w = lc.work_floor_s + pp * sends
+    return (m - 1) * (best + sends) + w
+
+
+def _homogeneous_split(L: int, pp: int, t: float, head: float, tail: float) -> float:
+    """The smallest slowest-stage time over splits of L identical layers of time t."""
     best = math.inf
     for k in range(0 if pp == 2 else 1, L + 1):
         rest = L - (pp - 2) * k
@@ -203,5 +213,28 @@ def split_bound(model, cluster, training, values, lc: LayerConfig, pp: int) -> f
         ideal = (rest * t + tail - head) / (2 * t)
         for n_f in {max(1, min(rest - 1, math.floor(ideal))), max(1, min(rest - 1, math.ceil(ideal)))}:
             best = min(best, max(head + n_f * t, tail + (rest - n_f) * t, k * t))
-    w = lc.work_floor_s + pp * sends
-    return (m - 1) * (best + sends) + w
+    return best
+
+
+def _mixed_split(pattern, pp: int, kind_s: tuple[float, float], head: float,
+                 tail: float) -> float:
+    """The smallest slowest-stage time over every split (n_f, k, n_l) of dense and MoE layers
+    in `pattern` order (exhaustive: the layer at each position is known)."""
+    L = len(pattern)
+    prefix = [0.0]
+    for x in pattern:
+        prefix.append(prefix[-1] + kind_s[x])
+    best = math.inf
+    for k in range(0 if pp == 2 else 1, L + 1):
+        rest = L - (pp - 2) * k
+        if rest < 2 or (pp == 2 and k):
+            break
+        window = [prefix[i + k] - prefix[i] for i in range(L - k + 1)]  # layers [i, i + k)
+        for n_f in range(1, rest):
+            end = L - (rest - n_f)  # the last stage starts here
+            t = max(head + prefix[n_f], tail + prefix[L] - prefix[end])
+            if k:
+                t = max(t, max(window[n_f:end:k]))
+            best = min(best, t)
+    # The estimate adds the same layer costs in another order: allow for float rounding.
+    return best * (1 - 1e-12)

@@ -140,7 +140,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             for base in stage_bases(model, cluster, training, values, fixed, b.lc, b.pp):
                 stage_solves += 1
                 ans = solve_stages(model, cluster, training, base, cache,
-                                   max(0.01, deadline - time.perf_counter()))
+                                   max(0.01, deadline - time.perf_counter()), state.cutoff())
                 if ans is not None:
                     # A stage solve cut by the time limit found a split, not the best one.
                     state.proven = state.proven and ans.status == "OPTIMAL"

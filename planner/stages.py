@@ -28,6 +28,7 @@ against exhaustive enumeration of splits and recompute depths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
@@ -40,6 +41,8 @@ from cost_model.memory import edge_activation_bytes, memory_budget, optimizer_sh
 from cost_model.memory import plain_mapping, static_bytes
 from cost_model.params import edge_params, embedding_params, layer_params
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+
+from .stage_floor import may_beat
 
 TIME_UNIT_S = 1e-8
 
@@ -61,9 +64,10 @@ def _linear(fn, p) -> tuple[float, float]:
 
 
 def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, base: Mapping,
-                 cache: dict, time_limit_s: float = 1.0) -> StageAnswer | None:
+                 cache: dict, time_limit_s: float = 1.0,
+                 cutoff: float = math.inf) -> StageAnswer | None:
     """Best (first, last, recompute depth) for `base` (resolved, pp >= 2, vpp == 1), or None
-    when no split fits."""
+    when no split fits or none can get under `cutoff` seconds (`stage_floor.may_beat`)."""
     assert base.pp >= 2 and base.vpp == 1
     hw = hardware(cluster)
     L, pp = model.num_layers, base.pp
@@ -121,6 +125,13 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     if not _may_fit(L, pp, num_mb, S, A_rc, A_pl, peak_term, first_extra, last_extra, budget,
                     [e for e in kinds if e in costs_plain]):
         return None  # no split fits: skip the model (exact: a necessary condition)
+    kinds_present = [e for e in kinds if e in costs_plain]
+    if not may_beat(cutoff, pattern, pp, num_mb, full,
+                    {e: costs_rc[e].total for e in kinds_present},
+                    {e: costs_plain[e].total for e in kinds_present}, head.total, tail.total,
+                    pipeline_sends_time(ctx), S, A_rc, A_pl, peak_term, first_extra, last_extra,
+                    budget):
+        return None  # no split the solver may return gets under the cutoff
 
     cm = cp_model.CpModel()
     n_f = cm.new_int_var(1, L, "n_first")
