@@ -58,10 +58,10 @@ class Hardware:
     inter_collective_eff: float
     intra_alltoall_eff: float
     inter_alltoall_eff: float
-    flex_intra_eff: float = 0.95  # DeepEP / HybridEP NVLink part (data/efficiency.json)
-    flex_rdma_eff: float = 0.9  # ... and network part
-    flex_sm_share: float = 0.18  # share of the SMs its kernels hold while they run
-    host_launch_s: float = 0.0  # host time per counted kernel launch (0: host never binds)
+    flex_intra_eff: float  # DeepEP / HybridEP NVLink part (data/efficiency.json)
+    flex_rdma_eff: float  # ... and network part
+    flex_sm_share: float  # share of the SMs its kernels hold while they run
+    host_launch_s: float  # host time per counted kernel launch (0: host never binds)
     # Results of pure functions of these constants and their arguments
     # (`kernels.linear_time`): exact, the same numbers as computing them again.
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)

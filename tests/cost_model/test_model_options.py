@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cost_model.presets import UnsupportedConfig, import_hf_config, preset_model
+from test_specs import HF_QWEN2  # the published Qwen2-57B-A14B config.json
 
 EXACT = ("moe_router_num_groups", "moe_router_group_topk", "mtp_num_layers", "qk_layernorm",
          "add_qkv_bias", "moe_router_score_function", "moe_router_enable_expert_bias",
@@ -37,14 +38,6 @@ HF_V2LITE = {
     "qk_rope_head_dim": 64, "v_head_dim": 128, "hidden_act": "silu", "tie_word_embeddings": False,
     "n_group": 1, "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax",
     "routed_scaling_factor": 1.0, "norm_topk_prob": False,
-}
-HF_QWEN2 = {
-    "model_type": "qwen2_moe", "num_hidden_layers": 28, "hidden_size": 3584,
-    "intermediate_size": 18944, "moe_intermediate_size": 2560,
-    "shared_expert_intermediate_size": 20480, "num_attention_heads": 28,
-    "num_key_value_heads": 4, "vocab_size": 151936, "num_experts": 64,
-    "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
-    "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
 }
 HF_QWEN3_TF5 = {
     "model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
