@@ -73,6 +73,11 @@ class RunRow(Base):
         JSON, doc="The backend's handle of the job (pid, Slurm job id): how a restarted server "
         "finds it again.")
     out_dir: Mapped[str | None] = mapped_column(Text, doc="The run's folder (absolute).")
+    options: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, doc="What the run body asked for beyond candidate, steps and backend "
+        "(save_every, on_failure, min_nodes, init_hf, data, ...).")
+    attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSON, doc="An elastic run's attempts, one per mapping it trained on.")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -147,6 +152,21 @@ class Database:
 
 
 # --- queries ---------------------------------------------------------------------------------
+
+
+class VerificationRow(Base):
+    """A measured re-ranking of a plan's top candidates (runs one after the other)."""
+
+    __tablename__ = "verifications"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 def insert_plan(s: Session, answer: dict[str, Any], request: dict[str, Any],
