@@ -47,7 +47,9 @@ def expected_distinct_bins(num_items: int, bin_size: int, draws: int) -> float:
 def routing_fanout(model: ModelSpec, ep: int, ranks_per_node: int) -> tuple[float, float]:
     """(distinct destination GPUs, distinct destination nodes) of one token, expected, for an
     expert-parallel group of `ep` ranks with `ranks_per_node` of them per node (experts
-    spread evenly, router balanced as `moe_expert_load_imbalance` 1 assumes)."""
+    spread evenly, router balanced as `moe_expert_load_imbalance` 1 assumes). "Node" is the
+    unit the network part deduplicates for: the NVLink domain (a node, or a rack of an
+    NVL72 system, where the hierarchical dispatch forwards over NVLink)."""
     E, k = model.num_experts, model.topk
     per_gpu = E // ep
     nodes = max(1, -(-ep // ranks_per_node))
@@ -83,17 +85,16 @@ def dispatch_time(hw: Hardware, model: ModelSpec, dispatcher: str, place: dict[s
     p = place["ep"]
     if p.size <= 1:
         return etp
-    gpus, nodes = routing_fanout(model, ep, p.per_node)
-    num_nodes = -(-p.size // p.per_node)
+    gpus, nodes = routing_fanout(model, ep, p.per_domain)
+    num_nodes = -(-p.size // p.per_domain)
     # Each (token, destination GPU) pair crosses NVLink once, but those on the sending GPU
-    # itself (1 in q of a node's GPUs); each (token, remote node) pair crosses the network.
-    nvl = tokens * tok_bytes * gpus * (1 - 1 / p.per_node) * kept * load
+    # itself (1 in q of a domain's GPUs); each (token, remote domain) pair crosses the network.
+    nvl = tokens * tok_bytes * gpus * (1 - 1 / p.per_domain) * kept * load
     t = nvl / (hw.intra_bps * hw.flex_intra_eff)
-    if p.crosses_node:
+    if p.crosses_domain:
         rdma = tokens * tok_bytes * nodes * (1 - 1 / num_nodes) * kept * load
-        t = max(t, rdma / (hw.inter_bps * hw.flex_rdma_eff))
-    latency = hw.inter_latency_s if p.crosses_node else hw.intra_latency_s
-    return t + 2 * latency + etp
+        t = max(t, rdma / (min(hw.link_bps[1:p.tier + 1]) * hw.flex_rdma_eff))
+    return t + 2 * hw.link_latency_s[p.tier] + etp
 
 
 def overlapped_comm(comm_s: float, window_s: float, sm_share: float) -> tuple[float, float]:

@@ -65,24 +65,25 @@ class Estimate(BaseModel):
     expert_load_factor: float = Field(..., description="Busiest expert rank's load over mean.")
 
 
-def _placements(cluster: ClusterSpec, m: Mapping) -> dict:
+def _placements(cluster: ClusterSpec, hw: Hardware, m: Mapping) -> dict:
     """Where each group of `m` sits (read-only: shared between mappings with these sizes)."""
-    return _placements_of(cluster.world_size, cluster.gpus_per_node, m.order,
+    return _placements_of(cluster.world_size, hw.gpus_per_domain, hw.tier_units, m.order,
                           (m.tp, m.cp, 1, m.dp, m.pp), (m.etp, 1, m.ep, m.edp, m.pp))
 
 
 @lru_cache(maxsize=65_536)
-def _placements_of(w: int, g: int, order: str, dense: tuple, expert: tuple) -> dict:
-    """`_placements`, kept: a pure function of the sizes and the rank order."""
+def _placements_of(w: int, d: int, units: tuple, order: str, dense: tuple,
+                   expert: tuple) -> dict:
+    """`_placements`, kept: a pure function of the sizes, the links and the rank order."""
     return {
-        "tp": group_placement(w, g, order, dense, "tp"),
-        "cp": group_placement(w, g, order, dense, "cp"),
-        "dp_cp": group_placement(w, g, order, dense, "dp-cp"),
-        "pp": group_placement(w, g, order, dense, "pp"),
-        "ep": group_placement(w, g, order, expert, "ep"),
-        "etp": group_placement(w, g, order, expert, "tp"),
-        "edp": group_placement(w, g, order, expert, "dp"),
-        "tp_ep": group_placement(w, g, order, expert, "tp-ep"),
+        "tp": group_placement(w, d, units, order, dense, "tp"),
+        "cp": group_placement(w, d, units, order, dense, "cp"),
+        "dp_cp": group_placement(w, d, units, order, dense, "dp-cp"),
+        "pp": group_placement(w, d, units, order, dense, "pp"),
+        "ep": group_placement(w, d, units, order, expert, "ep"),
+        "etp": group_placement(w, d, units, order, expert, "tp"),
+        "edp": group_placement(w, d, units, order, expert, "dp"),
+        "tp_ep": group_placement(w, d, units, order, expert, "tp-ep"),
     }
 
 
@@ -117,7 +118,7 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         tokens_attn=b * s / m.cp,
         tokens_moe=b * s / (m.cp * m.tp),
         expert_load=load, capacity_scale=kept,
-        place=_placements(cluster, m),
+        place=_placements(cluster, hw, m),
     )
 
 
@@ -144,7 +145,7 @@ def pipeline_sends_time(ctx: Context) -> float:
     """Seconds of one micro-batch's pipeline sends on one rank (activation forward, its
     gradient backward) over the pp group's link."""
     send = pipeline_send_bytes(ctx.model, ctx.training, ctx.mapping)
-    return 2 * p2p_time(ctx.hw, ctx.place["pp"].crosses_node, send)
+    return 2 * p2p_time(ctx.hw, ctx.place["pp"], send)
 
 
 def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float, float]:
@@ -213,6 +214,31 @@ def recompute_key(m: Mapping) -> tuple:
     return (m.recompute, m.recompute_modules if m.recompute == "selective" else ())
 
 
+def _blocks(ctx: Context, cache: dict) -> dict[str, Cost]:
+    """One micro-batch's blocks before they are joined into layers: attention, moe, mlp (as
+    the model has them), output and embedding; each kept in `cache` under the mapping fields
+    it depends on."""
+    m, model = ctx.mapping, ctx.model
+    base = (m.tp, m.cp, m.micro_batch_size, m.sp, layer_cost_key(m)[-1])
+
+    def part(name, extra, fn):
+        k = (name,) + base + extra
+        if k not in cache:
+            cache[k] = fn()
+        return cache[k]
+
+    rc = recompute_key(m)
+    out = {"attention": part("attention", (rc,), lambda: attention_cost(ctx))}
+    if model.num_moe_layers:
+        out["moe"] = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend),
+                          lambda: moe_cost(ctx))
+    if model.num_layers - model.num_moe_layers:
+        out["mlp"] = part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size))
+    out["output"] = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
+    out["embedding"] = part("embedding", (), lambda: embedding_cost(ctx))
+    return out
+
+
 def micro_batch_costs(ctx: Context, cache: dict | None = None):
     """({is_moe: one layer's Cost}, embedding Cost, output Cost) for one micro-batch.
 
@@ -224,34 +250,47 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
     key = layer_cost_key(m)
     if key in cache:
         return cache[key]
-    base = (m.tp, m.cp, m.micro_batch_size, m.sp, key[-1])
     model = ctx.model
-    num_moe = model.num_moe_layers
-
-    def part(name, extra, fn):
-        k = (name,) + base + extra
-        if k not in cache:
-            cache[k] = fn()
-        return cache[k]
-
-    rc = recompute_key(m)
-    attn = part("attention", (rc,), lambda: attention_cost(ctx))
+    blocks = _blocks(ctx, cache)
     layer_costs: dict[bool, Cost] = {}
-    if num_moe:
-        moe = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend), lambda: moe_cost(ctx))
-        layer_costs[True] = moe_layer_cost(ctx, attn, moe)
-    if model.num_layers - num_moe:
+    if "moe" in blocks:
+        layer_costs[True] = moe_layer_cost(ctx, blocks["attention"], blocks["moe"])
+    if "mlp" in blocks:
         c = Cost()
-        c.add(attn)
-        c.add(part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size)))
+        c.add(blocks["attention"])
+        c.add(blocks["mlp"])
         layer_costs[False] = c
     layer_costs = {kind: host_bound(ctx.hw, c) for kind, c in layer_costs.items()}
-    output = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
+    output = blocks["output"]
     if model.mtp_num_layers:
         output = with_mtp(ctx, output, layer_costs[mtp_last_kind(model)])
-    out = (layer_costs, part("embedding", (), lambda: embedding_cost(ctx)), output)
+    out = (layer_costs, blocks["embedding"], output)
     cache[key] = out
     return out
+
+
+def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], float, float]:
+    """Floors of `micro_batch_costs` (layer totals by kind, embedding, output) over every
+    mapping that shares ctx.mapping's tp, cp, ep, etp, micro-batch size, dispatcher and rank
+    order, whatever its recompute, recompute modules, flex backend or overlap.
+
+    Why they are floors: a block's `compute` part (its forward and backward) does not depend
+    on those options, which only add to a layer (recompute, exposed communication, the
+    overlap's slowdown, the host's wait), and `host_bound` keeps each layer at least its
+    launches' host time, which they do not change either; the embedding and output layer
+    depend on none of them (an MTP module counts at its layer's floor)."""
+    blocks = _blocks(ctx, cache)
+    layers: dict[bool, float] = {}
+    for kind, name in ((True, "moe"), (False, "mlp")):
+        if name in blocks:
+            attn, block = blocks["attention"], blocks[name]
+            layers[kind] = max(attn.parts["compute"] + block.parts["compute"],
+                               (attn.launches + block.launches) * ctx.hw.host_launch_s)
+    num = ctx.model.mtp_num_layers or 0
+    output = blocks["output"].total * (1 + num)
+    if num:
+        output += num * layers[mtp_last_kind(ctx.model)]
+    return layers, blocks["embedding"].total, output
 
 
 def work_of(model: ModelSpec, layer_costs: dict[bool, Cost], head: Cost, tail: Cost) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 from .presets import resolve_gpu
 from .profile_model import Profile
 from .specs import ClusterSpec
+from .specs.cluster import DEFAULT_TIER_NAME
 
 
 @lru_cache(maxsize=1)
@@ -44,6 +45,13 @@ class Hardware:
     intra_latency_s: float
     inter_latency_s: float
     gpus_per_node: int
+    # Links by tier: 0 is NVLink inside a domain of `gpus_per_domain` GPUs, i >= 1 the
+    # cluster's network tier i-1 (`ClusterSpec.network`, or one tier of inter_node_GBps).
+    gpus_per_domain: int
+    tier_units: tuple[int, ...]  # GPUs one unit of each network tier connects
+    tier_names: tuple[str, ...]  # "nvlink", then the network tiers' names
+    link_bps: tuple[float, ...]  # per GPU per direction, after oversubscription
+    link_latency_s: tuple[float, ...]
     gemm_efficiency: float
     attention_fwd_efficiency: float
     attention_bwd_efficiency: float
@@ -106,6 +114,17 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     intra = _first(prof.intra_node_GBps, intra)
     inter = _first(prof.inter_node_GBps, inter)
     measured_links = prof.intra_node_GBps is not None
+    intra_latency = _first(prof.intra_node_latency_us, cluster.intra_node_latency_us,
+                           gpu.intra_node_latency_us) * 1e-6
+    inter_latency = _first(prof.inter_node_latency_us, cluster.inter_node_latency_us,
+                           gpu.inter_node_latency_us) * 1e-6
+    if cluster.network is None:
+        tiers = [(DEFAULT_TIER_NAME, max(cluster.world_size, cluster.domain_size), inter * 1e9,
+                  inter_latency)]
+    else:
+        tiers = [(t.name, t.gpus, t.GBps * 1e9 / t.oversubscription, t.latency_us * 1e-6)
+                 for t in cluster.network]
+        inter, inter_latency = tiers[0][2] / 1e9, tiers[0][3]
     return Hardware(
         gpu_name=gpu.name,
         peak_flops=peak,
@@ -117,13 +136,14 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
                  else gpu.hbm_GBps) * 1e9,
         intra_bps=intra * 1e9,
         inter_bps=inter * 1e9,
-        intra_latency_s=_first(prof.intra_node_latency_us, cluster.intra_node_latency_us,
-                               gpu.intra_node_latency_us)
-        * 1e-6,
-        inter_latency_s=_first(prof.inter_node_latency_us, cluster.inter_node_latency_us,
-                               gpu.inter_node_latency_us)
-        * 1e-6,
+        intra_latency_s=intra_latency,
+        inter_latency_s=inter_latency,
         gpus_per_node=cluster.gpus_per_node,
+        gpus_per_domain=cluster.domain_size,
+        tier_units=tuple(t[1] for t in tiers),
+        tier_names=("nvlink",) + tuple(t[0] for t in tiers),
+        link_bps=(intra * 1e9,) + tuple(t[2] for t in tiers),
+        link_latency_s=(intra_latency,) + tuple(t[3] for t in tiers),
         gemm_efficiency=gemm_eff,
         attention_fwd_efficiency=_value("attention_fwd_efficiency"),
         attention_bwd_efficiency=_value("attention_bwd_efficiency"),

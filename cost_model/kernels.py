@@ -100,17 +100,24 @@ def collective_bytes_and_steps(op: CollectiveOp, num_ranks: int, size_bytes: flo
 
 
 def _latency(hw: Hardware, p: GroupPlacement) -> float:
-    return hw.inter_latency_s if p.crosses_node else hw.intra_latency_s
+    return hw.link_latency_s[p.tier]
+
+
+def _network_bps(hw: Hardware, p: GroupPlacement, efficiency: float) -> float:
+    """What a group that leaves its NVLink domain gets per GPU: the outermost tier it crosses
+    (the slowest one it needs: after oversubscription, outer tiers are never faster)."""
+    return min(hw.link_bps[1:p.tier + 1]) * efficiency
 
 
 def _ring_link_time(hw: Hardware, p: GroupPlacement, bytes_sent_per_rank: float) -> float:
-    """Bandwidth term of a ring: NVLink inside a node; a group spread over nodes with k
-    members per node crosses the network once per node per ring, and all groups of the kind
-    run at once, so the G GPUs of a node carry G/k rings' crossings on their G links:
-    V/(k * link) per GPU."""
+    """Bandwidth term of a ring: NVLink inside a domain; a group spread over domains with k
+    members per domain crosses the network once per domain per ring, and all groups of the
+    kind run at once, so the G GPUs of a domain carry G/k rings' crossings on their G links:
+    V/(k * link) per GPU, on the slowest tier the group crosses."""
     t = bytes_sent_per_rank / (hw.intra_bps * hw.intra_collective_eff)
-    if p.crosses_node:
-        t = max(t, bytes_sent_per_rank / (p.per_node * hw.inter_bps * hw.inter_collective_eff))
+    if p.crosses_domain:
+        t = max(t, bytes_sent_per_rank
+                / (p.per_domain * _network_bps(hw, p, hw.inter_collective_eff)))
     return t
 
 
@@ -123,7 +130,7 @@ def collective_time(hw: Hardware, p: GroupPlacement, op: CollectiveOp, size_byte
         return alltoall_time(hw, p, size_bytes, load_factor)
     if p.size <= 1 or size_bytes <= 0:
         return 0.0
-    sent, steps = collective_bytes_and_steps(op, p.size, size_bytes, p.per_node)
+    sent, steps = collective_bytes_and_steps(op, p.size, size_bytes, p.per_domain)
     return _ring_link_time(hw, p, sent) + steps * _latency(hw, p)
 
 
@@ -133,7 +140,7 @@ def ring_time(hw: Hardware, p: GroupPlacement, bytes_sent_per_rank: float) -> fl
     if p.size <= 1 or bytes_sent_per_rank <= 0:
         return 0.0
     # A ring's latency steps do not depend on its bytes.
-    _, steps = collective_bytes_and_steps("all_gather", p.size, 0.0, p.per_node)
+    _, steps = collective_bytes_and_steps("all_gather", p.size, 0.0, p.per_domain)
     return _ring_link_time(hw, p, bytes_sent_per_rank) + steps * _latency(hw, p)
 
 
@@ -141,24 +148,26 @@ def alltoall_time(hw: Hardware, p: GroupPlacement, bytes_per_rank: float,
                   load_factor: float = 1.0) -> float:
     """All-to-all where each rank holds `bytes_per_rank` spread evenly over the group's ranks.
 
-    (n - k)/n of it leaves the node over the rank's own network link, (k - 1)/n stays on
-    NVLink; the busiest receiver gets `load_factor` times the mean.
+    (n - k)/n of it leaves the NVLink domain over the rank's own network link (priced on the
+    slowest tier the group crosses), (k - 1)/n stays on NVLink; the busiest receiver gets
+    `load_factor` times the mean.
     """
     n = p.size
     if n <= 1 or bytes_per_rank <= 0:
         return 0.0
-    k = p.per_node
+    k = p.per_domain
     _, steps = collective_bytes_and_steps("all_to_all", n, bytes_per_rank, k)
     vol = bytes_per_rank * load_factor
     t = vol * (k - 1) / n / (hw.intra_bps * hw.intra_alltoall_eff)
-    if p.crosses_node:
-        t = max(t, vol * (n - k) / n / (hw.inter_bps * hw.inter_alltoall_eff))
+    if p.crosses_domain:
+        t = max(t, vol * (n - k) / n / _network_bps(hw, p, hw.inter_alltoall_eff))
     return t + steps * _latency(hw, p)
 
 
-def p2p_time(hw: Hardware, crosses_node: bool, num_bytes: float) -> float:
+def p2p_time(hw: Hardware, p: GroupPlacement, num_bytes: float) -> float:
+    """One send between neighbours of group `p` (a pipeline send), on its outermost link."""
     if num_bytes <= 0:
         return 0.0
-    if crosses_node:
-        return num_bytes / (hw.inter_bps * hw.inter_collective_eff) + hw.inter_latency_s
-    return num_bytes / (hw.intra_bps * hw.intra_collective_eff) + hw.intra_latency_s
+    if p.crosses_domain:
+        return num_bytes / _network_bps(hw, p, hw.inter_collective_eff) + _latency(hw, p)
+    return num_bytes / (hw.intra_bps * hw.intra_collective_eff) + _latency(hw, p)

@@ -235,7 +235,7 @@ def moe_cost(ctx: Context) -> Cost:
     # Data movement of dispatch and combine (`dispatch.routed_traffic`), the same rows again
     # backward; fp32 router scores: softmax/sigmoid, top-k, aux loss, about 8 passes of T x E.
     tokens_in = Te * m.tp * m.ep if m.dispatcher == "allgather" else Te
-    rows = routed_traffic(md, m.dispatcher, m.ep, ctx.place["ep"].per_node, tokens_in, assigned)
+    rows = routed_traffic(md, m.dispatcher, m.ep, ctx.place["ep"].per_domain, tokens_in, assigned)
     elem = rows * h * ctx.act_bytes + Te * E * 4 * 8
     # Launches: router, permutation and dispatcher kernels, plus one GEMM per local expert
     # and GEMM (TE's grouped linear issues per-expert cuBLAS calls; fp8 adds a quantization

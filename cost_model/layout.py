@@ -1,7 +1,7 @@
 """Megatron-Core rank layout of the folded mapping: which ranks form each group.
 
 Pure arithmetic, no torch.distributed. It lives at the bottom of the package stack because
-the cost model needs it (a group's link bandwidth depends on whether its ranks share a node);
+the cost model needs it (a group's link bandwidth depends on the links its ranks cross);
 the planner, the service (`/v1/layout`, the plan page) and the executor import it from here.
 
 Rule (Megatron-Core `RankGenerator` / `generate_masked_orthogonal_rank_groups`): the world is a
@@ -70,11 +70,29 @@ class RankLayout:
     world_size: int
     gpus_per_node: int
     groups: dict[str, list[list[int]]]
+    gpus_per_domain: int = 0  # 0: one NVLink domain per node
+    tier_units: tuple[int, ...] = ()  # GPUs per unit of each network tier, innermost first
+
+    def _spans(self, kind: str, unit: int) -> bool:
+        g = np.asarray(self.groups[kind]) // unit
+        return bool((g != g[:, :1]).any())
 
     def crosses_node(self, kind: str) -> bool:
         """Whether any group of this kind holds ranks of two different nodes."""
-        g = np.asarray(self.groups[kind]) // self.gpus_per_node
-        return bool((g != g[:, :1]).any())
+        return self._spans(kind, self.gpus_per_node)
+
+    def crosses_domain(self, kind: str) -> bool:
+        """Whether any group of this kind holds ranks of two NVLink domains."""
+        return self._spans(kind, self.gpus_per_domain or self.gpus_per_node)
+
+    def tier(self, kind: str) -> int:
+        """The outermost link any group of this kind crosses (0 NVLink, i network tier i-1)."""
+        if not self.crosses_domain(kind):
+            return 0
+        for i, unit in enumerate(self.tier_units, start=1):
+            if not self._spans(kind, unit):
+                return i
+        return max(1, len(self.tier_units))
 
     def crosses(self) -> dict[str, bool]:
         return {k: self.crosses_node(k) for k in GROUP_KINDS}
@@ -90,8 +108,10 @@ def _groups(world: int, tokens: tuple[str, ...], sizes: tuple[int, ...], kind: s
     return masked_orthogonal_rank_groups(world, sizes, tuple(t in want for t in tokens))
 
 
-def build_layout(world_size: int, gpus_per_node: int, mapping: Mapping) -> RankLayout:
-    """All dense and expert groups for `mapping` (dp/edp derived if omitted).
+def build_layout(world_size: int, gpus_per_node: int, mapping: Mapping,
+                 gpus_per_domain: int = 0, tier_units: tuple[int, ...] = ()) -> RankLayout:
+    """All dense and expert groups for `mapping` (dp/edp derived if omitted); the domain
+    size and network tier units (`Hardware`) only matter for `crosses_domain` / `tier`.
 
     Raises ValueError when the sizes do not multiply to `world_size`.
     """
@@ -121,28 +141,43 @@ def build_layout(world_size: int, gpus_per_node: int, mapping: Mapping) -> RankL
             f"order={m.order!r}: the expert layout's pipeline groups differ from the dense "
             f"ones (Megatron needs edp == dp when pp is not last; edp={edp}, dp={dp})"
         )
-    return RankLayout(world_size, gpus_per_node, g)
+    return RankLayout(world_size, gpus_per_node, g, gpus_per_domain, tier_units)
 
 
 @dataclass(frozen=True)
 class GroupPlacement:
-    """How one group kind sits on the nodes (the same for every group of the kind here)."""
+    """How one group kind sits on the links (the same for every group of the kind here)."""
 
     size: int
-    per_node: int  # most members of one group on one node
-    crosses_node: bool
+    per_domain: int  # most members of one group in one NVLink domain
+    tier: int  # outermost link its ranks cross: 0 NVLink, i >= 1 network tier i-1
+
+    @property
+    def crosses_domain(self) -> bool:
+        return self.tier > 0
+
+
+def outermost_tier(ranks: np.ndarray, gpus_per_domain: int, tier_units: tuple[int, ...]) -> int:
+    """The outermost link the ranks of one group cross: 0 when they share an NVLink domain,
+    else i for the first network tier (1-based) one of whose units holds them all."""
+    if (ranks // gpus_per_domain == ranks[0] // gpus_per_domain).all():
+        return 0
+    for i, unit in enumerate(tier_units, start=1):
+        if (ranks // unit == ranks[0] // unit).all():
+            return i
+    return len(tier_units)
 
 
 @lru_cache(maxsize=65_536)
-def group_placement(
-    world_size: int, gpus_per_node: int, order: str, sizes: tuple[int, int, int, int, int], kind: str
-) -> GroupPlacement:
+def group_placement(world_size: int, gpus_per_domain: int, tier_units: tuple[int, ...],
+                    order: str, sizes: tuple[int, int, int, int, int],
+                    kind: str) -> GroupPlacement:
     """Placement of the first group of `kind` on a grid with axis `sizes` (tp, cp, ep, dp, pp).
 
     The cost model calls this for every estimate, so it only builds the one group it needs.
     Every group of a kind is a translate of the first by an offset made of other axes'
-    strides, so their node spans match whenever gpus_per_node aligns with those strides; the
-    first group is taken as representative.
+    strides, so their domain spans match whenever the domain size aligns with those strides;
+    the first group is taken as representative.
     """
     names = ("tp", "cp", "ep", "dp", "pp")
     size_of = dict(zip(names, sizes))
@@ -156,6 +191,6 @@ def group_placement(
     for t in tokens:
         if t in kind.split("-"):
             ranks = (ranks[None, :] + (np.arange(size_of[t]) * strides[t])[:, None]).reshape(-1)
-    nodes = ranks // gpus_per_node
-    _, counts = np.unique(nodes, return_counts=True)
-    return GroupPlacement(int(ranks.size), int(counts.max()), bool(len(counts) > 1))
+    _, counts = np.unique(ranks // gpus_per_domain, return_counts=True)
+    return GroupPlacement(int(ranks.size), int(counts.max()),
+                          outermost_tier(ranks, gpus_per_domain, tier_units))

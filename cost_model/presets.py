@@ -74,6 +74,15 @@ _MODELS: dict[str, dict[str, Any]] = {
                 "sigmoid, topk_method noaux_tc, routed_scaling_factor 2.5, n_group 8, "
                 "topk_group 4, num_nextn_predict_layers 1)",
     ),
+    "gpt-oss-120b": dict(
+        num_layers=36, hidden_size=2880, num_attention_heads=64, num_query_groups=8,
+        kv_channels=64, ffn_hidden_size=2880, vocab_size=201088, num_experts=128,
+        moe_ffn_hidden_size=2880, moe_router_topk=4, add_qkv_bias=True,
+        _source="openai/gpt-oss-120b config.json (36 layers, all MoE; 128 experts of width "
+                "2,880, top-4; 64 query heads of 64 over 8 key/value groups; attention biases). "
+                "Its alternate sliding-window layers (window 128) and attention sinks are priced "
+                "as full causal attention: an upper bound on those layers' attention time",
+    ),
     "llama3-70b": dict(
         num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
         ffn_hidden_size=28672, vocab_size=128256,

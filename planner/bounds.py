@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from itertools import product
 
-from cost_model.estimate import make_context, micro_batch_costs, work_of
+from cost_model.estimate import make_context, micro_batch_costs, micro_batch_floor, work_of
 from cost_model.hardware import hardware
 from cost_model.kernels import p2p_time
 from cost_model.layout import group_placement
@@ -49,6 +49,14 @@ class LayerConfig:
     layer_floor_s: float  # the cheapest single layer, one micro-batch
     kind_floor_s: tuple[float, float]  # (dense, MoE) layer without recompute, one micro-batch
     send_bytes: float  # one pipeline send of activations
+    # A group of configurations not costed yet (`layer_configs`): the option sets that share
+    # this one's sizes, micro-batch and dispatcher; the times above are floors over all of
+    # them (`cost_model.estimate.micro_batch_floor`). None: a costed configuration.
+    options: tuple | None = None
+
+    @property
+    def is_group(self) -> bool:
+        return self.options is not None
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,16 @@ def layer_options(values) -> list[dict]:
 
 def layer_configs(model, cluster, training, values, cache: dict,
                   deadline: float = math.inf) -> list[LayerConfig] | None:
-    """Every valid layer configuration with its costs; None when `deadline` (a
+    """Every valid layer configuration, as groups: the options that share sizes, micro-batch
+    and dispatcher form one group, costed only by its floor (`LayerConfig.options`; the
+    search costs its members with `group_members` when the floor's bound says they can
+    matter). Groups of one option are costed at once. None when `deadline` (a
     `time.perf_counter()` value) passes first."""
     world = cluster.world_size
     hw = hardware(cluster)
-    options = layer_options(values)
+    by_group: dict[tuple, list[dict]] = {}
+    for opts in layer_options(values):
+        by_group.setdefault((opts["micro_batch_size"], opts["dispatcher"]), []).append(opts)
     out = []
     for tp, cp, ep, etp in product(values["tp"], values["cp"], values["ep"], values["etp"]):
         if world % (tp * cp) or world % (ep * etp):
@@ -91,15 +104,61 @@ def layer_configs(model, cluster, training, values, cache: dict,
         if time.perf_counter() > deadline:
             return None
         dp, edp = data_parallel_sizes(world, tp, cp, ep, etp, 1)
-        for opts in options:
-            probe = Mapping(tp=tp, cp=cp, ep=ep, etp=etp, pp=1, dp=dp, edp=edp, **opts)
-            errors, probe = mapping_errors(model, cluster, training, probe)
-            # Only errors about the layer and its options disqualify it here (the pipeline
-            # and batch are not chosen yet: rules on pp / vpp are kind "pipeline").
-            if any(e.kind in ("layer", "option") for e in errors):
+        sizes = dict(tp=tp, cp=cp, ep=ep, etp=etp, pp=1, dp=dp, edp=edp)
+        for (mbs, disp), members in by_group.items():
+            rep = dict(micro_batch_size=mbs, recompute="none", dispatcher=disp,
+                       moe_a2a_overlap=False)
+            errors, probe = mapping_errors(model, cluster, training, Mapping(**sizes, **rep))
+            if any(e.kind == "layer" for e in errors):
+                break  # about the sizes alone: no option of any group makes them valid
+            if any(e.kind == "option" for e in errors) or len(members) == 1:
+                # No floor to stand for the group: cost its members now.
+                out += _costed(model, cluster, training, sizes, members, hw, cache)
                 continue
+            out.append(_group_floor(model, cluster, training, probe, tuple(members), hw, cache))
+    return out
+
+
+def group_members(model, cluster, training, group: LayerConfig, cache: dict) -> list[LayerConfig]:
+    """The costed configurations a group stands for (the valid ones)."""
+    p = group.probe
+    sizes = dict(tp=p.tp, cp=p.cp, ep=p.ep, etp=p.etp, pp=1, dp=p.dp, edp=p.edp)
+    return _costed(model, cluster, training, sizes, group.options, hardware(cluster), cache)
+
+
+def _valid_probe(model, cluster, training, sizes: dict, opts: dict) -> Mapping | None:
+    """The resolved pp=1 mapping of these sizes and options; None when an error about the
+    layer or its options disqualifies it (the pipeline and batch are not chosen yet: rules
+    on pp / vpp are kind "pipeline")."""
+    errors, probe = mapping_errors(model, cluster, training, Mapping(**sizes, **opts))
+    if any(e.kind in ("layer", "option") for e in errors):
+        return None
+    return probe
+
+
+def _costed(model, cluster, training, sizes: dict, members, hw, cache) -> list[LayerConfig]:
+    out = []
+    for opts in members:
+        probe = _valid_probe(model, cluster, training, sizes, opts)
+        if probe is not None:
             out.append(_layer_config(model, cluster, training, probe, hw, cache))
     return out
+
+
+def _group_floor(model, cluster, training, probe: Mapping, members: tuple, hw,
+                 cache: dict) -> LayerConfig:
+    """A group of configurations at its floor (`micro_batch_floor`), `probe` being its
+    member without recompute or overlap."""
+    layers, head, tail = micro_batch_floor(make_context(model, cluster, training, probe, hw),
+                                           cache)
+    num_moe = model.num_moe_layers
+    work = head + tail + sum(t * (num_moe if kind else model.num_layers - num_moe)
+                             for kind, t in layers.items())
+    return LayerConfig(
+        probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe, work, work,
+        stacked_layer_params(model, probe), head, tail, min(layers.values()),
+        tuple(layers.get(k, 0.0) for k in (False, True)),
+        pipeline_send_bytes(model, training, probe), options=members)
 
 
 def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> LayerConfig:
@@ -128,15 +187,16 @@ def memory_lower_bound(model, training, lc: LayerConfig, pp: int, dp: int, edp: 
 
 def _send_time(cluster, values, lc: LayerConfig, pp: int, dp: int, hw) -> float:
     """Both pipeline sends of one micro-batch on the cheaper of the rank orders' links."""
-    crosses = min(group_placement(cluster.world_size, cluster.gpus_per_node, o,
-                                  (lc.tp, lc.cp, 1, dp, pp), "pp").crosses_node
-                  for o in values["order"])
-    return 2 * p2p_time(hw, crosses, lc.send_bytes)
+    return 2 * min(p2p_time(hw, group_placement(cluster.world_size, hw.gpus_per_domain,
+                                                hw.tier_units, o, (lc.tp, lc.cp, 1, dp, pp),
+                                                "pp"), lc.send_bytes)
+                   for o in values["order"])
 
 
-def pipeline_bounds(model, cluster, training, values, configs):
+def pipeline_bounds(model, cluster, training, values, configs, counts: dict | None = None):
     """([PipelineBound], best bound first; the smallest memory bound among the configurations
-    it pruned, as (bytes, layer config, pp))."""
+    it pruned, as (bytes, layer config, pp)). `counts["pruned_by_memory_bound"]`, when
+    given, grows by the (layer configuration, pp) pairs the memory bound removed."""
     world, gbs = cluster.world_size, training.global_batch_size
     hw = hardware(cluster)
     sharded = True in values["distributed_optimizer"]
@@ -164,6 +224,8 @@ def pipeline_bounds(model, cluster, training, values, configs):
             if need > hw.memory_bytes:
                 if need < closest[0]:
                     closest = (need, lc, pp)
+                if counts is not None:
+                    counts["pruned_by_memory_bound"] += 1
                 continue  # no expansion of it can fit
             m = gbs // (lc.micro_batch_size * dp)
             sends = 0.0

@@ -28,6 +28,8 @@ and memory are merged, keeping the one closest to the defaults.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from cost_model.estimate import evaluate, to_estimate
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors
 
-from .bounds import layer_configs, pipeline_bounds, split_bound
+from .bounds import PipelineBound, group_members, layer_configs, pipeline_bounds, split_bound
 from .candidates import Row, class_key, is_classic, super_key, tie_key
 from .expand import check_fixed, expand, stage_bases, stages_free
 from .export import megatron_args, sbatch_script, torchrun_script
@@ -106,33 +108,59 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     configs = layer_configs(model, cluster, training, values, cache, deadline)
     state = SearchState(top_k, model.is_moe)
     if configs is None:  # the time limit passed while costing the layer configurations
-        return _answer(model, cluster, training, state, [], [], (math.inf, None, 0), fixed,
+        return _answer(model, cluster, training, state, [], None, (math.inf, None, 0), fixed,
                        limit, t0, True, 0, 0)
-    bounds, closest = pipeline_bounds(model, cluster, training, values, configs)
+    counts = {"groups_costed": 0, "layer_configs_costed": sum(not c.is_group for c in configs),
+              "pruned_by_memory_bound": 0}
+    bounds, closest = pipeline_bounds(model, cluster, training, values, configs, counts)
+    tie = itertools.count()
+    queue = [(b.step_s, next(tie), b) for b in bounds]  # sorted: already a heap
 
     def consider(m: Mapping) -> None:
         state.consider(Row(m, evaluate(model, cluster, training, m, cache)))
 
+    def next_bound() -> PipelineBound | None:
+        """The smallest bound left, once the groups below it are costed: a group's members
+        are costed when its floor comes first, and their bounds (never below it) queued."""
+        while queue:
+            b = queue[0][2]
+            if not b.lc.is_group or (b.step_s >= state.cutoff() and id(b.lc) not in costed):
+                return b  # a group at or above the cutoff: its floor ends the search
+            heapq.heappop(queue)
+            if id(b.lc) in costed:  # its members' own bounds are queued
+                continue
+            costed.add(id(b.lc))
+            members = group_members(model, cluster, training, b.lc, cache)
+            counts["groups_costed"] += 1
+            counts["layer_configs_costed"] += len(members)
+            for nb in pipeline_bounds(model, cluster, training, values, members)[0]:
+                heapq.heappush(queue, (nb.step_s, next(tie), nb))
+        return None
+
     # Pass 1: every configuration with its even stage split, best bound first.
-    expanded, stopped_early = 0, False
-    for i, b in enumerate(bounds):
-        if b.step_s >= state.cutoff():
-            break
+    costed: set[int] = set()
+    popped: list[PipelineBound] = []
+    stopped_early = False
+    while (b := next_bound()) is not None and b.step_s < state.cutoff():
         if time.perf_counter() > deadline:
             stopped_early = True
             break
-        expanded = i + 1
+        heapq.heappop(queue)
+        popped.append(b)
         for m in expand(model, cluster, training, values, fixed, b.lc, b.pp, b.vpp):
             consider(m)
+    expanded = len(popped)
+    next_b = next_bound() if not stopped_early else None
     # Pass 2: uneven stages and recompute depth where they can still beat the k-th best.
-    stage_solves = 0
+    stage_solves = skipped = 0
     if not stopped_early and stages_free(fixed):
-        for b in bounds[:expanded]:
+        for b in popped:
             if b.step_s >= state.cutoff():
                 break
             if b.vpp != 1 or b.pp < 2:
                 continue
             if split_bound(model, cluster, training, values, b.lc, b.pp) >= state.cutoff():
+                skipped += 1
                 continue
             if time.perf_counter() > deadline:
                 stopped_early = True
@@ -147,19 +175,24 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                     errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
                     assert not errors, errors  # the solver picks only valid splits
                     consider(resolved)
-    return _answer(model, cluster, training, state, configs, bounds, closest, fixed, limit, t0,
-                   stopped_early, expanded, stage_solves)
+    left = [b for _, _, b in queue if not (b.lc.is_group and id(b.lc) in costed)]
+    counts |= {"pipeline_configs_pruned_by_step_bound": len(left),
+               "layer_configs_skipped_by_floor": sum(
+                   len(c.options) for c in configs if c.is_group and id(c) not in costed),
+               "stage_solves_skipped_by_split_bound": skipped}
+    return _answer(model, cluster, training, state, configs, next_b, closest, fixed, limit, t0,
+                   stopped_early, expanded, stage_solves, counts)
 
 
-def _answer(model, cluster, training, state: SearchState, configs, bounds, closest, fixed,
+def _answer(model, cluster, training, state: SearchState, configs, next_b, closest, fixed,
             limit: float, t0: float, stopped_early: bool, expanded: int,
-            stage_solves: int) -> PlanResult:
+            stage_solves: int, counts: dict | None = None) -> PlanResult:
     """Select the top-k from what the search found and write the answer."""
     top_k = state.top_k
     rows = list(state.class_best.values())
     # Unevaluated configurations enter the selection at their bound, unless the time limit
     # cut the search (then nothing is proven and the answer is FEASIBLE).
-    bound = bounds[expanded].step_s if expanded < len(bounds) and not stopped_early else None
+    bound = next_b.step_s if next_b is not None and not stopped_early else None
     status, chosen, stats, resolution = select(rows, bound, top_k, stopped_early,
                                                max(0.05, t0 + limit - time.perf_counter()))
     if status == "OPTIMAL" and not state.proven:
@@ -186,9 +219,9 @@ def _answer(model, cluster, training, state: SearchState, configs, bounds, close
             status=status, wall_time_s=time.perf_counter() - t0, reasons=reasons,
             space_size=state.evaluated,
             num_feasible=len(rows), solver=stats | {
-                "layer_configs": len(configs), "pipeline_configs": len(bounds),
-                "pipeline_configs_expanded": expanded, "mappings_evaluated": state.evaluated,
-                "stage_solves": stage_solves},
+                "layer_configs": len(configs), "pipeline_configs_expanded": expanded,
+                "mappings_evaluated": state.evaluated, "stage_solves": stage_solves}
+            | (counts or {}),
             objective_resolution_s=resolution, best_unfolded=unfolded,
         ),
     )

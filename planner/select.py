@@ -20,6 +20,7 @@ import math
 from ortools.sat.python import cp_model
 
 from .candidates import Row, dedupe, tie_key
+from .cpsat import Model
 
 OBJECTIVE_RESOLUTION = 1e-5  # of the best step time
 
@@ -42,7 +43,7 @@ def select(rows: list[Row], bound: float | None, top_k: int, stopped_early: bool
     proven = not stopped_early
     excluded: list[int] = []
     for _ in range(min(top_k, len(keep))):
-        model = cp_model.CpModel()
+        model = Model()
         x = [model.new_bool_var(f"x{i}") for i in range(len(keep))]
         y = [model.new_bool_var("unexpanded")] if bound is not None else []
         _add_choice_constraints(model, x + y)

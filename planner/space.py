@@ -37,7 +37,8 @@ def _pow2_upto(n: int) -> list[int]:
 def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                      fixed: dict) -> dict[str, list]:
     """Values per axis before joint validity checks."""
-    world, g = cluster.world_size, cluster.gpus_per_node
+    # Tensor parallelism stays on NVLink: up to the NVLink domain (a node, or a rack).
+    world, g = cluster.world_size, cluster.domain_size
     heads = model.num_attention_heads
     tp_vals = [t for t in _pow2_upto(min(g, heads)) if heads % t == 0]
     cp_vals = [c for c in _pow2_upto(MAX_CP)

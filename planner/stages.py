@@ -42,6 +42,7 @@ from cost_model.memory import plain_mapping, static_bytes
 from cost_model.params import edge_params, embedding_params, layer_params
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 
+from .cpsat import Model
 from .stage_floor import may_beat
 
 TIME_UNIT_S = 1e-8
@@ -133,7 +134,7 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                     budget):
         return None  # no split the solver may return gets under the cutoff
 
-    cm = cp_model.CpModel()
+    cm = Model()
     n_f = cm.new_int_var(1, L, "n_first")
     n_l = cm.new_int_var(1, L, "n_last")
     k = cm.new_int_var(1 if pp > 2 else 0, L, "k_middle")

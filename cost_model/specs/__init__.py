@@ -6,11 +6,11 @@ values every other package passes around; they validate what can be checked on t
 two specs together (tp divides heads, the world-size products) live in `validate.py`. One module per spec; import them from here.
 """
 
-from .cluster import MAX_WORLD_SIZE, ClusterSpec, GPUSpec
+from .cluster import MAX_WORLD_SIZE, ClusterSpec, GPUSpec, NetworkTier
 from .common import PositiveInt
 from .mapping import Mapping
 from .model import HFConfigRef, ModelInput, ModelSpec, PresetRef
 from .training import TrainingSpec
 
-__all__ = ["MAX_WORLD_SIZE", "ClusterSpec", "GPUSpec", "HFConfigRef", "Mapping", "ModelInput",
+__all__ = ["MAX_WORLD_SIZE", "ClusterSpec", "GPUSpec", "NetworkTier", "HFConfigRef", "Mapping", "ModelInput",
            "ModelSpec", "PositiveInt", "PresetRef", "TrainingSpec"]

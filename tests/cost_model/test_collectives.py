@@ -17,8 +17,8 @@ from cost_model.layout import GroupPlacement
 from cost_model.specs import ClusterSpec
 
 HW = hardware(ClusterSpec(num_nodes=2, gpus_per_node=8))
-IN_NODE = GroupPlacement(size=4, per_node=4, crosses_node=False)
-ACROSS = GroupPlacement(size=16, per_node=8, crosses_node=True)
+IN_NODE = GroupPlacement(size=4, per_domain=4, tier=0)
+ACROSS = GroupPlacement(size=16, per_domain=8, tier=1)
 
 
 def test_worked_example_of_the_docstring():
@@ -35,7 +35,7 @@ def test_worked_example_of_the_docstring():
 
 @pytest.mark.parametrize("place", [IN_NODE, ACROSS])
 def test_collective_times_follow_the_convention(place):
-    lat = HW.inter_latency_s if place.crosses_node else HW.intra_latency_s
+    lat = HW.inter_latency_s if place.crosses_domain else HW.intra_latency_s
     size = 64e6
     # A ring's time is its bytes sent over the link plus its steps times the latency: an
     # all-reduce is exactly a reduce-scatter and an all-gather of the same bytes.
@@ -46,7 +46,7 @@ def test_collective_times_follow_the_convention(place):
     assert collective_time(HW, place, "all_gather", size / place.size) == pytest.approx(rs)
     # Latency alone: a tiny message costs its steps times the latency.
     assert ring_time(HW, place, 1e-9) == pytest.approx(steps * lat)
-    _, a2a_steps = collective_bytes_and_steps("all_to_all", place.size, 1.0, place.per_node)
+    _, a2a_steps = collective_bytes_and_steps("all_to_all", place.size, 1.0, place.per_domain)
     assert alltoall_time(HW, place, 1e-9) == pytest.approx(a2a_steps * lat)
     a2a = collective_time(HW, place, "all_to_all", size, 1.5)
     assert a2a == alltoall_time(HW, place, size, 1.5) > alltoall_time(HW, place, size)

@@ -85,8 +85,8 @@ def test_group_placement_agrees_with_full_layout(world, m):
     for kind, sizes, token in [("tp", dense, "tp"), ("cp", dense, "cp"), ("dp", dense, "dp"),
                                ("pp", dense, "pp"), ("ep", expert, "ep"), ("etp", expert, "tp"),
                                ("edp", expert, "dp")]:
-        p = group_placement(world, g, m.order, sizes, token)
-        assert p.crosses_node == lay.crosses_node(kind), kind
+        p = group_placement(world, g, (world,), m.order, sizes, token)
+        assert p.crosses_domain == lay.crosses_node(kind), kind
         assert p.size == len(lay.groups[kind][0])
 
 

@@ -52,7 +52,7 @@ def test_flex_dispatch_sends_a_token_once_per_node():
     destination GPU not the sender; both run at once."""
     cluster = ClusterSpec(num_nodes=2, gpus_per_node=8)
     hw = hardware(cluster)
-    place = {k: group_placement(16, 8, "tp-cp-ep-dp-pp", (1, 1, 16, 1, 1), k)
+    place = {k: group_placement(16, 8, (16,), "tp-cp-ep-dp-pp", (1, 1, 16, 1, 1), k)
              for k in ("ep", "tp")}
     place["etp"] = place["tp"]
     T, row = 4096, 2048 * 2

@@ -12,7 +12,8 @@ from cost_model.estimate import estimate, evaluate
 from cost_model.hardware import hardware
 from cost_model.specs import ClusterSpec, GPUSpec, Mapping, ModelSpec, TrainingSpec
 from exhaustive import enumerate_mappings
-from planner.bounds import layer_configs, memory_lower_bound, pipeline_bounds, split_bound
+from planner.bounds import (group_members, layer_configs, memory_lower_bound, pipeline_bounds,
+                            split_bound)
 from planner.search import plan
 from planner.space import CONTRACT_FIELDS, OPTION_FIELDS, candidate_values
 
@@ -70,13 +71,20 @@ def test_lower_bounds_never_exceed_the_estimate(tied):
     training = TrainingSpec(seq_length=4096, global_batch_size=16, moe_expert_capacity_factor=1.0)
     values = candidate_values(model, cluster, training, {})
     cache: dict = {}
-    configs = layer_configs(model, cluster, training, values, cache)
+    grouped = layer_configs(model, cluster, training, values, cache)
+    groups = [c for c in grouped if c.is_group]
+    assert groups and len(groups) < len(grouped) * 2  # the floors are in use here
+    # The search costs a group's members when its floor comes first: check both bounds.
+    configs = [c for c in grouped if not c.is_group] + [
+        x for g in groups for x in group_members(model, cluster, training, g, cache)]
     bounds, _ = pipeline_bounds(model, cluster, training, values, configs)
     by_config = {(_layer_key(b.lc.probe), b.pp, b.vpp): b for b in bounds}
+    floors = {(_group_key(b.lc.probe), b.pp, b.vpp): b
+              for b in pipeline_bounds(model, cluster, training, values, groups)[0]}
     mappings = list(enumerate_mappings(model, cluster, training, {}))
     random.Random(0).shuffle(mappings)
     hw = hardware(cluster)
-    checked = 0
+    checked = checked_floors = 0
     for m in mappings[:600]:
         r = evaluate(model, cluster, training, m, cache)
         b = by_config.get((_layer_key(m), m.pp, m.vpp))
@@ -88,11 +96,19 @@ def test_lower_bounds_never_exceed_the_estimate(tied):
             assert not r.fits_memory, m
             continue
         assert b.step_s <= r.step_time_s * (1 + 1e-12), m
+        floor = floors.get((_group_key(m), m.pp, m.vpp))
+        if floor is not None:
+            assert floor.step_s <= b.step_s * (1 + 1e-12), m
+            checked_floors += 1
         if m.pp >= 2 and m.vpp == 1:
             assert split_bound(model, cluster, training, values, lc, m.pp) <= \
                 r.step_time_s * (1 + 1e-12), m
         checked += 1
-    assert checked > 100
+    assert checked > 100 and checked_floors > 100
+
+
+def _group_key(m: Mapping) -> tuple:
+    return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.dispatcher)
 
 
 def _layer_key(m: Mapping) -> tuple:
