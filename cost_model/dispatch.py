@@ -25,7 +25,7 @@ from __future__ import annotations
 from math import comb
 
 from .hardware import Hardware
-from .kernels import collective_time
+from .kernels import collective_bytes_and_steps, collective_time
 from .layout import GroupPlacement
 from .specs import ModelSpec
 
@@ -95,6 +95,26 @@ def dispatch_time(hw: Hardware, model: ModelSpec, dispatcher: str, place: dict[s
         rdma = tokens * tok_bytes * nodes * (1 - 1 / num_nodes) * kept * load
         t = max(t, rdma / (min(hw.link_bps[1:p.tier + 1]) * hw.flex_rdma_eff))
     return t + 2 * hw.link_latency_s[p.tier] + etp
+
+
+def dispatch_bytes(model: ModelSpec, dispatcher: str, place: dict[str, GroupPlacement],
+                   tokens: float, tok_bytes: float, kept: float, ep: int) -> dict[str, float]:
+    """Bytes one rank sends in one dispatch (or combine), by group kind, as `dispatch_time`
+    moves them (the mean rank: traffic, not the busiest receiver's time)."""
+    if dispatcher == "allgather":
+        return {"tp_ep": collective_bytes_and_steps("all_gather", place["tp_ep"].size,
+                                                    tokens * tok_bytes)[0]}
+    copies = tokens * model.topk * kept * tok_bytes
+    out = {"etp": collective_bytes_and_steps("all_gather", place["etp"].size, copies)[0]}
+    p = place["ep"]
+    if dispatcher == "alltoall" or p.size <= 1:
+        out["ep"] = collective_bytes_and_steps("all_to_all", p.size, copies)[0]
+        return out
+    gpus, nodes = routing_fanout(model, ep, p.per_domain)
+    num_nodes = -(-p.size // p.per_domain)
+    out["ep"] = tokens * tok_bytes * kept * (gpus * (1 - 1 / p.per_domain)
+                                             + nodes * (1 - 1 / num_nodes))
+    return out
 
 
 def overlapped_comm(comm_s: float, window_s: float, sm_share: float) -> tuple[float, float]:

@@ -63,6 +63,11 @@ class Estimate(BaseModel):
     breakdown: dict[str, float] = Field(..., description="Seconds per component; sums to step.")
     num_microbatches: int
     expert_load_factor: float = Field(..., description="Busiest expert rank's load over mean.")
+    traffic_bytes: dict[str, float] = Field(
+        default_factory=dict, description="Bytes one GPU sends per step by the group kind that "
+        "carries them (tp, cp, ep, etp, tp_ep, pp, dp_cp, edp; the slowest pipeline rank, "
+        "gradient and parameter traffic of the first), exposed or hidden: what each group puts "
+        "on the links it crosses (/v1/layout `tiers` says which).")
 
 
 def _placements(cluster: ClusterSpec, hw: Hardware, m: Mapping) -> dict:
@@ -138,6 +143,7 @@ def _rank_cost(ctx: Context, slot_costs: list, rank: int,
         # Activation forward and its gradient backward on the critical path; the extra sends
         # of interleaved chunks overlap compute (--overlap-p2p-communication).
         c.parts["pp_comm"] += pipeline_sends_time(ctx)
+        c.sent["pp"] = 2 * pipeline_send_bytes(ctx.model, ctx.training, m)
     return c
 
 
@@ -148,8 +154,10 @@ def pipeline_sends_time(ctx: Context) -> float:
     return 2 * p2p_time(ctx.hw, ctx.place["pp"], send)
 
 
-def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float, float]:
-    """(exposed gradient reduction + parameter gather seconds, optimizer step seconds)."""
+def _dp_comm(ctx: Context, fwd_window: float,
+             bwd_window: float) -> tuple[float, float, dict[str, float]]:
+    """(exposed gradient reduction + parameter gather seconds, optimizer step seconds,
+    bytes rank 0 sends for them by group kind: dp_cp, edp)."""
     md, m, hw = ctx.model, ctx.mapping, ctx.hw
     dense = expert = 0.0
     for slot, count in enumerate(rank_layer_counts(md, m, 0)):
@@ -172,11 +180,15 @@ def _dp_comm(ctx: Context, fwd_window: float, bwd_window: float) -> tuple[float,
             hw, pe, expert * param_bytes * frac(pe))
         exposed = max(0.0, reduce - bwd_window) + max(0.0, gather - fwd_window)
         local = dense / pd.size + expert / pe.size
+        sent = {"dp_cp": dense * (grad_bytes + param_bytes) * frac(pd),
+                "edp": expert * (grad_bytes + param_bytes) * frac(pe)}
     else:
         exposed = max(0.0, 2 * reduce - bwd_window)
         local = dense + expert
+        sent = {"dp_cp": 2 * dense * grad_bytes * frac(pd),
+                "edp": 2 * expert * grad_bytes * frac(pe)}
     optimizer = memory_time(hw, local * ADAM_STEP_BYTES)
-    return exposed, optimizer
+    return exposed, optimizer, sent
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class StepResult:
     capacity_bytes: float
     num_microbatches: int
     expert_load: float
+    traffic: dict[str, float]  # bytes one GPU sends per step by group kind (`Estimate`)
 
     @property
     def peak_bytes(self) -> float:
@@ -335,9 +348,11 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     breakdown = {k: num_mb * v for k, v in ranks[slow].parts.items()}
     breakdown["bubble"] = (sum(totals) - totals[slow]) / m.vpp
     windows = (ranks[0].fwd_compute, ranks[0].bwd_compute) if hw.comm_overlap else (0.0, 0.0)
-    dp_exposed, opt = _dp_comm(ctx, *windows)
+    dp_exposed, opt, dp_sent = _dp_comm(ctx, *windows)
     breakdown["dp_comm"] = dp_exposed
     breakdown["optimizer"] = opt
+    traffic = {k: num_mb * v for k, v in ranks[slow].sent.items() if v} | {
+        k: v for k, v in dp_sent.items() if v}
 
     # Ranks with the same layers differ only in micro-batches in flight.
     per_rank: list[RankMemory] = []
@@ -357,7 +372,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     return StepResult(
         step_time_s=sum(breakdown.values()), breakdown=breakdown, per_rank_memory=per_rank,
         worst_stage=worst, capacity_bytes=hw.memory_bytes, num_microbatches=num_mb,
-        expert_load=ctx.expert_load,
+        expert_load=ctx.expert_load, traffic=traffic,
     )
 
 
@@ -389,6 +404,7 @@ def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         breakdown=r.breakdown,
         num_microbatches=r.num_microbatches,
         expert_load_factor=r.expert_load,
+        traffic_bytes=r.traffic,
     )
 
 

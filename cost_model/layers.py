@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from .flops import padded_vocab
 from .hardware import Hardware, fp8_cast_bytes
-from .dispatch import dispatch_time, overlapped_comm, routed_traffic
-from .kernels import collective_time, linear_time, memory_time, ring_time
+from .dispatch import dispatch_bytes, dispatch_time, overlapped_comm, routed_traffic
+from .kernels import collective_bytes_and_steps, collective_time, linear_time, memory_time
+from .kernels import ring_time
 from .layout import GroupPlacement
 from .specs import Mapping, ModelSpec, TrainingSpec
 
@@ -38,6 +39,9 @@ class Cost:
     fwd_compute: float = 0.0
     bwd_compute: float = 0.0
     launches: float = 0.0  # kernels launched from the host, forward + backward
+    # Bytes this rank sends by group kind (tp, cp, ep, etp, tp_ep, pp), exposed or hidden:
+    # the traffic its groups put on their links, whatever the time it costs.
+    sent: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:
         for k, v in other.parts.items():
@@ -45,6 +49,8 @@ class Cost:
         self.fwd_compute += other.fwd_compute * times
         self.bwd_compute += other.bwd_compute * times
         self.launches += other.launches * times
+        for k, v in other.sent.items():
+            self.sent[k] = self.sent.get(k, 0.0) + v * times
 
     @property
     def total(self) -> float:
@@ -80,15 +86,19 @@ def _cast_overhead(ctx: Context, elements: float) -> float:
     return memory_time(ctx.hw, elements * fp8_cast_bytes(ctx.training.fp8_recipe))
 
 
-def _tp_collectives(ctx: Context, tokens: float, n_fwd: int, n_bwd: int) -> float:
-    """Sequence-parallel all-gathers/reduce-scatters (or all-reduces without SP) of T x h."""
+def _tp_comm(ctx: Context, c: Cost, tokens: float, n_fwd: int, n_bwd: int,
+             times: float = 1.0) -> None:
+    """Sequence-parallel all-gathers/reduce-scatters (or all-reduces without SP) of T x h,
+    `n_fwd` + `n_bwd` of them, `times` over (recompute gathers again): into `c`."""
     m = ctx.mapping
     if m.tp == 1:
-        return 0.0
+        return
     full = tokens * ctx.model.hidden_size * ctx.act_bytes
     # An all-gather to T x h sends what a reduce-scatter from T x h sends.
     op = "reduce_scatter" if m.sp else "all_reduce"
-    return (n_fwd + n_bwd) * collective_time(ctx.hw, ctx.place["tp"], op, full)
+    n = (n_fwd + n_bwd) * times
+    c.parts["tp_comm"] = n * collective_time(ctx.hw, ctx.place["tp"], op, full)
+    c.sent["tp"] = n * collective_bytes_and_steps(op, m.tp, full)[0]
 
 
 def attention_cost(ctx: Context) -> Cost:
@@ -150,7 +160,7 @@ def attention_cost(ctx: Context) -> Cost:
         redo += sum(linear_time(hw, p, T, n_in, n_out)[0] for n_in, n_out in up)
     c = _block_cost(m, fwd, bwd, redo)
     c.launches = 32 + 3 * calls + 3 * len(shapes) * (2 if ctx.fp8 else 1)
-    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if m.recompute == "full" else 1.0)
+    _tp_comm(ctx, c, T, 2, 1, 1.5 if m.recompute == "full" else 1.0)
     if m.cp > 1:
         # Ring exchange of K and V: cp-1 steps, each passes this rank's K/V chunk on; the
         # backward also passes dK/dV. Overlaps the attention of the chunk in hand.
@@ -165,6 +175,7 @@ def attention_cost(ctx: Context) -> Cost:
         fwd_exposed = max(0.0, steps * step_comm - core_fwd * steps / m.cp) + step_comm / steps
         bwd_exposed = max(0.0, 2 * steps * step_comm - core_bwd * steps / m.cp) + step_comm / steps
         c.parts["cp_comm"] = fwd_exposed + bwd_exposed
+        c.sent["cp"] = 3 * steps * chunk  # K/V forward; K/V and dK/dV backward
     return c
 
 
@@ -215,7 +226,7 @@ def dense_mlp_cost(ctx: Context, ffn: int, module: str = "mlp") -> Cost:
     c.launches = 18 + 3 + 6 * (2 if ctx.fp8 else 1)
     # Full recompute, or recomputing the whole MLP, gathers its sequence-parallel input again.
     again = m.recompute == "full" or whole
-    c.parts["tp_comm"] = _tp_collectives(ctx, T, 2, 1) * (1.5 if again else 1.0)
+    _tp_comm(ctx, c, T, 2, 1, 1.5 if again else 1.0)
     return c
 
 
@@ -260,6 +271,9 @@ def moe_cost(ctx: Context) -> Cost:
     one = dispatch_time(hw, md, m.dispatcher, ctx.place, Te, h * ctx.act_bytes,
                         ctx.capacity_scale, ctx.expert_load, m.ep)
     c.parts["ep_comm"] = passes * one
+    for kind, sent in dispatch_bytes(md, m.dispatcher, ctx.place, Te, h * ctx.act_bytes,
+                                     ctx.capacity_scale, m.ep).items():
+        c.sent[kind] = passes * sent
 
     if md.shared_ffn:
         c.add(dense_mlp_cost(ctx, md.shared_ffn, "shared_experts"))
@@ -328,7 +342,7 @@ def logits_cost(ctx: Context) -> Cost:
     c = Cost(launches=21)
     c.parts["compute"] = fwd + bwd
     c.fwd_compute, c.bwd_compute = fwd, bwd
-    c.parts["tp_comm"] = _tp_collectives(ctx, T, 1, 1)
+    _tp_comm(ctx, c, T, 1, 1)
     return c
 
 
@@ -343,5 +357,5 @@ def embedding_cost(ctx: Context) -> Cost:
     bwd = memory_time(ctx.hw, 2 * elem + table * 4 * 3)
     c.parts["compute"] = fwd + bwd
     c.fwd_compute, c.bwd_compute = fwd, bwd
-    c.parts["tp_comm"] = _tp_collectives(ctx, T, 1, 0)
+    _tp_comm(ctx, c, T, 1, 0)
     return c
