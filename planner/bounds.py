@@ -30,6 +30,7 @@ from cost_model.memory import optimizer_shards_of, pipeline_send_bytes
 from cost_model.memory import static_memory_lower_bound
 from cost_model.params import stacked_layer_params
 from cost_model.specs import Mapping
+from cost_model.option_rules import option_errors
 from cost_model.validate import data_parallel_sizes, mapping_errors
 
 
@@ -67,6 +68,10 @@ class PipelineBound:
     lc: LayerConfig
     pp: int
     vpp: int
+
+
+_OPTION_FIELDS = ("micro_batch_size", "recompute", "recompute_modules", "dispatcher",
+                  "flex_backend", "moe_a2a_overlap")  # the keys of `layer_options`' dicts
 
 
 def layer_options(values) -> list[dict]:
@@ -207,6 +212,7 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
             if pp > 1 else [1] for pp in values["pp"]}
     memory_bounds: dict[tuple, float] = {}
     send_times: dict[tuple, float] = {}
+    allowed: dict[tuple, bool] = {}
     out = []
     for lc in configs:
         for pp in values["pp"]:
@@ -237,6 +243,8 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
             for vpp in vpps[pp]:
                 if vpp > 1 and m % pp:  # interleaving needs micro-batches in multiples of pp
                     continue
+                if not _pipeline_allows(model, cluster, training, lc, pp, vpp, allowed):
+                    continue
                 # Partial recompute (pp >= 2, vpp == 1) can be as fast as none at all.
                 w = (lc.work_floor_s if (pp >= 2 and vpp == 1) else lc.work_s) + pp * sends
                 # The slowest rank holds at least the mean, and the first and last ranks at
@@ -248,6 +256,25 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
                 out.append(PipelineBound(m * t_max + (w - t_max) / vpp, lc, pp, vpp))
     out.sort(key=lambda b: b.step_s)
     return out, closest
+
+
+def _pipeline_allows(model, cluster, training, lc: LayerConfig, pp: int, vpp: int,
+                     memo: dict) -> bool:
+    """Whether Megatron's rules on options with the pipeline (kind "pipeline" of
+    `option_rules`: the all-to-all overlap needs vpp > 1 with pp > 1, ...) let some option
+    set of `lc` run with (pp, vpp). Those rules read the options, pp and vpp only, never the
+    parallel sizes: kept per option set in `memo`."""
+    p = lc.probe
+    for opts in lc.options or ({f: getattr(p, f) for f in _OPTION_FIELDS},):
+        key = (tuple(opts.items()), pp, vpp)
+        ok = memo.get(key)
+        if ok is None:
+            m = p.model_copy(update=opts | {"pp": pp, "vpp": vpp})
+            ok = memo[key] = not any(e.kind == "pipeline"
+                                     for e in option_errors(model, cluster, training, m))
+        if ok:
+            return True
+    return False
 
 
 def split_bound(model, cluster, training, values, lc: LayerConfig, pp: int) -> float:

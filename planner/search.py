@@ -137,44 +137,58 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                 heapq.heappush(queue, (nb.step_s, next(tie), nb))
         return None
 
-    # Pass 1: every configuration with its even stage split, best bound first.
+    stage_solves = skipped = 0
+    solved: set[int] = set()  # indices into `popped` whose stage split was solved
+
+    def solve(i: int, b: PipelineBound) -> None:
+        """The CP-SAT stage split (and recompute depth) of popped configuration i."""
+        nonlocal stage_solves, skipped
+        solved.add(i)
+        if split_bound(model, cluster, training, values, b.lc, b.pp) >= state.cutoff():
+            skipped += 1
+            return
+        for base in stage_bases(model, cluster, training, values, fixed, b.lc, b.pp):
+            stage_solves += 1
+            ans = solve_stages(model, cluster, training, base, cache,
+                               max(0.01, deadline - time.perf_counter()), state.cutoff())
+            if ans is not None:
+                # A stage solve cut by the time limit found a split, not the best one.
+                state.proven = state.proven and ans.status == "OPTIMAL"
+                errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
+                assert not errors, errors  # the solver picks only valid splits
+                consider(resolved)
+
+    # Pass 1: every configuration with its even stage split, best bound first. Where no even
+    # split exists (61 layers on 4 stages), its stage split is solved at once: waiting for
+    # pass 2 would leave the cutoff open meanwhile.
     costed: set[int] = set()
     popped: list[PipelineBound] = []
     stopped_early = False
+    can_split = stages_free(fixed)
     while (b := next_bound()) is not None and b.step_s < state.cutoff():
         if time.perf_counter() > deadline:
             stopped_early = True
             break
         heapq.heappop(queue)
         popped.append(b)
+        found = state.evaluated
         for m in expand(model, cluster, training, values, fixed, b.lc, b.pp, b.vpp):
             consider(m)
+        if can_split and state.evaluated == found and b.vpp == 1 and b.pp >= 2:
+            solve(len(popped) - 1, b)
     expanded = len(popped)
     next_b = next_bound() if not stopped_early else None
     # Pass 2: uneven stages and recompute depth where they can still beat the k-th best.
-    stage_solves = skipped = 0
-    if not stopped_early and stages_free(fixed):
-        for b in popped:
+    if not stopped_early and can_split:
+        for i, b in enumerate(popped):
             if b.step_s >= state.cutoff():
                 break
-            if b.vpp != 1 or b.pp < 2:
-                continue
-            if split_bound(model, cluster, training, values, b.lc, b.pp) >= state.cutoff():
-                skipped += 1
+            if b.vpp != 1 or b.pp < 2 or i in solved:
                 continue
             if time.perf_counter() > deadline:
                 stopped_early = True
                 break
-            for base in stage_bases(model, cluster, training, values, fixed, b.lc, b.pp):
-                stage_solves += 1
-                ans = solve_stages(model, cluster, training, base, cache,
-                                   max(0.01, deadline - time.perf_counter()), state.cutoff())
-                if ans is not None:
-                    # A stage solve cut by the time limit found a split, not the best one.
-                    state.proven = state.proven and ans.status == "OPTIMAL"
-                    errors, resolved = mapping_errors(model, cluster, training, ans.mapping)
-                    assert not errors, errors  # the solver picks only valid splits
-                    consider(resolved)
+            solve(i, b)
     left = [b for _, _, b in queue if not (b.lc.is_group and id(b.lc) in costed)]
     counts |= {"pipeline_configs_pruned_by_step_bound": len(left),
                "layer_configs_skipped_by_floor": sum(
