@@ -85,8 +85,7 @@ def layer_options(values) -> list[dict]:
         modules = values["recompute_modules"] if rc == "selective" else [("core_attn",)]
         backends = values["flex_backend"] if disp == "flex" else ["deepep"]
         for mods, backend in product(modules, backends):
-            out.append(dict(micro_batch_size=mbs, recompute=rc, recompute_modules=mods,
-                            dispatcher=disp, flex_backend=backend, moe_a2a_overlap=overlap))
+            out.append(dict(zip(_OPTION_FIELDS, (mbs, rc, mods, disp, backend, overlap))))
     return out
 
 
@@ -198,10 +197,12 @@ def _send_time(cluster, values, lc: LayerConfig, pp: int, dp: int, hw) -> float:
                    for o in values["order"])
 
 
-def pipeline_bounds(model, cluster, training, values, configs, counts: dict | None = None):
+def pipeline_bounds(model, cluster, training, values, configs, counts: dict | None = None,
+                    memo: dict | None = None):
     """([PipelineBound], best bound first; the smallest memory bound among the configurations
     it pruned, as (bytes, layer config, pp)). `counts["pruned_by_memory_bound"]`, when
-    given, grows by the (layer configuration, pp) pairs the memory bound removed."""
+    given, grows by the (layer configuration, pp) pairs the memory bound removed; `memo`
+    keeps what does not depend on the configurations between calls of one search."""
     world, gbs = cluster.world_size, training.global_batch_size
     hw = hardware(cluster)
     sharded = True in values["distributed_optimizer"]
@@ -212,9 +213,10 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
             if pp > 1 else [1] for pp in values["pp"]}
     memory_bounds: dict[tuple, float] = {}
     send_times: dict[tuple, float] = {}
-    allowed: dict[tuple, bool] = {}
+    allowed = memo.setdefault("pipeline_allows", {}) if memo is not None else {}
     out = []
     for lc in configs:
+        option_sets = _option_sets(lc)
         for pp in values["pp"]:
             if world % (lc.tp * lc.cp * pp) or world % (lc.etp * lc.ep * pp):
                 continue
@@ -243,7 +245,8 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
             for vpp in vpps[pp]:
                 if vpp > 1 and m % pp:  # interleaving needs micro-batches in multiples of pp
                     continue
-                if not _pipeline_allows(model, cluster, training, lc, pp, vpp, allowed):
+                if not _pipeline_allows(model, cluster, training, lc, option_sets, pp, vpp,
+                                        allowed):
                     continue
                 # Partial recompute (pp >= 2, vpp == 1) can be as fast as none at all.
                 w = (lc.work_floor_s if (pp >= 2 and vpp == 1) else lc.work_s) + pp * sends
@@ -258,23 +261,30 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
     return out, closest
 
 
-def _pipeline_allows(model, cluster, training, lc: LayerConfig, pp: int, vpp: int,
-                     memo: dict) -> bool:
+def _pipeline_allows(model, cluster, training, lc: LayerConfig, option_sets: list[tuple],
+                     pp: int, vpp: int, memo: dict) -> bool:
     """Whether Megatron's rules on options with the pipeline (kind "pipeline" of
-    `option_rules`: the all-to-all overlap needs vpp > 1 with pp > 1, ...) let some option
-    set of `lc` run with (pp, vpp). Those rules read the options, pp and vpp only, never the
-    parallel sizes: kept per option set in `memo`."""
-    p = lc.probe
-    for opts in lc.options or ({f: getattr(p, f) for f in _OPTION_FIELDS},):
-        key = (tuple(opts.items()), pp, vpp)
+    `option_rules`: the all-to-all overlap needs vpp > 1 with pp > 1, ...) let one of
+    `option_sets` (value tuples in `_OPTION_FIELDS` order: `lc`'s) run with (pp, vpp). Those
+    rules read the options, pp and vpp only, never the parallel sizes: kept in `memo`."""
+    for opts in option_sets:
+        key = (opts, pp, vpp)
         ok = memo.get(key)
         if ok is None:
-            m = p.model_copy(update=opts | {"pp": pp, "vpp": vpp})
+            update = dict(zip(_OPTION_FIELDS, opts)) | {"pp": pp, "vpp": vpp}
+            m = lc.probe.model_copy(update=update)
             ok = memo[key] = not any(e.kind == "pipeline"
                                      for e in option_errors(model, cluster, training, m))
         if ok:
             return True
     return False
+
+
+def _option_sets(lc: LayerConfig) -> list[tuple]:
+    """The option value tuples (`_OPTION_FIELDS` order) a configuration or group stands for."""
+    if lc.options is not None:
+        return [tuple(o.values()) for o in lc.options]  # `layer_options` dicts, in that order
+    return [tuple(getattr(lc.probe, f) for f in _OPTION_FIELDS)]
 
 
 def split_bound(model, cluster, training, values, lc: LayerConfig, pp: int) -> float:

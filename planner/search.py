@@ -112,7 +112,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                        limit, t0, True, 0, 0)
     counts = {"groups_costed": 0, "layer_configs_costed": sum(not c.is_group for c in configs),
               "pruned_by_memory_bound": 0}
-    bounds, closest = pipeline_bounds(model, cluster, training, values, configs, counts)
+    memo: dict = {}
+    bounds, closest = pipeline_bounds(model, cluster, training, values, configs, counts, memo)
     tie = itertools.count()
     queue = [(b.step_s, next(tie), b) for b in bounds]  # sorted: already a heap
 
@@ -133,7 +134,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             members = group_members(model, cluster, training, b.lc, cache)
             counts["groups_costed"] += 1
             counts["layer_configs_costed"] += len(members)
-            for nb in pipeline_bounds(model, cluster, training, values, members)[0]:
+            for nb in pipeline_bounds(model, cluster, training, values, members, None, memo)[0]:
                 heapq.heappush(queue, (nb.step_s, next(tie), nb))
         return None
 
