@@ -1,4 +1,4 @@
-"""Before a stage solve: can any split the solver may return beat the search's cutoff?
+"""Stage splits by their step-time floor: which can beat the search's cutoff, best first.
 
 The stage solver (`stages.py`) picks (n_f, k, n_l) and, with recompute='full', a depth r >= 1
 under its memory constraints (integer bytes per layer kind). Every split it can return passes
@@ -6,16 +6,16 @@ those same integer checks, and the cost model's step time of that split is at le
   (m - 1) * max_s time_s + sum_s time_s,
 where time_s is stage s's layers (the first min(r, size) at their recomputed cost, the rest
 at their plain cost), its pipeline sends and the embedding / output layer: the estimate's own
-sum, less the data-parallel and optimizer terms (both >= 0). `may_beat` walks every split;
+sum, less the data-parallel and optimizer terms (both >= 0). `split_floors` walks every split;
 for a split the fastest fitting depth is the smallest one that fits (when recomputing a layer
 never costs less time and never holds more bytes than keeping it, checked per instance; else
-it does not prune). A configuration that cannot get under the cutoff is skipped exactly as
-one the solver finds no fitting split for: neither changes the answer.
+it gives no floors). A configuration with no split under the cutoff is skipped exactly as
+one the solver finds no fitting split for: neither changes the answer; otherwise the stage
+solver evaluates the splits in order of their floor (`stages._best_split`).
 """
 
 from __future__ import annotations
 
-import math
 
 KINDS = (False, True)  # dense, MoE
 
@@ -38,18 +38,21 @@ def _prefix(coef: dict, pattern) -> list:
     return out
 
 
-def may_beat(cutoff: float, pattern, pp: int, num_mb: int, full: bool, time_rc: dict,
-             time_pl: dict, head_s: float, tail_s: float, sends_s: float, S: dict, A_rc: dict,
-             A_pl: dict, peak_term: int, first_extra: float, last_extra: float,
-             budget: float) -> bool:
-    """Whether some split that passes the stage solver's memory checks has a step-time floor
-    under `cutoff` (module docstring). Per-kind arguments are dicts {is_moe: value}; integer
-    ones are the solver's own coefficients."""
-    if not math.isfinite(cutoff):
-        return True
+def split_floors(cutoff: float, pattern, pp: int, num_mb: int, full: bool, time_rc: dict,
+                 time_pl: dict, head_s: float, tail_s: float, sends_s: float, S: dict,
+                 A_rc: dict, A_pl: dict, peak_term: int, first_extra: float,
+                 last_extra: float, budget: float) -> list[tuple[float, int, int, int]] | None:
+    """Every split that passes the stage solver's memory checks with a step-time floor under
+    `cutoff`, as (floor, n_f, k, depth) sorted by floor, depth being the smallest that fits
+    (0 without full recompute); its estimate at that depth or deeper is at least the floor.
+    None when the floor does not hold: with full recompute a layer kind recomputes faster or
+    holds more bytes recomputed than kept (then the smallest depth may not be the fastest).
+    Per-kind arguments are dicts {is_moe: value}; integer ones are the solver's own
+    coefficients."""
     kinds = [e for e in KINDS if e in time_pl]
-    if full and any(time_rc[e] < time_pl[e] or A_rc[e] > A_pl[e] for e in kinds):
-        return True  # the smallest fitting depth might not be the fastest: no pruning
+    # (Equal times differ in the last bit when the host's launches bound both.)
+    if full and any(time_rc[e] < time_pl[e] * (1 - 1e-12) or A_rc[e] > A_pl[e] for e in kinds):
+        return None
     L = len(pattern)
     t_pl, t_rc = _prefix(time_pl, pattern), _prefix(time_rc, pattern)
     mem = (_prefix(S, pattern), _prefix(A_rc, pattern), _prefix(A_pl, pattern))
@@ -57,6 +60,7 @@ def may_beat(cutoff: float, pattern, pp: int, num_mb: int, full: bool, time_rc: 
     # Every split's stage times sum to the same; only the slowest stage differs.
     work = t_pl[L] + head_s + tail_s + pp * sends_s
     windows: dict[int, list] = {}  # k -> plain time of layers [i, i + k) for every i
+    out = []
     for n_f, k in _splits(L, pp):
         end = n_f + (pp - 2) * k  # where the last stage starts
         # Cheapest this split can be (every layer plain): skip it if even that is too slow.
@@ -78,9 +82,11 @@ def may_beat(cutoff: float, pattern, pp: int, num_mb: int, full: bool, time_rc: 
             times.append(t_rc[mid] - t_rc[lo] + t_pl[hi] - t_pl[mid] + sends_s)
         times[0] += head_s
         times[-1] += tail_s
-        if (num_mb - 1) * max(times) + sum(times) < limit:
-            return True
-    return False
+        floor = (num_mb - 1) * max(times) + sum(times)
+        if floor < limit:
+            out.append((floor, n_f, k, r))
+    out.sort()
+    return out
 
 
 def _smallest_depth(stages, pp, num_mb, full, mem, peak_term, first_extra, last_extra,

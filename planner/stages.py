@@ -24,16 +24,23 @@ Objective: (m - 1) T + sum_s time_s + e_r + e_g + optimizer(stage 0), the cost m
 time for these choices, times in integer units of `TIME_UNIT_S`, memory in bytes.
 The answer is then evaluated by the cost model itself; the test suite checks the optimum
 against exhaustive enumeration of splits and recompute depths.
+
+Where every split has an exact floor (`stage_floor.split_floors`: no full recompute, or
+recomputing a layer is never faster and never holds more than keeping it), the model is not
+built: the splits are evaluated by the cost model in order of their floor until the floor
+reaches the best estimate (branch and bound on the estimate itself; DeepSeek-V3 at 1,024
+GPUs: most configurations settle in a few evaluations instead of a CP-SAT solve each).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from cost_model.estimate import make_context, micro_batch_costs, pipeline_sends_time
+from cost_model.estimate import evaluate, make_context, micro_batch_costs, pipeline_sends_time
 from cost_model.hardware import hardware
 from cost_model.kernels import memory_time, ring_time
 from cost_model.memory import ADAM_STEP_BYTES, GRAD_BYTES, activation_bytes_per_layer
@@ -41,9 +48,10 @@ from cost_model.memory import edge_activation_bytes, memory_budget, optimizer_sh
 from cost_model.memory import plain_mapping, static_bytes
 from cost_model.params import edge_params, embedding_params, layer_params
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from cost_model.validate import mapping_errors
 
 from .cpsat import Model
-from .stage_floor import may_beat
+from .stage_floor import split_floors
 
 TIME_UNIT_S = 1e-8
 
@@ -65,10 +73,13 @@ def _linear(fn, p) -> tuple[float, float]:
 
 
 def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, base: Mapping,
-                 cache: dict, time_limit_s: float = 1.0,
-                 cutoff: float = math.inf) -> StageAnswer | None:
+                 cache: dict, time_limit_s: float = 1.0, cutoff: float = math.inf,
+                 method: str = "auto") -> StageAnswer | None:
     """Best (first, last, recompute depth) for `base` (resolved, pp >= 2, vpp == 1), or None
-    when no split fits or none can get under `cutoff` seconds (`stage_floor.may_beat`)."""
+    when no split fits or none can get under `cutoff` seconds (`stage_floor.split_floors`).
+    Where the floors of `split_floors` hold (no full recompute, or recompute never faster and
+    never larger than keeping a layer), a branch and bound on the estimate finds the split;
+    else the CP-SAT model below does (`method` "cpsat": always the model)."""
     assert base.pp >= 2 and base.vpp == 1
     hw = hardware(cluster)
     L, pp = model.num_layers, base.pp
@@ -127,12 +138,15 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                     [e for e in kinds if e in costs_plain]):
         return None  # no split fits: skip the model (exact: a necessary condition)
     kinds_present = [e for e in kinds if e in costs_plain]
-    if not may_beat(cutoff, pattern, pp, num_mb, full,
-                    {e: costs_rc[e].total for e in kinds_present},
-                    {e: costs_plain[e].total for e in kinds_present}, head.total, tail.total,
-                    pipeline_sends_time(ctx), S, A_rc, A_pl, peak_term, first_extra, last_extra,
-                    budget):
-        return None  # no split the solver may return gets under the cutoff
+    floors = split_floors(cutoff, pattern, pp, num_mb, full,
+                          {e: costs_rc[e].total for e in kinds_present},
+                          {e: costs_plain[e].total for e in kinds_present}, head.total,
+                          tail.total, pipeline_sends_time(ctx), S, A_rc, A_pl, peak_term,
+                          first_extra, last_extra, budget)
+    if floors is not None and not floors:
+        return None  # no split fits, or none gets under the cutoff: the answer stays as is
+    if floors is not None and method == "auto":  # branch and bound on the estimate itself
+        return _best_split(model, cluster, training, base, cache, floors, time_limit_s)
 
     cm = Model()
     n_f = cm.new_int_var(1, L, "n_first")
@@ -240,6 +254,46 @@ def solve_stages(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         update["recompute_num_layers"] = depth if depth < max(sizes) else None
     return StageAnswer(base.model_copy(update=update), solver.objective_value * q,
                        solver.status_name(status), solver.num_branches)
+
+
+def _best_split(model, cluster, training, base: Mapping, cache: dict, floors,
+                time_limit_s: float) -> StageAnswer | None:
+    """The split (and recompute depth) with the smallest estimate among `floors` (sorted
+    (floor, n_f, k, depth), `stage_floor.split_floors`): each is evaluated by the cost model
+    in order of its floor until the floor reaches the best estimate found, which is then
+    optimal. A split whose smallest depth does not fit the estimate's own memory check goes
+    one layer deeper at a time (deeper is never faster: split_floors checked it)."""
+    deadline = time.perf_counter() + max(0.01, time_limit_s)
+    pp, full = base.pp, base.recompute == "full"
+    best, best_m, evaluated, status = math.inf, None, 0, "OPTIMAL"
+    for floor, n_f, k, depth in floors:
+        if floor * (1 - 1e-12) >= best:
+            break
+        if time.perf_counter() > deadline:
+            status = "FEASIBLE"
+            break
+        sizes = [n_f] + [k] * (pp - 2) + [model.num_layers - n_f - (pp - 2) * k]
+        update: dict = {"decoder_first_pipeline_num_layers": None,
+                        "decoder_last_pipeline_num_layers": None}
+        if len(set(sizes)) > 1:
+            update.update(decoder_first_pipeline_num_layers=sizes[0],
+                          decoder_last_pipeline_num_layers=sizes[-1])
+        for r in range(depth, max(sizes) + 1) if full else (None,):
+            if full:
+                update["recompute_num_layers"] = r if r < max(sizes) else None
+            m = base.model_copy(update=update)
+            errors, resolved = mapping_errors(model, cluster, training, m)
+            if errors:
+                break
+            res = evaluate(model, cluster, training, resolved, cache)
+            evaluated += 1
+            if res.fits_memory:
+                if res.step_time_s < best:
+                    best, best_m = res.step_time_s, m
+                break
+    if best_m is None:
+        return None
+    return StageAnswer(best_m, best, status, evaluated)
 
 
 def _may_fit(L, pp, num_mb, S, A_rc, A_pl, peak_term, first_extra, last_extra, budget,
