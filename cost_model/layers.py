@@ -130,15 +130,31 @@ def attention_cost(ctx: Context) -> Cost:
     # Core attention: causal, so half of the s x s scores; CP splits the work evenly
     # (load-balanced chunks), heads split by tp.
     b_s, s = m.micro_batch_size, ctx.training.seq_length
-    core = 2.0 * b_s * s * s * (n / tp) * (qk_dim + v_dim) * 0.5 / m.cp
     attn_prec = "fp32" if p == "fp32" else "bf16"
     # Fused attention runs closer to its peak on long key blocks: each kernel call sees s keys,
     # or with load-balanced CP a half-chunk of s/(2cp) per ring step (2cp - 1 calls).
     kv_block = s if m.cp == 1 else s / (2 * m.cp)
     calls = 1 if m.cp == 1 else 2 * m.cp - 1
-    length_eff = kv_block / (kv_block + hw.attention_kv_half)
-    core_fwd = core / (hw.peak_flops[attn_prec] * hw.attention_fwd_efficiency * length_eff)
-    core_bwd = 2.5 * core / (hw.peak_flops[attn_prec] * hw.attention_bwd_efficiency * length_eff)
+
+    def core_times(pairs: float, keys: float) -> tuple[float, float]:
+        """Forward and backward of `pairs` (query, key) pairs per sequence, each query
+        block seeing `keys` keys."""
+        core = 2.0 * b_s * pairs * (n / tp) * (qk_dim + v_dim) / m.cp
+        rate = hw.peak_flops[attn_prec] * keys / (keys + hw.attention_kv_half)
+        return (core / (rate * hw.attention_fwd_efficiency),
+                2.5 * core / (rate * hw.attention_bwd_efficiency))
+
+    # Causal: half of the s x s scores; CP splits the work evenly (load-balanced chunks).
+    core_fwd, core_bwd = core_times(s * s * 0.5, kv_block)
+    windowed = md.windowed_layer_fraction()
+    if windowed:
+        # Sliding window: a query sees itself and the w tokens before it, (w+1)s - w(w+1)/2
+        # pairs, in blocks of at most w+1 keys. Layers alternate, so a layer is priced at
+        # the mean of its windowed and full-attention shares.
+        w = min(md.window_size, s - 1)
+        win_fwd, win_bwd = core_times((w + 1) * s - w * (w + 1) / 2, min(kv_block, w + 1))
+        core_fwd = windowed * win_fwd + (1 - windowed) * core_fwd
+        core_bwd = windowed * win_bwd + (1 - windowed) * core_bwd
     core_fwd += calls * hw.kernel_overhead_s
     core_bwd += 2 * calls * hw.kernel_overhead_s
     fwd, bwd = fwd + core_fwd, bwd + core_bwd

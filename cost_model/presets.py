@@ -77,11 +77,13 @@ _MODELS: dict[str, dict[str, Any]] = {
     "gpt-oss-120b": dict(
         num_layers=36, hidden_size=2880, num_attention_heads=64, num_query_groups=8,
         kv_channels=64, ffn_hidden_size=2880, vocab_size=201088, num_experts=128,
-        moe_ffn_hidden_size=2880, moe_router_topk=4, add_qkv_bias=True,
+        moe_ffn_hidden_size=2880, moe_router_topk=4, add_qkv_bias=True, window_size=128,
+        window_attn_skip_freq=2,
         _source="openai/gpt-oss-120b config.json (36 layers, all MoE; 128 experts of width "
-                "2,880, top-4; 64 query heads of 64 over 8 key/value groups; attention biases). "
-                "Its alternate sliding-window layers (window 128) and attention sinks are priced "
-                "as full causal attention: an upper bound on those layers' attention time",
+                "2,880, top-4; 64 query heads of 64 over 8 key/value groups; attention biases; "
+                "layer_types alternate sliding (window 128) and full attention, the first "
+                "sliding: window_size 128, every 2nd layer full). Its attention sinks (one "
+                "learned logit per head) are not priced",
     ),
     "llama3-70b": dict(
         num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,

@@ -70,6 +70,14 @@ class ModelSpec(_Spec):
     moe_shared_expert_gate: bool = Field(
         False, description="A sigmoid gate on the shared experts' output.")
     rotary_interleaved: bool = Field(False, description="Interleaved (GPT-J style) RoPE.")
+    window_size: int | None = Field(
+        None, ge=1, le=100_000_000, description="Sliding-window attention: each query sees "
+        "itself and the `window_size` tokens before it (Megatron-LM --window-size "
+        "<window_size>,0); null = full causal attention in every layer.")
+    window_attn_skip_freq: int | None = Field(
+        None, ge=1, le=100_000, description="With window_size: every N-th layer (1-based "
+        "layer number divisible by N) keeps full attention (Megatron-LM "
+        "--window-attn-skip-freq); null = every layer windowed.")
 
     @field_validator("moe_layer_freq")
     @classmethod
@@ -106,6 +114,8 @@ class ModelSpec(_Spec):
                 raise ValueError(
                     f"moe_router_topk={self.moe_router_topk} exceeds num_experts={self.num_experts}"
                 )
+        if self.window_attn_skip_freq is not None and self.window_size is None:
+            raise ValueError("window_attn_skip_freq needs window_size (the sliding window)")
         self._check_group_routing()
         self._check_router_and_rope()
         if self.multi_latent_attention:
@@ -181,6 +191,14 @@ class ModelSpec(_Spec):
     @property
     def topk(self) -> int:
         return self.moe_router_topk or 0
+
+    def windowed_layer_fraction(self) -> float:
+        """The share of layers with sliding-window attention (0 without a window)."""
+        if self.window_size is None:
+            return 0.0
+        n = self.window_attn_skip_freq
+        full = self.num_layers // n if n else 0
+        return (self.num_layers - full) / self.num_layers
 
     def moe_layer_pattern(self) -> tuple[int, ...]:
         """1 for each MoE layer, 0 for each dense layer (Megatron's `moe_layer_freq` rule)."""
