@@ -23,6 +23,10 @@ def infeasible_reasons(model, cluster, training, fixed: dict, configs, over: flo
             return [e.message for e in errors]
     hw = hardware(cluster)
     capacity, reserve = hw.memory_bytes, hw.memory_reserve_bytes
+    if capacity <= reserve:
+        return [f"no mapping fits in memory: the GPU's {capacity / GIB:.1f} GiB are all taken by "
+                f"the fixed reserve of {reserve / GIB:.1f} GiB for buffers and workspaces "
+                f"(gpu.memory_reserve_gib): lower the reserve or use a GPU with more memory"]
     if over_row is None and closest[1] is not None:
         need, lc, pp = closest
         # With the state spread perfectly, the whole model's state over N GPUs must fit.
