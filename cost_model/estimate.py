@@ -23,11 +23,12 @@ from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import host_bound, logits_cost, moe_cost, moe_layer_cost, with_mtp
-from .layout import group_placement
+from .layout import GroupPlacement, group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
 from .memory import inflight_chunks, pipeline_send_bytes, plain_mapping, rank_layer_counts
 from .memory import rank_memory
 from .params import edge_params, layer_params, mtp_last_kind
+from .profile_model import step_time_scale
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from .validate import resolve_mapping
 
@@ -158,7 +159,7 @@ def _dp_comm(ctx: Context, fwd_window: float,
              bwd_window: float) -> tuple[float, float, dict[str, float]]:
     """(exposed gradient reduction + parameter gather seconds, optimizer step seconds,
     bytes rank 0 sends for them by group kind: dp_cp, edp)."""
-    md, m, hw = ctx.model, ctx.mapping, ctx.hw
+    md, m = ctx.model, ctx.mapping
     dense = expert = 0.0
     for slot, count in enumerate(rank_layer_counts(md, m, 0)):
         if not count:
@@ -167,28 +168,51 @@ def _dp_comm(ctx: Context, fwd_window: float,
         dense, expert = dense + d * count, expert + e * count
     # Rank 0 (the last to finish its backward) also holds the embedding.
     dense += edge_params(md, m, True, False)[0]
-    grad_bytes, param_bytes = GRAD_BYTES, ctx.act_bytes
-    pd, pe = ctx.place["dp_cp"], ctx.place["edp"]
+    reduce, gather, optimizer, sent = dp_comm_times(
+        ctx.hw, ctx.place["dp_cp"], ctx.place["edp"], dense, expert, ctx.act_bytes,
+        m.distributed_optimizer)
+    return dp_exposed(reduce, gather, m.distributed_optimizer, fwd_window,
+                      bwd_window), optimizer, sent
+
+
+def dp_comm_times(hw: Hardware, pd: GroupPlacement, pe: GroupPlacement, dense: float,
+                  expert: float, param_bytes: float,
+                  distributed: bool) -> tuple[float, float, float, dict[str, float]]:
+    """(gradient reduction seconds, parameter gather seconds, optimizer step seconds, bytes
+    sent by group kind) of rank 0 holding `dense` and `expert` parameters, its data-parallel
+    groups placed as `pd` (dense, over dp x cp) and `pe` (expert, over edp): fp32 gradients
+    reduce-scattered (all-reduced without the distributed optimizer), bf16 parameters
+    all-gathered with it. All non-decreasing in the parameters."""
+    grad_bytes = GRAD_BYTES
 
     def frac(p):
         return (p.size - 1) / p.size if p.size > 1 else 0.0
 
     reduce = ring_time(hw, pd, dense * grad_bytes * frac(pd)) + ring_time(
         hw, pe, expert * grad_bytes * frac(pe))
-    if m.distributed_optimizer:
+    if distributed:
         gather = ring_time(hw, pd, dense * param_bytes * frac(pd)) + ring_time(
             hw, pe, expert * param_bytes * frac(pe))
-        exposed = max(0.0, reduce - bwd_window) + max(0.0, gather - fwd_window)
         local = dense / pd.size + expert / pe.size
         sent = {"dp_cp": dense * (grad_bytes + param_bytes) * frac(pd),
                 "edp": expert * (grad_bytes + param_bytes) * frac(pe)}
     else:
-        exposed = max(0.0, 2 * reduce - bwd_window)
+        gather = 0.0
         local = dense + expert
         sent = {"dp_cp": 2 * dense * grad_bytes * frac(pd),
                 "edp": 2 * expert * grad_bytes * frac(pe)}
-    optimizer = memory_time(hw, local * ADAM_STEP_BYTES)
-    return exposed, optimizer, sent
+    return reduce, gather, memory_time(hw, local * ADAM_STEP_BYTES), sent
+
+
+def dp_exposed(reduce: float, gather: float, distributed: bool, fwd_window: float,
+               bwd_window: float) -> float:
+    """What of `dp_comm_times` is exposed: the reduction runs under the last micro-batch's
+    backward (`bwd_window`), the gather under the first one's forward (`fwd_window`); without
+    the distributed optimizer the all-reduce (twice a reduce-scatter's time) under the
+    backward. Non-increasing in the windows."""
+    if distributed:
+        return max(0.0, reduce - bwd_window) + max(0.0, gather - fwd_window)
+    return max(0.0, 2 * reduce - bwd_window)
 
 
 @dataclass(frozen=True)
@@ -379,7 +403,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
 def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                 r: StepResult) -> Estimate:
     hw = hardware(cluster)
-    step = r.step_time_s
+    scale = step_time_scale(cluster.profile)  # a verification's correction (profile_model)
+    step = r.step_time_s * scale
     wm = r.per_rank_memory[r.worst_stage]
     flops = model_flops_per_step(model, training)
     n = cluster.world_size
@@ -401,7 +426,7 @@ def to_estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
             worst_stage=r.worst_stage,
             per_stage_gib=[x.total / GIB for x in r.per_rank_memory],
         ),
-        breakdown=r.breakdown,
+        breakdown={k: v * scale for k, v in r.breakdown.items()},
         num_microbatches=r.num_microbatches,
         expert_load_factor=r.expert_load,
         traffic_bytes=r.traffic,

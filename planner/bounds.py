@@ -20,15 +20,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 
-from cost_model.estimate import make_context, micro_batch_costs, micro_batch_floor, work_of
+from cost_model.estimate import dp_comm_times, dp_exposed, make_context, micro_batch_costs
+from cost_model.estimate import micro_batch_floor, work_of
 from cost_model.hardware import hardware
 from cost_model.kernels import p2p_time
 from cost_model.layout import group_placement
-from cost_model.memory import optimizer_shards_of, pipeline_send_bytes
+from cost_model.memory import activation_element_bytes, optimizer_shards_of, pipeline_send_bytes
 from cost_model.memory import static_memory_lower_bound
-from cost_model.params import stacked_layer_params
+from cost_model.params import edge_params, layer_params, stacked_layer_params
+from cost_model.stage_split import StageSplitError, stage_layer_counts
 from cost_model.specs import Mapping
 from cost_model.option_rules import option_errors
 from cost_model.validate import data_parallel_sizes, mapping_errors
@@ -50,6 +53,12 @@ class LayerConfig:
     layer_floor_s: float  # the cheapest single layer, one micro-batch
     kind_floor_s: tuple[float, float]  # (dense, MoE) layer without recompute, one micro-batch
     send_bytes: float  # one pipeline send of activations
+    # Compute (forward, backward) of one micro-batch, which no option of the group changes:
+    # the most of one layer, and of the embedding and the output layer: the data-parallel
+    # overlap windows are at most these (`_dp_floor`).
+    layer_window_s: tuple[float, float]
+    head_window_s: tuple[float, float]
+    tail_window_s: tuple[float, float]
     # A group of configurations not costed yet (`layer_configs`): the option sets that share
     # this one's sizes, micro-batch and dispatcher; the times above are floors over all of
     # them (`cost_model.estimate.micro_batch_floor`). None: a costed configuration.
@@ -149,12 +158,22 @@ def _costed(model, cluster, training, sizes: dict, members, hw, cache) -> list[L
     return out
 
 
+def _windows(costs) -> tuple[tuple[float, float], ...]:
+    """(layer, head, tail) (forward, backward) compute from `micro_batch_costs`' answer: the
+    same for every recompute and overlap option (they add to other parts)."""
+    layers, head, tail = costs
+    return ((max(c.fwd_compute for c in layers.values()),
+             max(c.bwd_compute for c in layers.values())),
+            (head.fwd_compute, head.bwd_compute), (tail.fwd_compute, tail.bwd_compute))
+
+
 def _group_floor(model, cluster, training, probe: Mapping, members: tuple, hw,
                  cache: dict) -> LayerConfig:
     """A group of configurations at its floor (`micro_batch_floor`), `probe` being its
     member without recompute or overlap."""
-    layers, head, tail = micro_batch_floor(make_context(model, cluster, training, probe, hw),
-                                           cache)
+    ctx = make_context(model, cluster, training, probe, hw)
+    layers, head, tail = micro_batch_floor(ctx, cache)
+    windows = _windows(micro_batch_costs(ctx, cache))
     num_moe = model.num_moe_layers
     work = head + tail + sum(t * (num_moe if kind else model.num_layers - num_moe)
                              for kind, t in layers.items())
@@ -162,7 +181,7 @@ def _group_floor(model, cluster, training, probe: Mapping, members: tuple, hw,
         probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe, work, work,
         stacked_layer_params(model, probe), head, tail, min(layers.values()),
         tuple(layers.get(k, 0.0) for k in (False, True)),
-        pipeline_send_bytes(model, training, probe), options=members)
+        pipeline_send_bytes(model, training, probe), *windows, options=members)
 
 
 def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> LayerConfig:
@@ -178,7 +197,7 @@ def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> 
         work_of(model, *costs), work_of(model, *floor_costs), stacked_layer_params(model, probe),
         head.total, tail.total, min(c.total for c in layers.values()),
         tuple(layers[k].total if k in layers else 0.0 for k in (False, True)),
-        pipeline_send_bytes(model, training, probe))
+        pipeline_send_bytes(model, training, probe), *_windows(costs))
 
 
 def memory_lower_bound(model, training, lc: LayerConfig, pp: int, dp: int, edp: int,
@@ -187,6 +206,61 @@ def memory_lower_bound(model, training, lc: LayerConfig, pp: int, dp: int, edp: 
     return static_memory_lower_bound(model, training.precision, lc.probe, pp,
                                      optimizer_shards_of(dp, lc.cp, edp, sharded),
                                      hw.memory_reserve_bytes, lc.layer_params)
+
+
+@lru_cache(maxsize=4096)
+def _first_stage_layers(L: int, pp: int, vpp: int) -> tuple[int, int]:
+    """(fewest, most) decoder layers pipeline rank 0 holds over every split of (pp, vpp):
+    all of them with pp = 1; with interleaving the even chunks, the embedding / loss counted
+    in the split or not; without, anything that leaves the other stages one layer each."""
+    if pp == 1:
+        return L, L
+    if vpp == 1:
+        return 1, L - (pp - 1)
+    counts = []
+    for embedding, loss in product((False, True), repeat=2):
+        try:
+            counts.append(stage_layer_counts(L, pp, vpp, embedding=embedding, loss=loss)[0])
+        except StageSplitError:
+            pass
+    return (min(counts), max(counts)) if counts else (1, L - (pp - 1))
+
+
+def _dp_floor(model, cluster, training, values, lc: LayerConfig, pp: int, vpp: int, dp: int,
+              edp: int, hw, memo: dict) -> float:
+    """Exposed data-parallel communication and the optimizer step of every mapping of
+    (lc, pp, vpp) are at least this: `estimate.dp_comm_times` (non-decreasing in rank 0's
+    parameters) with the fewest parameters rank 0 can hold (its fewest layers, each of the
+    lighter kind, and the embedding), exposed by `estimate.dp_exposed` (non-increasing in the
+    overlap windows) under the longest windows (its most layers, each of the heavier kind,
+    the embedding, and with pp = 1 the output layer), for the cheapest rank order and
+    optimizer choice. The communication times depend on the sizes only: kept in `memo`."""
+    fewest, most = _first_stage_layers(model.num_layers, pp, vpp)
+    key = (lc.tp, lc.cp, lc.ep, lc.etp, pp, fewest)
+    times = memo.get(key)
+    if times is None:
+        kinds = [k for k in (False, True) if (model.num_moe_layers if k else
+                                                model.num_layers - model.num_moe_layers)]
+        params = [layer_params(model, k, lc.probe) for k in kinds]
+        dense = fewest * min(p[0] for p in params) + edge_params(model, lc.probe, True, False)[0]
+        expert = fewest * min(p[1] for p in params)
+        param_bytes = activation_element_bytes(training.precision)  # as the estimate gathers
+        times = []
+        for order in values["order"]:
+            pd = group_placement(cluster.world_size, hw.gpus_per_domain, hw.tier_units, order,
+                                 (lc.tp, lc.cp, 1, dp, pp), "dp-cp")
+            pe = group_placement(cluster.world_size, hw.gpus_per_domain, hw.tier_units, order,
+                                 (lc.etp, 1, lc.ep, edp, pp), "dp")
+            for distributed in values["distributed_optimizer"]:
+                times.append((distributed, *dp_comm_times(hw, pd, pe, dense, expert,
+                                                          param_bytes, distributed)[:3]))
+        memo[key] = times
+    fwd = most * lc.layer_window_s[0] + lc.head_window_s[0]
+    bwd = most * lc.layer_window_s[1] + lc.head_window_s[1]
+    if pp == 1:
+        fwd, bwd = fwd + lc.tail_window_s[0], bwd + lc.tail_window_s[1]
+    return min(dp_exposed(reduce, gather, distributed, fwd, bwd) + optimizer
+               for distributed, reduce, gather, optimizer in times)
 
 
 def _send_time(cluster, values, lc: LayerConfig, pp: int, dp: int, hw) -> float:
@@ -214,6 +288,7 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
     memory_bounds: dict[tuple, float] = {}
     send_times: dict[tuple, float] = {}
     allowed = memo.setdefault("pipeline_allows", {}) if memo is not None else {}
+    dp_times = memo.setdefault("dp_times", {}) if memo is not None else {}
     out = []
     for lc in configs:
         option_sets = _option_sets(lc)
@@ -256,7 +331,9 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
                 if pp > 1:
                     t_max = max(t_max, lc.head_s + lc.layer_floor_s + sends,
                                 lc.tail_s + lc.layer_floor_s + sends)
-                out.append(PipelineBound(m * t_max + (w - t_max) / vpp, lc, pp, vpp))
+                dp_s = _dp_floor(model, cluster, training, values, lc, pp, vpp, dp, edp, hw,
+                                 dp_times)
+                out.append(PipelineBound(m * t_max + (w - t_max) / vpp + dp_s, lc, pp, vpp))
     out.sort(key=lambda b: b.step_s)
     return out, closest
 

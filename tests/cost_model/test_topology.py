@@ -161,7 +161,7 @@ def test_more_bandwidth_never_slows_the_best_plan(nodes, gpn, intra, leaf, over,
                               network=[{"name": "leaf", "gpus": nodes * gpn // 2, "GBps": leaf},
                                        {"name": "spine", "gpus": nodes * gpn, "GBps": spine,
                                         "oversubscription": over}])
-        res = plan(_SMALL_MOE, cluster, training, top_k=1)
+        res = plan(_SMALL_MOE, cluster, training, top_k=1, time_limit_s=300)
         assert res.search.status == "OPTIMAL"
         return res.candidates[0].estimate.step_time_s
 
