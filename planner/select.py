@@ -15,7 +15,6 @@ answer is FEASIBLE (found, not proven).
 
 from __future__ import annotations
 
-import math
 
 from ortools.sat.python import cp_model
 
@@ -51,7 +50,9 @@ def select(rows: list[Row], bound: float | None, top_k: int, stopped_early: bool
         _add_exclusion_constraints(model, x, excluded)
         model.minimize(
             sum(2 * c * v for c, v in zip(cost, x))
-            + sum((2 * int(math.floor(bound / q)) + 1) * v for v in y)
+            # Rounded like the rows: a bound at or above a row's step never beats it (the
+            # search stops at bounds equal to the k-th best; exact bounds meet it).
+            + sum((2 * int(round(bound / q)) + 1) * v for v in y)
         )
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1
