@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 venv: $(STAMP)
 
+# `make serve PORT=8080 HOST=0.0.0.0`: the address to bind; unset, FOLDPLAN_HOST and
+# FOLDPLAN_PORT or the defaults (127.0.0.1:8000) apply.
 serve: $(STAMP)
-	$(BIN)/foldplan serve
+	$(BIN)/foldplan serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 # System packages some tests drive for real (Chromium for the browser test, PostgreSQL for
 # the database test, Slurm + munge for the slurm backend test); installed with apt-get when

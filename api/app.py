@@ -13,10 +13,11 @@ from fastapi.staticfiles import StaticFiles
 from .backends import Backend
 from .db import Database
 from .errors import BodyLimitMiddleware, install_error_handlers
-from .routers import docs, estimate, health, layout, pages, plans, presets, runs
+from .routers import docs, estimate, health, layout, pages, plans, presets, runs, verify
 from .runner import RunManager
 from .service import foldplan_version
 from .settings import Settings
+from .verify import Verifier
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -31,7 +32,8 @@ def default_backends(settings: Settings) -> dict[str, Backend]:
     from .backends.local import LocalBackend
     from .backends.slurm import SlurmBackend
 
-    return {"local": LocalBackend(), "slurm": SlurmBackend(settings)}
+    return {"local": LocalBackend(nodes_file=settings.local_nodes_file),
+            "slurm": SlurmBackend(settings)}
 
 
 def create_app(settings: Settings | None = None,
@@ -46,12 +48,17 @@ def create_app(settings: Settings | None = None,
     db.init()
     runner = RunManager(db, settings.run_dir, backends or default_backends(settings),
                         max_concurrent=settings.max_concurrent_runs, poll_s=settings.run_poll_s,
-                        profile=settings.run_profile)
+                        profile=settings.run_profile,
+                        replan_time_limit_s=settings.plan_time_limit_s)
+
+    verifier = Verifier(db, runner, settings, poll_s=settings.run_poll_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runner.start()
+        verifier.start()
         yield
+        verifier.shutdown()
         runner.shutdown()
         db.dispose()
 
@@ -60,10 +67,11 @@ def create_app(settings: Settings | None = None,
     app.state.settings = settings
     app.state.db = db
     app.state.runner = runner
+    app.state.verifier = verifier
     app.state.plan_limiter = anyio.CapacityLimiter(settings.plan_workers)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    for module in (health, estimate, plans, layout, presets, runs, pages, docs):
+    for module in (health, estimate, plans, layout, presets, runs, verify, pages, docs):
         app.include_router(module.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

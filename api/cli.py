@@ -16,8 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .cli_tables import print_plan_table, print_table, run_summary
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INFEASIBLE = 3  # `foldplan plan`: the JSON is printed, but no mapping fits
 
 
 class CLIError(Exception):
@@ -59,18 +62,6 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=2)
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="left" if c == columns[0] else "right")
-    for r in rows:
-        table.add_row(*[str(x) for x in r])
-    Console().print(table)
-
-
 def _estimate_rows(e: Any) -> list[list[Any]]:
     if hasattr(e, "error"):
         return [["error", e.error]]
@@ -92,7 +83,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     out = run_estimate(req)
     if args.format == "table":
         for i, e in enumerate(out if isinstance(out, list) else [out]):
-            _print_table(f"estimate {i}", ["quantity", "value"], _estimate_rows(e))
+            print_table(f"estimate {i}", ["quantity", "value"], _estimate_rows(e))
     else:
         print(_dump(out))
 
@@ -105,20 +96,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     req = _parse(PlanRequest, _read_json(args.json))
     answer = make_plan(req, req.time_limit_s or Settings().plan_time_limit_s)
     if args.format == "table":
-        rows = []
-        for i, c in enumerate(answer.candidates):
-            m, e = c.mapping, c.estimate
-            rows.append([i, f"tp{m.tp} cp{m.cp} pp{m.pp} vpp{m.vpp} ep{m.ep} etp{m.etp} dp{m.dp} "
-                         f"edp{m.edp} mbs{m.micro_batch_size} {m.recompute}",
-                         f"{e.step_time_s:.3f}", f"{100 * e.mfu:.1f}%", f"{e.tokens_per_s:,.0f}",
-                         f"{e.memory.peak_gib:.1f}/{e.memory.capacity_gib:.0f}"])
-        _print_table(f"{answer.model.name or 'model'} on {answer.cluster.world_size} GPUs: "
-                     f"{answer.search.status}", ["#", "mapping", "step s", "MFU", "tokens/s",
-                                                 "mem GiB"], rows)
-        for r in answer.search.reasons:
-            print(f"reason: {r}")
+        print_plan_table(answer)
     else:
         print(_dump(answer))
+    if answer.search.status == "INFEASIBLE":
+        raise CLIError("no mapping fits (search status INFEASIBLE); see search.reasons",
+                       EXIT_INFEASIBLE)
 
 
 def cmd_layout(args: argparse.Namespace) -> None:
@@ -127,9 +110,10 @@ def cmd_layout(args: argparse.Namespace) -> None:
 
     ans = run_layout(_parse(LayoutRequest, _read_json(args.json)))
     if args.format == "table":
-        rows = [[k, len(g[0]), len(g), ans.crosses_node[k], g[0] if len(g[0]) <= 16 else "..."]
-                for k, g in ans.groups.items()]
-        _print_table("rank layout", ["kind", "size", "groups", "crosses node", "first group"], rows)
+        rows = [[k, len(g[0]), len(g), ans.crosses_node[k], ans.tiers[k],
+                 g[0] if len(g[0]) <= 16 else "..."] for k, g in ans.groups.items()]
+        print_table("rank layout", ["kind", "size", "groups", "crosses node", "outermost link",
+                                     "first group"], rows)
     else:
         print(_dump(ans))
 
@@ -139,10 +123,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
     p = presets()
     if args.format == "table":
-        _print_table("models", ["id", "layers", "hidden", "experts", "top-k", "source"],
+        print_table("models", ["id", "layers", "hidden", "experts", "top-k", "source"],
                      [[k, v.spec.num_layers, v.spec.hidden_size, v.spec.num_experts or "-",
                        v.spec.moe_router_topk or "-", v.source] for k, v in p.models.items()])
-        _print_table("gpus", ["id", "name", "TFLOP/s", "GiB"],
+        print_table("gpus", ["id", "name", "TFLOP/s", "GiB"],
                      [[k, g.name, g.peak_tflops, g.memory_gib] for k, g in p.gpus.items()])
     else:
         print(_dump(p))
@@ -160,7 +144,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not 0 <= args.candidate < len(plan["candidates"]):
         raise CLIError(f"--candidate {args.candidate}: the plan has {len(plan['candidates'])} "
                        "candidates")
+    convert = args.steps == 0
+    if convert and not (args.init_hf and args.export_hf):
+        raise CLIError("--steps 0 converts a checkpoint: it needs --init-hf and --export-hf")
+    if args.export_hf and not args.init_hf:
+        raise CLIError("--export-hf needs --init-hf (the checkpoint's config.json is written back)")
     try:
+        from executor.config import UnsupportedPlan
         from executor.launch import run_plan
     except ImportError as exc:
         raise CLIError(f"the executor is not available: {exc}", EXIT_FAILED) from None
@@ -170,16 +160,66 @@ def cmd_run(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
     if isinstance(plan.get("cluster"), dict):  # the same checks as the service's local runs
         try:
-            job = RunJob.from_plan(out.name, plan, args.candidate, args.steps, out)
+            job = RunJob.from_plan(out.name, plan, args.candidate, max(args.steps, 1), out)
         except (ValidationError, KeyError, TypeError) as exc:
             raise CLIError(f"--plan {args.plan}: not a usable plan answer: {exc}") from None
         why = LocalBackend().unavailable(job)
         if why:
             raise CLIError(why.replace("backend='local'", "foldplan run"))
-    with contextlib.redirect_stdout(sys.stderr):  # rank output to stderr; stdout is the JSON
-        metrics = run_plan(plan, args.candidate, args.steps, out, seed=args.seed,
-                           save_every=args.save_every or 0, resume=args.resume)
-    print(json.dumps(metrics, indent=2))  # what run_plan read back from out/metrics.json
+    if args.on_failure == "replan":
+        if args.init_hf or args.export_hf or args.data:
+            raise CLIError("--init-hf, --export-hf and --data are not taken by --on-failure replan yet")
+        metrics = _run_elastic(args, plan, out)
+    else:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # rank output to stderr; stdout: the JSON
+                metrics = run_plan(plan, args.candidate, args.steps, out, seed=args.seed,
+                                   save_every=args.save_every or 0, resume=args.resume,
+                                   data=args.data, init_hf=args.init_hf, export_hf=args.export_hf)
+        except (UnsupportedPlan, ValueError) as exc:  # refused before any rank started
+            raise CLIError(str(exc)) from None  # (plan, checkpoint, dataset, steps)
+    if convert:
+        print(json.dumps({"exported": str(Path(args.export_hf).resolve())}, indent=2))
+        return
+    if args.format == "json":
+        print(json.dumps(metrics, indent=2))  # what run_plan read back from out/metrics.json
+    summary = run_summary(plan, args.candidate, metrics, out)
+    print(summary, file=sys.stdout if args.format == "table" else sys.stderr)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    """`foldplan tokenize`: progress on stderr, the summary JSON on stdout."""
+    try:
+        from executor.text_data import TokenizeError, tokenize_file
+    except ImportError as exc:
+        raise CLIError(f"the executor is not available: {exc}", EXIT_FAILED) from None
+    try:
+        summary = tokenize_file(args.tokenizer, args.input, args.out)
+    except TokenizeError as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(summary.__dict__, indent=2))
+
+
+def _run_elastic(args: argparse.Namespace, plan: dict[str, Any], out: Path) -> dict[str, Any]:
+    """`--on-failure replan`: the service's elastic run in the foreground (elastic_foreground)."""
+    from .elastic_foreground import ElasticRunFailed, attempts_summary, run_elastic
+    from .settings import Settings
+
+    if args.resume:
+        raise CLIError("--resume and --on-failure replan: give one (an elastic run resumes by "
+                       "itself after a lost node)")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # rank output to stderr
+            metrics, attempts = run_elastic(
+                plan, args.candidate, args.steps, out, seed=args.seed,
+                save_every=args.save_every or 0, min_nodes=args.min_nodes,
+                replan_time_limit_s=Settings().plan_time_limit_s)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    except ElasticRunFailed as exc:
+        raise CLIError(str(exc), EXIT_FAILED) from None
+    print(attempts_summary(attempts), file=sys.stderr)
+    return metrics
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -246,12 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="train a plan candidate in the foreground")
     s.add_argument("--plan", required=True, metavar="FILE", help="plan answer JSON")
     s.add_argument("--candidate", type=_nonneg, default=0, metavar="K")
-    s.add_argument("--steps", type=_positive, required=True, metavar="N")
+    s.add_argument("--steps", type=_nonneg, required=True, metavar="N",
+                   help="optimizer steps; 0 with --init-hf and --export-hf converts only")
     s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--data", default=None, metavar="PREFIX",
+                   help="Megatron indexed dataset (PREFIX.bin/.idx, e.g. from `foldplan "
+                   "tokenize`); default: the bundled corpus, byte-level")
+    s.add_argument("--init-hf", default=None, metavar="DIR",
+                   help="start from this Hugging Face model folder (config.json + safetensors)")
+    s.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="write the trained model here as a Hugging Face checkpoint")
     s.add_argument("--seed", type=int, default=0, metavar="S")
     s.add_argument("--save-every", type=_positive, default=None, metavar="K")
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--on-failure", choices=("fail", "replan"), default="fail",
+                   help="replan: re-plan for the nodes left when nodes are lost (docs/API.md)")
+    s.add_argument("--min-nodes", type=_positive, default=1, metavar="M",
+                   help="with --on-failure replan: fewer nodes left than M fails the run")
+    s.add_argument("--format", choices=("json", "table"), default="json",
+                   help="json: metrics.json on stdout, then a summary on stderr; table: only "
+                   "the summary, on stdout")
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("tokenize", help="text (.txt, .jsonl with 'text', .parquet) to a "
+                       "Megatron indexed dataset for `run --data`")
+    s.add_argument("--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json")
+    s.add_argument("--input", required=True, metavar="FILE")
+    s.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    s.set_defaults(fn=cmd_tokenize)
     sub.add_parser("profile", help="measure this machine for the cost model "
                    "(executor.profile; see `foldplan profile --help`)")
     s = sub.add_parser("serve", help="run the HTTP service")

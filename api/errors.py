@@ -1,6 +1,8 @@
 """Every bad input becomes a 4xx whose `detail` names the field; never a 500.
 
-Answer shape (FastAPI's own validation shape, plus a one-line `message`):
+A 404 for a browser (`Accept: text/html`, outside /v1 and /openapi.json) is the HTML 404
+page (api/templates/404.html); every other error answers JSON in this shape (FastAPI's own
+validation shape, plus a one-line `message`):
 {"detail": [{"loc": ["body", "cluster", "num_nodes"], "msg": "...", "type": "..."}],
  "message": "cluster.num_nodes: ..."} ; InvalidMapping locates each error at its field
 (["body", "mapping", "ep"], ["body", "training", "fp8_recipe"], ...) and also carries `reasons`.
@@ -13,14 +15,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cost_model.validate import InvalidMapping
 
-from .service import RequestError
+from .service import RequestError, foldplan_version
 
 log = logging.getLogger("foldplan.api")
 
@@ -94,7 +96,25 @@ async def _on_value_error(_req: Request, exc: ValueError) -> JSONResponse:
     return _answer(422, [{"loc": ("body",), "msg": str(exc), "type": "value_error"}])
 
 
-async def _on_http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+def is_api_path(path: str) -> bool:
+    """Paths whose errors are always JSON, whoever asks: the /v1 API and its OpenAPI schema."""
+    return path == "/v1" or path.startswith("/v1/") or path == "/openapi.json"
+
+
+def wants_html(req: Request) -> bool:
+    """A browser navigating: a GET or HEAD that accepts text/html, outside the API paths
+    (curl and API clients send `Accept: */*` or application/json and keep the JSON errors)."""
+    return (req.method in ("GET", "HEAD") and not is_api_path(req.url.path)
+            and "text/html" in req.headers.get("accept", ""))
+
+
+async def _on_http(req: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 404 and wants_html(req):
+        from .routers.pages import templates  # the pages' own (imported late: no cycle)
+
+        return templates.TemplateResponse(req, "404.html", {
+            "kind": None, "item_id": None, "path": req.url.path,
+            "version": foldplan_version()}, status_code=404)
     return JSONResponse({"detail": exc.detail, "message": str(exc.detail)},
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -1,4 +1,5 @@
-"""View data for the HTML pages: chart geometry and the rank-layout grid, as plain dicts.
+"""View data for the HTML pages: chart geometry, candidate rows, headroom, as plain dicts
+(the rank layout: api/layout_view.py; the run page: api/run_view.py).
 
 Kept out of the templates so they stay declarative and this stays testable. All drawing is
 inline SVG; no external assets. The runs table is drawn only in the browser, by
@@ -8,11 +9,15 @@ from the API.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
-from cost_model.estimate import BREAKDOWN_KEYS
-from cost_model.layout import GROUP_KINDS, build_layout
+from cost_model.estimate import BREAKDOWN_KEYS, MemoryEstimate
+from cost_model.specs import ClusterSpec, Mapping
+from planner.export import arg_lines
 
+from .layout_view import layout_grid  # noqa: F401 - the page's layout, re-exported
 from .schemas import PlanAnswer
 
 # Colours of the step-time components, in the order of cost_model.estimate.BREAKDOWN_KEYS
@@ -25,10 +30,6 @@ BREAKDOWN_COLORS = {
 MEMORY_KEYS = ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "buffers_gib")
 MEMORY_COLORS = {"weights_gib": "#3b6fb6", "gradients_gib": "#7fa7dc", "optimizer_gib": "#8e5ea2",
                  "activations_gib": "#e3892b", "buffers_gib": "#9aa0a6"}
-MAX_DRAWN_NODES = 64
-GROUP_TITLES = {"tp": "tensor parallel", "cp": "context parallel", "dp": "data parallel",
-                "pp": "pipeline parallel", "ep": "expert parallel",
-                "etp": "expert tensor parallel", "edp": "expert data parallel"}
 
 BAR_W = 560  # px of the longest bar
 
@@ -67,62 +68,95 @@ def memory_chart(plan: PlanAnswer) -> dict[str, Any]:
     }
 
 
-def _color(i: int) -> str:
-    return f"hsl({(i * 137.508) % 360:.0f},62%,{52 + 10 * (i % 3)}%)"
+# Mapping fields the candidates table always shows (the sizes people compare first); every
+# other field of cost_model.specs.Mapping is shown when it differs between candidates or is
+# not its default, so two columns never look the same while the mappings differ.
+CORE_FIELDS = ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp", "micro_batch_size",
+               "recompute")
+
+# Headroom under this share of the GPU's memory is flagged. The estimate already carries the
+# GPU's fixed reserve and 5% for the allocator (MemoryEstimate.buffers_gib), but measured peaks
+# drift above estimates by a few GiB: allocator fragmentation after long runs, NCCL buffers
+# that grow with the number of communicators, and dropless MoE layers whose busiest expert
+# takes more tokens than the assumed load imbalance.
+HEADROOM_WARN_FRACTION = 0.10
+HEADROOM_WHY = (f"under {HEADROOM_WARN_FRACTION:.0%} of the GPU's memory left: allocator "
+                "fragmentation, NCCL buffers and an unlucky expert load can take that much "
+                "beyond the estimate")
 
 
-def layout_grid(plan: PlanAnswer, candidate: int) -> dict[str, Any]:
-    """Nodes x GPUs grid of one candidate, with each rank's group index for every kind."""
-    c = plan.candidates[candidate]
-    n_nodes, gpn = plan.cluster.num_nodes, plan.cluster.gpus_per_node
-    layout = build_layout(plan.cluster.world_size, gpn, c.mapping)
-    drawn_nodes = min(n_nodes, MAX_DRAWN_NODES)
-    drawn_ranks = drawn_nodes * gpn
-    cell = 22 if gpn <= 16 else max(4, 352 // gpn)
-    kinds = []
-    for kind in GROUP_KINDS:
-        group_of = {}
-        for gi, ranks in enumerate(layout.groups[kind]):
-            for r in ranks:
-                if r < drawn_ranks:
-                    group_of[r] = gi
-        size = len(layout.groups[kind][0])
-        kinds.append({
-            "kind": kind, "title": GROUP_TITLES[kind], "size": size,
-            "num_groups": len(layout.groups[kind]), "crosses": layout.crosses_node(kind),
-            "cells": [
-                {"rank": r, "node": r // gpn, "gpu": r % gpn, "group": group_of[r],
-                 "color": _color(group_of[r]) if size > 1 else "#d7dbe0"}
-                for r in range(drawn_ranks)
-            ],
-        })
-    sizes = {k["kind"]: k["size"] for k in kinds}
-    default = next((k for k in ("tp", "ep", "cp", "pp", "dp", "etp", "edp") if sizes[k] > 1), "tp")
-    return {"kinds": kinds, "default": default, "cell": cell, "gpn": gpn,
-            "drawn_nodes": drawn_nodes,
-            "num_nodes": n_nodes, "truncated": n_nodes > drawn_nodes,
-            "width": 40 + gpn * (cell + 2), "height": 18 + drawn_nodes * (cell + 2)}
+def mapping_value(mapping: Mapping, field: str) -> Any:
+    """The effective value of one mapping field (defaults resolved where the mapping has a
+    rule for them, e.g. sequence_parallel = tp > 1)."""
+    if field == "sequence_parallel":
+        return mapping.sp
+    value = getattr(mapping, field)
+    return list(value) if isinstance(value, tuple) else value
 
 
-def mapping_rows(plan: PlanAnswer) -> list[tuple[str, list[Any]]]:
-    fields = ("tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp", "micro_batch_size",
-              "sequence_parallel", "recompute", "dispatcher", "distributed_optimizer", "order")
+def display_value(value: Any) -> str:
+    """How a mapping value reads in a table: yes/no, '—' for none, lists comma-separated."""
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if value is None:
+        return "—"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "—"
+    return str(value)
+
+
+def mapping_rows(mappings: list[Mapping]) -> list[dict[str, Any]]:
+    """The mapping rows of a candidates table: the core sizes, then every other field that
+    differs between the candidates or is not its default. Each row: `field`, `values`
+    (display strings, one per candidate) and `differs` (the values are not all equal)."""
+    defaults = Mapping()
     rows = []
-    for f in fields:
-        vals = [getattr(c.mapping, f) for c in plan.candidates]
-        if f == "vpp" and all(v == 1 for v in vals):
-            continue
-        rows.append((f, vals))
-    rows.append(("folded", [c.folded for c in plan.candidates]))
+    for field in Mapping.model_fields:
+        values = [mapping_value(m, field) for m in mappings]
+        differs = any(v != values[0] for v in values)
+        default = mapping_value(defaults, field) if field != "sequence_parallel" else None
+        if field in CORE_FIELDS or differs or any(
+                field != "sequence_parallel" and v != default for v in values):
+            rows.append({"field": field, "values": [display_value(v) for v in values],
+                         "differs": differs})
     return rows
+
+
+def headroom(memory: MemoryEstimate) -> dict[str, Any]:
+    """Memory left on the worst pipeline rank: `gib`, `fraction` of capacity, `percent` (the
+    fraction as text, rounded down to 0.1%), and `warn` when under HEADROOM_WARN_FRACTION (or
+    over capacity)."""
+    left = memory.capacity_gib - memory.peak_gib
+    fraction = left / memory.capacity_gib if memory.capacity_gib > 0 else 0.0
+    # rounded down, so a flagged 9.97% never reads as the threshold itself
+    return {"gib": left, "fraction": fraction, "warn": fraction < HEADROOM_WARN_FRACTION,
+            "percent": f"{math.floor(1000 * fraction) / 10:.1f}%"}
 
 
 def megatron_text(args: list[str]) -> str:
     """One `--flag value` per line, shell continuation style, ready to paste."""
-    lines: list[str] = []
-    for token in " ".join(args).split():
-        if token.startswith("--") or not lines:
-            lines.append(token)
-        else:
-            lines[-1] += " " + token
-    return " \\\n".join(lines)
+    return " \\\n".join(arg_lines(args))
+
+
+def prediction_caveat(cluster: ClusterSpec, predicted: dict[str, Any] | None,
+                      backend: str = "local") -> str | None:
+    """Why a CPU run's measured step time can sit far above its prediction, or None.
+
+    Without a run profile (FOLDPLAN_RUN_PROFILE) a run's prediction is the plan's own estimate
+    for its cluster; with the `cpu` GPU preset that estimate gives every rank a CPU of its own,
+    while a local run puts all ranks on this host's cores."""
+    if backend != "local" or cluster.gpu != "cpu" or not predicted:
+        return None
+    if "profile" in str(predicted.get("machine", "")):
+        return None
+    cores = os.cpu_count() or 1
+    ranks = cluster.world_size
+    if ranks <= cores:
+        return None
+    return (f"The prediction gives each of the {ranks} ranks a CPU of its own (the cpu preset, "
+            f"no run profile); this host has {cores} cores, so the ranks share them and a step "
+            f"can take about {ranks / cores:.1f}x as long. For a prediction of this host, plan "
+            "with its `foldplan profile` in cluster.profile, or give the server one "
+            "(FOLDPLAN_RUN_PROFILE).")

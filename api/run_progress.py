@@ -70,11 +70,20 @@ class ProgressReader:
         self._seen.pop(run_id, None)
 
 
+def latest_per_step(progress: list[ProgressLine]) -> list[ProgressLine]:
+    """One line per step, in step order; a step trained again (an elastic run resumed from an
+    earlier checkpoint) keeps its latest line. Example: steps [1, 2, 3, 2, 3, 4] -> the first
+    1, the second 2 and 3, and 4."""
+    by_step = {p.step: p for p in progress}
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def partial_metrics(progress: list[ProgressLine]) -> dict[str, Any]:
-    """Metrics of a run still going, from its progress lines: at most PARTIAL_POINTS evenly
-    spaced steps (always the first and the latest), so a long run's row stays small while it is
-    rewritten every pass; the final metrics.json holds every step. The step time is the
-    executor's rule (`median_step_time`) over the kept steps."""
+    """Metrics of a run still going, from its progress lines (`latest_per_step`): at most
+    PARTIAL_POINTS evenly spaced steps (always the first and the latest), so a long run's row
+    stays small while it is rewritten every pass; the final metrics.json holds every step. The
+    step time is the executor's rule (`median_step_time`) over the kept steps."""
+    progress = latest_per_step(progress)
     n = len(progress)
     if n > PARTIAL_POINTS:
         idx = sorted({round(i * (n - 1) / (PARTIAL_POINTS - 1)) for i in range(PARTIAL_POINTS)})
@@ -82,12 +91,36 @@ def partial_metrics(progress: list[ProgressLine]) -> dict[str, Any]:
     times = [p.time_s for p in progress]
     return {
         "loss": [p.loss for p in progress],
+        "aux_loss": [p.aux_loss for p in progress],
         "steps": [p.step for p in progress],
         "step_times_s": times,
         "step_time_s": median_step_time(times),
         "expert_load_imbalance": [p.expert_load_imbalance for p in progress],
         "partial": True,
     }
+
+
+# per-step lists of metrics.json and the progress-line field each entry comes from
+_PER_STEP = {"loss": "loss", "steps": "step", "step_times_s": "time_s", "aux_loss": "aux_loss",
+             "grad_norm": "grad_norm", "num_dropped": "num_dropped",
+             "expert_load_imbalance": "expert_load_imbalance"}
+
+
+def merged_metrics(final: dict[str, Any], progress: list[ProgressLine]) -> dict[str, Any]:
+    """The metrics of a run whose last invocation resumed from a checkpoint: its metrics.json
+    (`final`, the steps that invocation ran) preceded, in every per-step list, by the earlier
+    steps from the progress lines (`latest_per_step`), so every step appears once. Step time,
+    tokens/s and MFU stay those of the last invocation (the mapping the run ended on); an entry
+    a progress line does not carry is null."""
+    first = min(final.get("steps") or [0], default=0)
+    earlier = [p for p in latest_per_step(progress) if p.step < first]
+    if not earlier:
+        return final
+    out = dict(final)
+    for key, attr in _PER_STEP.items():
+        if key in final:
+            out[key] = [getattr(p, attr) for p in earlier] + list(final[key])
+    return out
 
 
 def with_rates(metrics: dict[str, Any], tokens_per_step: float,

@@ -16,6 +16,10 @@ reporting progress), one that ended while the server was down is finished from i
 and a row marked running without a job (the server died between the two writes) is failed as
 lost. Stopping the server does not stop jobs; DELETE does.
 
+A job that loses a node (the backend's `JobState.lost_nodes`) cannot go on: its other nodes
+are stopped. A run with `on_failure: "replan"` then re-plans for the nodes left and resumes
+from its latest checkpoint (api/elastic.py); every run keeps its `attempts`, one per mapping.
+
 A run folder's files are read only through executor/run_files.py; api/run_progress.py turns
 them into a run's `metrics`, api/prediction.py makes its `predicted`.
 """
@@ -31,12 +35,27 @@ from typing import Any
 from sqlalchemy.orm import object_session
 
 from cost_model.specs import TrainingSpec
-from executor.run_files import LOG_FILE, METRICS_FILE, RunFileError, read_metrics, write_plan_file
+from executor.run_files import (
+    LOG_FILE,
+    METRICS_FILE,
+    RunFileError,
+    read_metrics,
+    write_plan_file,
+)
 
+from . import elastic
 from .backends import Backend, BackendUnavailable, JobState, RunJob
 from .db import Database, RunRow, get_plan, get_run, unfinished_runs, utcnow
 from .prediction import load_profile, machine_prediction
-from .run_progress import LOG_TAIL_CHARS, ProgressReader, log_tail, partial_metrics, with_rates
+from .run_inputs import RunInputs
+from .run_progress import (
+    LOG_TAIL_CHARS,
+    ProgressReader,
+    log_tail,
+    merged_metrics,
+    partial_metrics,
+    with_rates,
+)
 
 log = logging.getLogger("foldplan.runs")
 
@@ -45,7 +64,8 @@ class RunManager:
     """Owns the scheduler thread; every state change goes through the database."""
 
     def __init__(self, db: Database, run_dir: Path, backends: dict[str, Backend],
-                 max_concurrent: int = 1, poll_s: float = 1.0, profile: Path | None = None):
+                 max_concurrent: int = 1, poll_s: float = 1.0, profile: Path | None = None,
+                 replan_time_limit_s: float = 60.0):
         self.db = db
         self.run_dir = Path(run_dir).resolve()
         self.backends = backends
@@ -60,13 +80,16 @@ class RunManager:
         self._thread: threading.Thread | None = None
         self._progress = ProgressReader()
         self._log_sizes: dict[str, int] = {}  # run id -> train.log size at the last tail read
+        self.recovery = elastic.Recovery(self, replan_time_limit_s)
 
     # --- called by the API ------------------------------------------------------------------
 
-    def job(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int) -> RunJob:
+    def job(self, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
+            save_every: int = 0) -> RunJob:
         """The backends' description of run `run_id` of a stored plan answer (folder
         FOLDPLAN_RUN_DIR/<run id>)."""
-        return RunJob.from_plan(run_id, plan, candidate, steps, self.run_dir / run_id)
+        return RunJob.from_plan(run_id, plan, candidate, steps, self.run_dir / run_id,
+                                save_every=save_every)
 
     def unavailable(self, backend: str, job: RunJob) -> str | None:
         """Why `backend` cannot run this job here (None: it can)."""
@@ -99,6 +122,7 @@ class RunManager:
             job = None
             if r.status in ("queued", "running"):
                 r.status, r.finished_at = "cancelled", utcnow()
+                elastic.end_attempt(r, "cancelled", None, None)
                 job = r.job
                 if r.out_dir:
                     r.log_tail = log_tail(Path(r.out_dir)) or r.log_tail
@@ -125,6 +149,7 @@ class RunManager:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.recovery.join(timeout_s=self.recovery.time_limit_s + 10)
 
     def tick(self) -> None:
         """One scheduling pass (the loop calls this; tests may too)."""
@@ -158,6 +183,9 @@ class RunManager:
     def _poll(self, r: RunRow) -> bool:
         """Bring one started run up to date; return True when it is over."""
         backend = self.backends.get(r.backend)
+        if r.job is None and elastic.recovering(r):  # between two attempts of an elastic run
+            self.recovery.ensure(r.id)
+            return False
         if r.job is None:  # marked running, but the job handle was never stored
             self._finish(r, "failed", error="lost: the server stopped while starting this run; "
                          "no job was recorded")
@@ -176,30 +204,62 @@ class RunManager:
             return False
         if r.status == "queued":
             r.status, r.started_at = "running", r.started_at or utcnow()
+        if state.lost_nodes and elastic.note_lost(r, state.lost_nodes) \
+                and state.state == "running":
+            self._stop_nodes(r, backend)  # the job cannot go on without the lost nodes
+        progress, new = self._progress.read(r.id, out_dir)
         if state.state == "running":
-            progress, new = self._progress.read(r.id, out_dir)
             if new and progress:
                 r.metrics = self._rates(r, partial_metrics(progress))
+                elastic.note_progress(r, progress)
             self._refresh_log_tail(r, out_dir)
+            if not state.lost_nodes and elastic.check_growth(r, backend.available_nodes(),
+                                                             out_dir):
+                self._stop_nodes(r, backend)  # nodes came back: grow at this checkpoint
+            return False
+        if state.lost_nodes and not (out_dir / METRICS_FILE).is_file() \
+                and elastic.RunOptions.of(r).on_failure == "replan":
+            if progress:
+                r.metrics = self._rates(r, partial_metrics(progress))
+            why = elastic.begin_recovery(r, state.detail, state.lost_nodes, progress)
+            r.job = None
+            if why is None:
+                self.recovery.ensure(r.id)
+                return False
+            self._finish(r, "failed", error=why)
+            return True
+        if elastic.growing(r) and not (out_dir / METRICS_FILE).is_file():
+            elastic.begin_growth(r, progress)
+            r.job = None
+            self.recovery.ensure(r.id)
             return False
         self._complete(r, out_dir, state)
         return True
 
+    def _stop_nodes(self, r: RunRow, backend: Backend) -> None:
+        """Stop a job that cannot or should not go on (called with the lock held)."""
+        try:
+            backend.cancel(r.job)
+        except Exception as exc:  # noqa: BLE001 - tried again on a later pass
+            log.warning("stopping the nodes of run %s failed: %s", r.id, exc)
+
     def _complete(self, r: RunRow, out_dir: Path, state: JobState) -> None:
+        progress, _ = self._progress.read(r.id, out_dir)
         if (out_dir / METRICS_FILE).is_file():
             try:
                 metrics = read_metrics(out_dir)
             except RunFileError as exc:
                 self._finish(r, "failed", error=f"metrics.json unreadable: {exc}")
                 return
-            self._finish(r, "succeeded",
-                         metrics=self._rates(r, metrics.model_dump(mode="json")))
+            # a resumed attempt's file holds its own steps: the earlier ones come from progress
+            merged = merged_metrics(metrics.model_dump(mode="json"), progress)
+            self._finish(r, "succeeded", metrics=self._rates(r, merged))
             return
-        progress, _ = self._progress.read(r.id, out_dir)
         if progress:
             r.metrics = self._rates(r, partial_metrics(progress))
-        why = state.detail or "the job ended without writing metrics.json"
-        self._finish(r, "failed", error=f"{why}; see the log tail")
+        why = "the job ended without writing metrics.json"
+        self._finish(r, "failed",
+                     error=f"{state.detail}; {why}" if state.detail else f"{why}; see the log tail")
 
     def _refresh_log_tail(self, r: RunRow, out_dir: Path) -> None:
         """Keep the log tail of a running job current (written only when the log grew)."""
@@ -218,6 +278,8 @@ class RunManager:
     def _finish(self, r: RunRow, status: str, error: str | None = None,
                 metrics: dict[str, Any] | None = None) -> None:
         r.status, r.finished_at = status, utcnow()
+        if r.out_dir:
+            elastic.end_attempt(r, status, error, self._progress.read(r.id, Path(r.out_dir))[0])
         self._progress.forget(r.id)
         self._log_sizes.pop(r.id, None)
         if metrics is not None:
@@ -235,10 +297,16 @@ class RunManager:
                 return
             plan = get_plan(s, r.plan_id).answer
             candidate, steps, backend_name = r.candidate, r.steps, r.backend
-            r.out_dir = str(self.run_dir / run_id)
+            opts = elastic.RunOptions.of(r)
+            r_options = dict(r.options or {})
+            r.out_dir = r.out_dir or str(self.run_dir / run_id)  # preset by `foldplan run`
+            out_dir = Path(r.out_dir)
         backend = self.backends.get(backend_name)
         try:
-            job = self.job(run_id, plan, candidate, steps)
+            init_hf, data = RunInputs.of_options(r_options)
+            job = RunJob.from_plan(run_id, plan, candidate, steps, out_dir,
+                                   save_every=opts.save_every, seed=opts.seed).model_copy(
+                update={"init_hf": init_hf, "data": data})
             if backend is None:
                 raise BackendUnavailable(f"backend {backend_name!r} is not configured on this "
                                          "server")
@@ -246,7 +314,7 @@ class RunManager:
             if why:  # one that accepted the request (restart, other settings)
                 raise BackendUnavailable(why)
             job.out_dir.mkdir(parents=True, exist_ok=True)
-            _check_executor(plan, candidate)
+            _check_executor(plan, candidate, job.init_hf)
             write_plan_file(job.out_dir, plan)
             handle = backend.start(job)
             state = _safe_poll(backend, handle)
@@ -261,6 +329,7 @@ class RunManager:
         with self.db.session() as s:
             r = get_run(s, run_id)
             r.job = handle
+            elastic.first_attempt(r, plan)
             if r.status == "queued" and state != "pending":  # a Slurm job may wait for nodes
                 r.status, r.started_at = "running", utcnow()
             cancelled = r.status == "cancelled"
@@ -286,7 +355,7 @@ def executor_refusal(plan: dict[str, Any], candidate: int) -> str | None:
     return None
 
 
-def _check_executor(plan: dict[str, Any], candidate: int) -> None:
+def _check_executor(plan: dict[str, Any], candidate: int, init_hf: str | None = None) -> None:
     """Refuse, before any process starts, a plan the executor cannot run (names the reason).
 
     Skipped where the executor is not installed (a service without torch that submits to
@@ -296,4 +365,4 @@ def _check_executor(plan: dict[str, Any], candidate: int) -> None:
         from executor.config import load_run
     except ImportError:
         return
-    load_run(plan, candidate)
+    load_run(plan, candidate, init_hf=init_hf)

@@ -27,9 +27,11 @@ from cost_model.specs import (
     HFConfigRef,
     Mapping,
     ModelSpec,
+    NetworkTier,
     PresetRef,
     TrainingSpec,
 )
+from cost_model.specs.cluster import DEFAULT_TIER_NAME, check_links
 from planner.result import Candidate, SearchInfo
 
 
@@ -179,7 +181,32 @@ class LayoutRequest(_Request):
 
     world_size: int = Field(..., ge=1, le=MAX_WORLD_SIZE, description="Number of GPUs.")
     gpus_per_node: int = Field(..., ge=1, le=1024, description="GPUs per node.")
+    nvlink_domain_size: int | None = Field(
+        None, ge=1, le=MAX_WORLD_SIZE, description="GPUs per NVLink domain (as in the "
+        "cluster); null = gpus_per_node.")
+    network: list[NetworkTier] | None = Field(
+        None, min_length=1, max_length=8, description="Network tiers beyond the NVLink domain, "
+        "innermost first (as in the cluster); null = one tier named 'network'.")
     mapping: Mapping
+
+    @model_validator(mode="after")
+    def _check_links(self) -> LayoutRequest:
+        check_links(self.world_size, self.gpus_per_node, self.domain_size, self.network)
+        return self
+
+    @property
+    def domain_size(self) -> int:
+        return self.nvlink_domain_size or self.gpus_per_node
+
+    @property
+    def tier_units(self) -> tuple[int, ...]:
+        return (tuple(t.gpus for t in self.network) if self.network
+                else (max(self.world_size, self.domain_size),))
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return ("nvlink",) + (tuple(t.name for t in self.network) if self.network
+                              else (DEFAULT_TIER_NAME,))
 
 
 class LayoutAnswer(BaseModel):
@@ -190,6 +217,13 @@ class LayoutAnswer(BaseModel):
     )
     crosses_node: dict[str, bool] = Field(
         ..., description="For each key: whether any of its groups spans two nodes."
+    )
+    crosses_domain: dict[str, bool] = Field(
+        ..., description="For each key: whether any of its groups spans two NVLink domains."
+    )
+    tiers: dict[str, str] = Field(
+        ..., description="For each key: the name of the outermost link its groups cross: "
+        "'nvlink' when they stay inside an NVLink domain, else a network tier's name."
     )
 
 
@@ -217,6 +251,54 @@ class RunRequest(_Request):
     backend: Literal["local", "slurm"] = Field(
         "local", description="Where to run; how a backend reaches its machines is server config."
     )
+    save_every: int | None = Field(
+        None, ge=1, le=10_000_000, description="Checkpoint into the run folder every K steps "
+        "(null: never). An elastic run resumes from the latest one.")
+    on_failure: Literal["fail", "replan"] = Field(
+        "fail", description="When nodes are lost: `fail` the run, or `replan` for the nodes "
+        "left and resume from the latest checkpoint (see docs/API.md, elastic runs).")
+    min_nodes: int = Field(
+        1, ge=1, le=MAX_WORLD_SIZE, description="With `replan`: fewer nodes left than this "
+        "fails the run instead of re-planning.")
+    max_nodes: int | None = Field(
+        None, ge=1, le=MAX_WORLD_SIZE, description="With `replan`: when the backend offers more "
+        "nodes than the run trains on (nodes came back), re-plan up to this many at the next "
+        "checkpoint; null: never grow.")
+    init_hf: str | None = Field(
+        None, max_length=1024, description="Start from this Hugging Face model folder: a name "
+        "relative to the server's FOLDPLAN_MODELS_DIR (no leading '/', no '..'). The plan must "
+        "have been made from its config.json (`model.hf_config`).")
+    data: str | None = Field(
+        None, max_length=1024, description="Train on this Megatron indexed dataset: a prefix "
+        "relative to the server's FOLDPLAN_DATA_DIR (PREFIX.bin/.idx, e.g. from `foldplan "
+        "tokenize`); null: the bundled corpus.")
+
+
+class Attempt(BaseModel):
+    """One attempt of a run: the steps it trained on one mapping (api/elastic.py)."""
+
+    plan_id: str | None = Field(None, description="The plan of this attempt's mapping (the "
+                                "run's own plan first, then the re-plans); null while planning.")
+    candidate: int | None = Field(None, description="Index of the candidate in that plan.")
+    mapping: dict[str, Any] | None = Field(None, description="The mapping trained on.")
+    num_nodes: int = Field(..., description="Nodes of this attempt.")
+    start_step: int | None = Field(None, description="First step (1-based) of this attempt: "
+                                   "the step after the checkpoint it resumed from.")
+    end_step: int | None = Field(None, description="Last step it finished (inclusive).")
+    status: Literal["replanning", "starting", "running", "succeeded", "failed", "cancelled",
+                    "stopped"] = Field(..., description="replanning/starting: the run is "
+                                       "recovering from the previous attempt's end; stopped: "
+                                       "ended after a checkpoint to grow onto more nodes.")
+    error: str | None = Field(None, description="Why this attempt ended, if it failed.")
+    recovery_s: float | None = Field(None, description="Seconds from the detection of the "
+                                     "previous attempt's failure to this attempt's first step.")
+    lost_nodes: list[int] = Field(default_factory=list, description="Nodes (0-based) this "
+                                  "attempt lost.")
+    failed_at: str | None = Field(None, description="When the loss was detected (UTC).")
+    stopped_at: str | None = Field(None, description="When it was stopped to grow (UTC).")
+    started_at: str | None = Field(None, description="When this attempt's job started (UTC).")
+    predicted_step_time_s: float | None = Field(None, description="The plan's estimate for "
+                                                "this attempt's candidate.")
 
 
 class RunAnswer(BaseModel):
@@ -243,10 +325,82 @@ class RunAnswer(BaseModel):
     error: str | None = None
     log_tail: str | None = None
     job: dict[str, Any] | None = Field(
-        None, description="The backend's job: {\"pid\": ...} (local) or {\"job_id\": ...} (slurm)."
+        None, description="The backend's job of the current attempt: local {\"pid\": ..., "
+        "\"nodes\": [{\"node\": i, \"pgid\": <process group id>}, ...]} (one torchrun agent per "
+        "node), slurm {\"job_id\": ...}; null between two attempts of an elastic run."
     )
     created_at: str
     started_at: str | None = None
+    finished_at: str | None = None
+    save_every: int | None = Field(None, description="As requested.")
+    on_failure: Literal["fail", "replan"] = Field("fail", description="As requested.")
+    min_nodes: int = Field(1, description="As requested.")
+    max_nodes: int | None = Field(None, description="As requested.")
+    init_hf: str | None = Field(None, description="As requested.")
+    data: str | None = Field(None, description="As requested.")
+    attempts: list[Attempt] = Field(
+        default_factory=list, description="One per mapping the run trained on, in order; an "
+        "elastic run that lost nodes has more than one (steps 1-based and inclusive; steps "
+        "trained again after a rollback replace their earlier entries in `metrics`).")
+
+
+class VerifyRequest(_Request):
+    """Body of POST /v1/plans/{id}/verify: run some candidates for a few steps each, one after
+    the other, and rank them by measured step time."""
+
+    candidates: list[Annotated[int, Field(ge=0, le=49)]] | None = Field(
+        None, min_length=1, max_length=10, description="Indices into the plan's candidates, "
+        "each at most once; null = the first three (all, when the plan has fewer).")
+    steps: int = Field(5, ge=2, le=10_000, description="Training steps per candidate (the "
+                       "measured step time is the median after the first, warm-up, step).")
+    backend: Literal["local", "slurm"] = Field(
+        "local", description="Where the runs go, as for POST /v1/plans/{id}/runs.")
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"candidates={v} names a candidate twice")
+        return v
+
+
+class VerifiedCandidate(BaseModel):
+    """One candidate of a verification: its prediction, its run and what the run measured."""
+
+    candidate: int = Field(..., description="Index into the plan's candidates.")
+    run_id: str | None = Field(None, description="Its run (GET /v1/runs/{id}); null until it "
+                               "starts.")
+    status: str = Field(..., description="'waiting' before its run exists, then the run's "
+                        "status; 'failed' with `error` when the run could not be started.")
+    predicted_step_time_s: float = Field(..., description="The run's prediction (the plan's "
+                                         "estimate, or the server's run profile's).")
+    measured_step_time_s: float | None = Field(None, description="The run's median step time "
+                                               "after the warm-up step; null until it succeeds.")
+    predicted_rank: int = Field(..., description="1 = fastest predicted among these.")
+    measured_rank: int | None = Field(None, description="1 = fastest measured among those "
+                                      "measured.")
+    error: str | None = None
+
+
+class VerificationAnswer(BaseModel):
+    """A verification of a plan's top candidates (GET /v1/verifications/{id})."""
+
+    id: str
+    plan_id: str
+    status: RunStatus = Field(..., description="queued, running (a candidate is training), "
+                              "succeeded (every run over, at least one measured), failed, "
+                              "cancelled.")
+    steps: int
+    backend: str
+    candidates: list[VerifiedCandidate] = Field(..., description="In the order asked.")
+    spearman: float | None = Field(None, description="Spearman rank correlation of predicted "
+                                   "and measured step times over the measured candidates; null "
+                                   "with fewer than 2 measured (or all equal).")
+    measured_over_predicted: float | None = Field(
+        None, description="Median of measured / predicted step time over the measured "
+        "candidates: how far this machine is from the prediction.")
+    error: str | None = None
+    created_at: str
     finished_at: str | None = None
 
 
@@ -266,5 +420,6 @@ class ErrorAnswer(BaseModel):
 __all__ = [
     "EstimateRequest", "EstimateError", "Estimate", "PlanRequest", "PlanAnswer", "PlanSummary",
     "PlanList", "LayoutRequest", "LayoutAnswer", "PresetsAnswer", "ModelPreset", "RunRequest",
-    "RunAnswer", "ErrorAnswer", "FixedMapping",
+    "RunAnswer", "Attempt", "ErrorAnswer", "FixedMapping", "VerifyRequest", "VerifiedCandidate",
+    "VerificationAnswer",
 ]

@@ -142,12 +142,15 @@ def make_plan(req: PlanRequest, time_limit_s: float | None,
 
 def run_layout(req: LayoutRequest) -> LayoutAnswer:
     try:
-        layout = build_layout(req.world_size, req.gpus_per_node, req.mapping)
+        layout = build_layout(req.world_size, req.gpus_per_node, req.mapping,
+                              req.domain_size, req.tier_units)
     except (ValueError, AssertionError) as exc:
         raise RequestError(("mapping",), str(exc)) from exc
     return LayoutAnswer(
         groups={k: layout.groups[k] for k in GROUP_KINDS},
         crosses_node={k: layout.crosses_node(k) for k in GROUP_KINDS},
+        crosses_domain={k: layout.crosses_domain(k) for k in GROUP_KINDS},
+        tiers={k: req.tier_names[layout.tier(k)] for k in GROUP_KINDS},
     )
 
 

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "FOLDPLAN_RUN_PROFILE). When set, a run's `predicted` is the estimate for those machines "
         "instead of the plan's cluster.",
     )
+    local_nodes_file: Path | None = Field(
+        None,
+        description="A file holding how many nodes the local backend offers now, as an integer "
+        "(FOLDPLAN_LOCAL_NODES_FILE), read while runs go: an elastic run with `max_nodes` grows "
+        "back when it rises; unset: no run grows.",
+    )
     slurm_partition: str | None = Field(None, description="sbatch --partition (FOLDPLAN_SLURM_PARTITION).")
     slurm_account: str | None = Field(None, description="sbatch --account (FOLDPLAN_SLURM_ACCOUNT).")
     slurm_time_limit: str | None = Field(
@@ -69,4 +75,14 @@ class Settings(BaseSettings):
     )
     plan_grace_s: float = Field(
         5.0, ge=0, le=600, description="How far past its time limit a plan may run before 504."
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="Folder of Hugging Face model folders that a run body's `init_hf` names "
+        "(FOLDPLAN_MODELS_DIR); unset: runs cannot start from a checkpoint.",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Folder of Megatron indexed datasets (`foldplan tokenize` output) that a run "
+        "body's `data` prefix names (FOLDPLAN_DATA_DIR); unset: runs train on the bundled corpus.",
     )

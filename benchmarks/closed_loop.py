@@ -51,6 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from api.verify import spearman  # noqa: E402  (the one Spearman: the verify flow's)
 from cost_model.estimate import estimate  # noqa: E402
 from cost_model.presets import preset_model  # noqa: E402
 from cost_model.profile_model import Profile, load_profile  # noqa: E402
@@ -93,27 +94,9 @@ WORLD1 = [
 ]
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rho: Pearson correlation of the ranks (ties get their mean rank)."""
-
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
+def rho_text(rho: float | None) -> str:
+    """Spearman's rho to three places; None (fewer than two rows, or no spread) as 'undefined'."""
+    return "undefined" if rho is None else f"{rho:.3f}"
 
 
 def label(model: str, world: int, fields: dict) -> str:
@@ -207,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['mapping']:<46} | {r['predicted_s']:11.3f} | {r['measured_s']:10.3f} | "
               f"{r['ratio']:5.2f} |")
-    print(f"\nSpearman rank correlation: {rho:.3f} (target >= 0.8)")
+    print(f"\nSpearman rank correlation: {rho_text(rho)} (target >= 0.8)")
     print(f"median |predicted/measured - 1|: {mare:.3f}")
     print(f"predicted span: {max(pred) / min(pred):.1f}x, measured span: {max(meas) / min(meas):.1f}x")
     if all("predicted_load_s" in r for r in rows):
@@ -218,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['mapping']:<46} | {r['measured_load']:4.2f} | {r['predicted_load_s']:11.3f} | "
                   f"{r['measured_s']:10.3f} | {r['predicted_load_s'] / r['measured_s']:5.2f} |")
-        print(f"Spearman: {spearman(pl, meas):.3f}; median |predicted/measured - 1|: "
+        print(f"Spearman: {rho_text(spearman(pl, meas))}; median |predicted/measured - 1|: "
               f"{statistics.median(abs(a / b - 1) for a, b in zip(pl, meas)):.3f}")
     wall = time.perf_counter() - t_start
     print(f"wall time: {wall:.0f} s")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 6 minutes on one H100/H200):
+# Every check that needs a GPU, in one go (about 7 minutes on one H100/H200):
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 # GPU-marked tests (NCCL run, Triton kernels vs torch, grouped expert GEMM in bf16), the
-# expert GEMM benchmark, the dispatch-kernel benchmark, predicted vs measured step time and
-# memory on this GPU (benchmarks/gpu_step.py) and a quick `foldplan profile` of this GPU.
+# expert GEMM benchmark, the dispatch-kernel benchmark, the step anatomy (issue 12: ops and
+# host reads per step on the GPU), predicted vs measured step time and memory on this GPU
+# (benchmarks/gpu_step.py; bf16 runs use Megatron-style mixed precision since issue 12) and a
+# quick `foldplan profile` of this GPU.
 # Logs and JSON land in OUT_DIR (default ./gpu_checks).
 set -uo pipefail
 OUT_DIR=${1:-./gpu_checks}
@@ -21,6 +23,8 @@ $PY benchmarks/expert_gemm.py --repeat 10
 step "dispatch kernels"
 $PY benchmarks/dispatch_kernels.py --backend triton --tokens 32768 2>&1 | tail -7
 $PY benchmarks/dispatch_kernels.py --backend triton --tokens 32768 --backward 2>&1 | tail -7
+step "step anatomy on this GPU (ep 1: ops, host reads incl. device-to-host copies, shapes)"
+timeout 300 $PY benchmarks/step_anatomy.py --config ep1-dropless ep1-cap1 --out "$OUT_DIR/step_anatomy_gpu.json" 2>&1 | grep -v '^step '
 step "predicted vs measured on this GPU"
 $PY benchmarks/gpu_step.py --steps 6 --out "$OUT_DIR/gpu_step"
 cp "$OUT_DIR/gpu_step/gpu_step.json" "$OUT_DIR/" 2>/dev/null

@@ -14,7 +14,10 @@ gate on the shared expert), and for DeepSeek: `scoring_func` -> moe_router_score
 `topk_method` 'noaux_tc' -> moe_router_enable_expert_bias, `routed_scaling_factor` ->
 moe_router_topk_scaling_factor (1 = none), `n_group`/`topk_group` -> moe_router_num_groups/
 moe_router_group_topk (with a group-limited `topk_method` and more than one group),
-`num_nextn_predict_layers` -> mtp_num_layers. DeepSeek's `rope_interleave` is the layout
+`num_nextn_predict_layers` -> mtp_num_layers. transformers 5 writes neither `scoring_func` nor
+`topk_method` for DeepSeek-V3 (its code always routes with sigmoid scores, the correction
+bias and groups): they default to 'sigmoid' / 'noaux_tc' for deepseek_v3 and to 'softmax' /
+'greedy' for deepseek_v2 (the defaults of each model's code). DeepSeek's `rope_interleave` is the layout
 Megatron's MLA applies itself (rotary_interleaved stays false: Megatron refuses it with MLA).
 """
 
@@ -136,8 +139,9 @@ def _deepseek_moe(cfg: dict[str, Any], layers: int, spec: dict[str, Any],
         "n_shared_experts*moe_intermediate_size->moe_shared_expert_intermediate_size, "
         "first_k_dense_replace/moe_layer_freq->moe_layer_freq"
     )
-    method = cfg.get("topk_method", "greedy")
-    if cfg.get("scoring_func", "softmax") == "sigmoid":
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    method = cfg.get("topk_method", "noaux_tc" if v3 else "greedy")
+    if cfg.get("scoring_func", "sigmoid" if v3 else "softmax") == "sigmoid":
         spec["moe_router_score_function"] = "sigmoid"
         notes.append("scoring_func->moe_router_score_function")
     if method == "noaux_tc":

@@ -5,6 +5,14 @@ way to read such a file back; cost_model/hardware.py reads its numbers in place 
 ones. A measured rate or latency is a finite number in [1e-6, 1e9); null means "not
 measured" (the cluster's or the GPU preset's value applies). Keys beyond the fields below are
 kept as given (a profile merged by hand may carry its own).
+
+`step_time_scale` is not measured by `foldplan profile`: it is the correction a finished
+verification of a plan's top-k measured on these machines (the median of measured / predicted
+step time; GET /v1/verifications/{id}/profile writes it, api/verify.py `correction_profile`).
+cost_model/estimate.py `to_estimate` multiplies every predicted step time and its breakdown by
+it. A uniform factor cannot change which mapping is fastest, so the planner's ranking and its
+search are the same with or without it: only the predicted numbers (step time, tokens/s, MFU)
+move towards what the machines measured.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 PROFILE_VERSION = 1
 MEASURED_MIN, MEASURED_MAX = 1e-6, 1e9
+# A step-time correction outside this range says the prediction was for other machines (or a
+# run measured something else), not that the model is off by that much: refused.
+STEP_SCALE_MIN, STEP_SCALE_MAX = 1e-3, 1e3
 # A measured rate or latency: a number (not a string or a bool). `Profile` checks the bounds,
 # naming the field; the JSON schema states them.
 Measured = Annotated[float, Field(strict=True, json_schema_extra={
@@ -66,6 +77,15 @@ class Profile(BaseModel):
         None, description="Every measurement behind the numbers above (executor/profile).")
     machine: dict[str, Any] | None = Field(
         None, description="Host, CPU, memory, torch version and CUDA devices profiled.")
+    step_time_scale: float | None = Field(
+        None, strict=True, json_schema_extra={"minimum": STEP_SCALE_MIN,
+                                              "maximum": STEP_SCALE_MAX},
+        description="Measured / predicted step time of a verification on these machines (the "
+        "median over its candidates): every predicted step time is multiplied by it. It moves "
+        "the predicted numbers, never the ranking. Null: no correction.")
+    step_time_scale_source: dict[str, Any] | None = Field(
+        None, description="Where step_time_scale comes from: verification_id, plan_id, "
+        "the per-candidate ratios and the machine the predictions were for.")
 
     @field_validator("hbm_GBps", "kernel_overhead_us", "intra_node_GBps",
                      "intra_node_latency_us", "inter_node_GBps", "inter_node_latency_us")
@@ -73,6 +93,15 @@ class Profile(BaseModel):
     def _check_rate(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v is not None:
             _check_measured(info.field_name, v)
+        return v
+
+    @field_validator("step_time_scale")
+    @classmethod
+    def _check_scale(cls, v: float | None) -> float | None:
+        if v is not None and not STEP_SCALE_MIN <= v <= STEP_SCALE_MAX:  # NaN fails too
+            raise ValueError(f"profile.step_time_scale={v!r} must be a number in "
+                             f"[{STEP_SCALE_MIN:g}, {STEP_SCALE_MAX:g}]: measured / predicted "
+                             "step time of a verification")
         return v
 
     @field_validator("gemm_tflops", mode="before")
@@ -88,6 +117,14 @@ class Profile(BaseModel):
         for prec, x in (v or {}).items():
             _check_measured(f"gemm_tflops.{prec}", x)
         return v
+
+
+def step_time_scale(profile: Profile | None) -> float:
+    """The factor every predicted step time is multiplied by: the profile's
+    `step_time_scale`, 1.0 without a profile or a correction."""
+    if profile is None or profile.step_time_scale is None:
+        return 1.0
+    return profile.step_time_scale
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -10,7 +10,11 @@ for the `cpu` preset / runtime 'foldplan'). Nothing else decides what the execut
 Accepted with a note: `precision` 'fp8' (the executor runs fp8 plans in bf16 on GPUs, in fp32
 on CPU ranks, so `fp8_recipe` has nothing to act on), `rotary_interleaved` either way (the
 executor rotates interleaved pairs; with random initialisation the two layouts are the same
-model up to a fixed permutation of the query/key rows of each head).
+model up to a fixed permutation of the query/key rows of each head, and a Hugging Face
+checkpoint in the rotate-half layout is permuted when it is loaded, executor/hf_names.py).
+The executor runs MLA, group-limited routing, the expert bias, q/k layernorm, q/k/v biases
+and the shared expert gate (executor/mla.py, router.py, attention.py, model.py); multi-token
+prediction not yet.
 """
 
 from __future__ import annotations
@@ -40,14 +44,8 @@ def _only(*values: Any) -> Callable[[Any], bool]:
 
 
 FOLDPLAN_SUPPORT: dict[str, Support] = {
-    "multi_latent_attention": Support("model", _only(False), "MLA"),
-    "moe_router_num_groups": Support("model", _only(None), "group-limited routing"),
     "mtp_num_layers": Support("model", _only(None), "multi-token prediction"),
-    "qk_layernorm": Support("model", _only(False), "query/key layernorm"),
-    "add_qkv_bias": Support("model", _only(False), "query/key/value biases"),
-    "moe_router_enable_expert_bias": Support("model", _only(False),
-                                             "the router's expert bias (aux-loss-free routing)"),
-    "moe_shared_expert_gate": Support("model", _only(False), "the shared expert gate"),
+    "window_size": Support("model", _only(None), "sliding-window attention"),
     "dispatcher": Support("mapping", _only("alltoall", "allgather"), "the flex dispatcher"),
     "flex_backend": Support("mapping", _only("deepep"), "the flex dispatcher's HybridEP backend"),
     "moe_a2a_overlap": Support("mapping", _only(False), "the expert all-to-all overlap"),
@@ -55,7 +53,9 @@ FOLDPLAN_SUPPORT: dict[str, Support] = {
                                  "selective recompute of modules other than core_attn"),
 }
 """Fields with values the executor does not run; every other field (and value) it runs:
-moe_router_score_function softmax|sigmoid, moe_router_topk_scaling_factor, rotary_interleaved,
+multi_latent_attention, moe_router_num_groups/group_topk, qk_layernorm, add_qkv_bias,
+moe_router_enable_expert_bias, moe_shared_expert_gate, moe_router_score_function
+softmax|sigmoid, moe_router_topk_scaling_factor, rotary_interleaved,
 account_for_embedding/loss_in_pipeline_split, precision and fp8_recipe (module docstring)."""
 
 

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 
 from .reshard import full_tensors, load_portable, portable_state
+from .run_files import COMPLETE_MARKER, checkpoint_dir, latest_checkpoint
 
-
-def _step_dir(out_dir: Path, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+_step_dir = checkpoint_dir  # the folder layout lives in run_files (the service reads it too)
 
 
 def save(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> Path:
@@ -33,16 +32,12 @@ def save(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> Path:
     tmp.replace(d / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (d / "COMPLETE").write_text(json.dumps(dict(meta, step=step)))
+        (d / COMPLETE_MARKER).write_text(json.dumps(dict(meta, step=step)))
     dist.barrier()
     return d
 
 
-def latest_complete(out_dir: Path) -> int | None:
-    """Highest step with a COMPLETE marker, or None."""
-    root = Path(out_dir) / "checkpoints"
-    steps = [int(p.parent.name.split("_")[1]) for p in root.glob("step_*/COMPLETE")]
-    return max(steps) if steps else None
+latest_complete = latest_checkpoint  # highest step with a COMPLETE marker, or None
 
 
 def load(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> bool:
@@ -52,7 +47,7 @@ def load(out_dir: Path, step: int, rank: int, trainer, meta: dict) -> bool:
     is reassembled and resharded for this mapping. A different seed (data order) is refused.
     """
     d = _step_dir(out_dir, step)
-    saved = json.loads((d / "COMPLETE").read_text())
+    saved = json.loads((d / COMPLETE_MARKER).read_text())
     for key, value in meta.items():
         if key not in ("world_size", "mapping") and saved.get(key) != value:
             raise ValueError(f"checkpoint {d} was written with {key}={saved.get(key)!r}, "

@@ -3,16 +3,21 @@
 A plan has top-level `model` (full ModelSpec dict), `cluster`, `training` and `candidates`, each
 candidate with a complete `mapping`. Refusals are data: `unsupported_reasons` returns the cost
 model's typed validation errors plus the executor's own (kind "executor"); `load_run` raises
-`UnsupportedPlan` carrying their messages.
+`UnsupportedPlan` carrying their messages. With `init_hf` (a Hugging Face model folder)
+`load_run` also checks the checkpoint against the plan's model (hf_checkpoint.check_checkpoint:
+config fields, shards, tensor shapes; headers only) so a mismatch is refused before any rank
+starts, and takes the architecture's numerical options (arch.py) from its config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cost_model.runtimes import executor_errors
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import MappingError, mapping_errors
+
+from .arch import ArchOptions
 
 
 class UnsupportedPlan(ValueError):
@@ -31,6 +36,7 @@ class RunSpec:
     cluster: ClusterSpec
     training: TrainingSpec
     mapping: Mapping
+    arch: ArchOptions = field(default_factory=ArchOptions)  # value-only (a checkpoint's config sets them)
 
     @property
     def world_size(self) -> int:
@@ -51,8 +57,10 @@ def unsupported_reasons(model: ModelSpec, cluster: ClusterSpec, training: Traini
     return errors
 
 
-def load_run(plan: dict, candidate: int = 0) -> RunSpec:
-    """Typed specs of candidate `candidate` of `plan`; raises UnsupportedPlan when refused."""
+def load_run(plan: dict, candidate: int = 0, init_hf: str | None = None) -> RunSpec:
+    """Typed specs of candidate `candidate` of `plan`; raises UnsupportedPlan when refused,
+    also when `init_hf` does not hold the plan's model (the reason names the field, shard or
+    tensor)."""
     for key in ("model", "cluster", "training", "candidates"):
         if key not in plan:
             raise UnsupportedPlan([f"plan has no {key!r} field"])
@@ -67,11 +75,20 @@ def load_run(plan: dict, candidate: int = 0) -> RunSpec:
         model = resolve_model(PresetRef(**model) if "preset" in model else HFConfigRef(**model))
     else:
         model = ModelSpec.model_validate(model)
+    arch = ArchOptions()
+    if init_hf is not None:
+        from .hf_checkpoint import CheckpointError, HFCheckpoint, check_checkpoint
+
+        try:
+            model, arch = check_checkpoint(HFCheckpoint(init_hf), model)
+        except CheckpointError as exc:
+            raise UnsupportedPlan([f"--init-hf: {exc}"]) from exc
     spec = RunSpec(
         model=model,
         cluster=ClusterSpec.model_validate(plan["cluster"]),
         training=TrainingSpec.model_validate(plan["training"]),
         mapping=Mapping.model_validate(cands[candidate]["mapping"]),
+        arch=arch,
     )
     errors = unsupported_reasons(spec.model, spec.cluster, spec.training, spec.mapping)
     if errors:

@@ -81,20 +81,42 @@ class IndexedDataset:
         return np.asarray(self.bin, dtype=np.int64)
 
 
+class IndexedDatasetWriter:
+    """Streaming writer of the MMIDIDX format (the layout `IndexedDataset` reads): documents
+    are appended to PREFIX.bin as they come; PREFIX.idx is written by `close()`.
+    Only the per-document sizes stay in memory."""
+
+    def __init__(self, prefix: str | Path, dtype=np.uint16):
+        self.prefix, self.dtype = str(prefix), np.dtype(dtype)
+        self.code = {np.dtype(v): k for k, v in _DTYPES.items()}[self.dtype]
+        self.sizes: list[int] = []
+        self.num_tokens = 0
+        self._bin = open(self.prefix + ".bin", "wb")
+
+    def add(self, tokens) -> None:
+        """Append one document."""
+        arr = np.asarray(tokens, dtype=self.dtype)
+        self._bin.write(arr.tobytes())
+        self.sizes.append(len(arr))
+        self.num_tokens += len(arr)
+
+    def close(self) -> None:
+        self._bin.close()
+        sizes = np.array(self.sizes, dtype=np.int32)
+        pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * self.dtype.itemsize
+        doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+        with open(self.prefix + ".idx", "wb") as f:
+            f.write(_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", self.code))
+            f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx)))
+            f.write(sizes.tobytes() + pointers.astype(np.int64).tobytes() + doc_idx.tobytes())
+
+
 def write_indexed_dataset(prefix: str | Path, sequences: list[np.ndarray], dtype=np.uint16) -> None:
     """Write `sequences` in the MMIDIDX format (one document per sequence)."""
-    prefix = str(prefix)
-    code = {np.dtype(v): k for k, v in _DTYPES.items()}[np.dtype(dtype)]
-    sizes = np.array([len(s) for s in sequences], dtype=np.int32)
-    pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * np.dtype(dtype).itemsize
-    with open(prefix + ".bin", "wb") as f:
-        for s in sequences:
-            f.write(np.asarray(s, dtype=dtype).tobytes())
-    doc_idx = np.arange(len(sequences) + 1, dtype=np.int64)
-    with open(prefix + ".idx", "wb") as f:
-        f.write(_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code))
-        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx)))
-        f.write(sizes.tobytes() + pointers.astype(np.int64).tobytes() + doc_idx.tobytes())
+    writer = IndexedDatasetWriter(prefix, dtype)
+    for seq in sequences:
+        writer.add(seq)
+    writer.close()
 
 
 class BatchOrder:

@@ -7,17 +7,21 @@ Sharding: expert e in [ep_rank * El, (ep_rank + 1) * El) lives on this EP rank; 
 [etp_rank * Fs, (etp_rank + 1) * Fs) live on this ETP rank, so fc2 yields a partial sum over
 ETP that the dispatcher's reduce-scatter completes.
 Compute: one grouped GEMM per weight (`torch._grouped_mm`: row block e of x times weight e,
-block boundaries from the cumulative counts), so each expert costs its own rows, as with
-Megatron's grouped GEMM; no padding, no Python loop over experts. Where the grouped GEMM is
+block boundaries from the device offsets of `ExpertRows`, never read by the host), so each
+expert costs its own rows, as with Megatron's grouped GEMM; no padding, no Python loop over
+experts. Rows in the pad-to-capacity layout (every expert owns exactly C rows, token dropping
+at ep = 1) are a [El, C, D] batch: one bmm per weight, static shapes. Where the grouped GEMM is
 not offered (older torch, or a CUDA dtype/arch it does not take) the rows are scattered into a
 zero-padded [El, Cm, D] batch and multiplied with one bmm per weight: every expert then costs
-as much as the busiest one.
+as much as the busiest one, and Cm is read to the host (the one path with a host read here).
+w1 holds the gate and up projections side by side ([El, D, 2Fs]): one GEMM for both.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +73,33 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ExpertRows:
+    """How the rows handed to the local experts are grouped: expert e owns the block
+    [offsets_E[e-1], offsets_E[e]) of the rows (offsets_E[-1] = all rows)."""
+
+    offsets_E: torch.Tensor  # int32 end row of each local expert's block, on the device
+    capacity: int | None = None  # every expert owns exactly `capacity` rows (pad-to-capacity)
+    counts: tuple[int, ...] | None = None  # rows per expert when the host already knows them
+
+    @classmethod
+    def from_counts(cls, counts: tuple[int, ...], device: torch.device) -> ExpertRows:
+        """From host counts (tests, benchmarks, dispatchers that read the counts anyway)."""
+        offs = torch.tensor(counts, device=device, dtype=torch.int64).cumsum(0).to(torch.int32)
+        return cls(offs, None, tuple(int(c) for c in counts))
+
+    def host_counts(self) -> tuple[int, ...]:
+        """Rows per expert on the host: known, or read from the offsets (one host read)."""
+        if self.counts is not None:
+            return self.counts
+        ends = self.offsets_E.tolist()
+        return tuple(b - a for a, b in zip([0] + ends[:-1], ends))
+
+
+def _rows(rows: ExpertRows | tuple[int, ...], device: torch.device) -> ExpertRows:
+    return rows if isinstance(rows, ExpertRows) else ExpertRows.from_counts(rows, device)
+
+
 class GroupedExperts(nn.Module):
     """SwiGLU (or GELU) experts, weights [El, D, 2Fs] and [El, Fs, D]."""
 
@@ -101,22 +132,26 @@ class GroupedExperts(nn.Module):
         self.w1_EDF.copy_(up)
         self.w2_EFD.copy_(normal((E, Fh, D), seed, prefix + ".down")[es, cs, :])
 
-    def forward(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
-        """Rows sorted by local expert (tokens_per_expert rows each) -> partial outputs y_MD."""
-        assert len(tokens_per_expert) == self.num_local, (tokens_per_expert, self.num_local)
+    def forward(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
+        """Rows sorted by local expert (grouped as `rows` says; a tuple = host counts per
+        expert) -> partial outputs y_MD."""
         M = x_MD.shape[0]
         if M == 0:
             # Keep every weight in the graph so gradient hooks and all-reduces stay uniform.
             return x_MD + 0 * (self.w1_EDF.sum() + self.w2_EFD.sum())
         dev = x_MD.device
+        rows = _rows(rows, dev)
+        assert rows.offsets_E.shape[0] == self.num_local, (rows.offsets_E.shape, self.num_local)
         if torch.is_autocast_enabled(dev.type):
             # autocast does not cover the grouped GEMM: cast to the autocast dtype ourselves
             # (else the GEMMs would run in fp32), as autocast does for the bmm path.
             x_MD = x_MD.to(torch.get_autocast_dtype(dev.type))
+        if rows.capacity is not None:
+            return self._forward_capacity(x_MD, rows.capacity)
         aligned = dev.type == "cpu" or (x_MD.shape[1] % 8 == 0 and self.shard % 8 == 0)
         if aligned and grouped_mm_supported(dev, x_MD.dtype):  # CUDA wants 16-byte rows
-            return self._forward_grouped(x_MD, tokens_per_expert)
-        return self._forward_padded(x_MD, tokens_per_expert)
+            return self._forward_grouped(x_MD, rows)
+        return self._forward_padded(x_MD, rows)
 
     def _activation(self, h_MF: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -124,14 +159,21 @@ class GroupedExperts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h_MF)
 
-    def _forward_grouped(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
-        offs_E = torch.tensor(tokens_per_expert, device=x_MD.device).cumsum(0).to(torch.int32)
+    def _forward_grouped(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
+        offs_E = _rows(rows, x_MD.device).offsets_E
         h_MF = _ContiguousGrad.apply(torch._grouped_mm(x_MD, self.w1_EDF.to(x_MD.dtype), offs=offs_E))
         h_MF = self._activation(h_MF)
         return _ContiguousGrad.apply(torch._grouped_mm(h_MF, self.w2_EFD.to(x_MD.dtype), offs=offs_E))
 
-    def _forward_padded(self, x_MD: torch.Tensor, tokens_per_expert: tuple[int, ...]) -> torch.Tensor:
+    def _forward_capacity(self, x_MD: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Pad-to-capacity rows: expert e owns rows [e*C, (e+1)*C) -> one bmm per weight."""
+        x_ECD = x_MD.view(self.num_local, capacity, x_MD.shape[1])
+        h_ECF = self._activation(torch.bmm(x_ECD, self.w1_EDF.to(x_MD.dtype)))
+        return torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype)).view(x_MD.shape[0], -1)
+
+    def _forward_padded(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
         M = x_MD.shape[0]
+        tokens_per_expert = _rows(rows, x_MD.device).host_counts()
         counts_E = torch.tensor(tokens_per_expert, device=x_MD.device)
         cap = int(max(tokens_per_expert))
         expert_M = torch.repeat_interleave(torch.arange(self.num_local, device=x_MD.device), counts_E, output_size=M)

@@ -5,7 +5,11 @@ shard, Sf full sequence, D model dim, V vocabulary, Vl = V / tp.
 
 Layer: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) with FFN = MoE on the layers of
 `ModelSpec.moe_layer_pattern()` and a dense SwiGLU MLP elsewhere. RoPE on q and k, GQA,
-causal attention, final RMSNorm, output layer (untied unless the spec ties it).
+causal attention (or multi-latent attention, mla.py, when the spec asks for it), final
+RMSNorm, output layer (untied unless the spec ties it). Shared experts optionally behind a
+sigmoid gate (`moe_shared_expert_gate`, Qwen2-MoE: sigmoid(x . w) * shared(x) per token).
+Value-only details (RoPE base, norm epsilons, router renormalisation) come from an
+`ArchOptions` (arch.py; a Hugging Face checkpoint's config sets them).
 Parallelism: TP + SP (tensor_parallel.py; between layers a rank holds x_BsD), CP (attention.py;
 the load-balanced chunks of the sequence), EP/ETP inside MoE layers, PP: one module holds a
 contiguous range of layers (a pipeline chunk, `layer_ids`), the embedding when `pre` and the
@@ -22,11 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from cost_model.specs import ModelSpec
 
+from .arch import ArchOptions
 from .attention import Attention, cp_positions, rope_tables
 from .comm import CommCounter
 from .init import normal
+from .mla import MultiLatentAttention
 from .mlp import MLP
 from .moe import MoELayer
+from .norm import RMSNorm
 from .parallel_dims import ParallelDims
 from .router import RouterConfig
 from .tensor_parallel import (
@@ -40,32 +47,34 @@ from .tensor_parallel import (
 )
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32."""
+class GatedSharedExperts(nn.Module):
+    """sigmoid(x . gate) * shared(x) per local token; the gate [1, D] is replicated."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, shared: MLP, hidden_size: int):
         super().__init__()
-        self.weight_D = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.mlp = shared
+        self.gate = nn.Linear(hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight_D
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x_TD)) * self.mlp(x_TD)
 
 
 class Block(nn.Module):
     """Pre-norm transformer layer; forward returns (x, router loss share, dropped pairs)."""
 
     def __init__(self, spec: ModelSpec, is_moe: bool, dims: ParallelDims, counter, router_config,
-                 dispatcher: str, kernel_backend: str, recompute: str):
+                 dispatcher: str, kernel_backend: str, recompute: str, arch: ArchOptions):
         super().__init__()
         self.tp, self.counter = dims.group("tp"), counter
-        self.attn_norm = RMSNorm(spec.hidden_size)
-        self.attn = Attention(spec, dims, counter, selective_recompute=recompute == "selective")
-        self.ffn_norm = RMSNorm(spec.hidden_size)
+        self.attn_norm = RMSNorm(spec.hidden_size, arch.norm_eps)
+        attention = MultiLatentAttention if spec.multi_latent_attention else Attention
+        self.attn = attention(spec, dims, counter, selective_recompute=recompute == "selective", arch=arch)
+        self.ffn_norm = RMSNorm(spec.hidden_size, arch.norm_eps)
         self.is_moe = is_moe
         if is_moe:
             self.ffn = MoELayer(spec, dims, counter, router_config, dispatcher, kernel_backend)
+            if spec.moe_shared_expert_gate:
+                self.ffn.shared = GatedSharedExperts(self.ffn.shared, spec.hidden_size)
         else:
             self.ffn = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.swiglu, self.tp, counter)
 
@@ -87,34 +96,34 @@ class MoETransformer(nn.Module):
                  router_config: RouterConfig | None = None, dispatcher: str = "alltoall",
                  kernel_backend: str = "torch", recompute: str = "none",
                  layer_ids: range | None = None, pre: bool = True, post: bool = True,
-                 recompute_num_layers: int | None = None):
+                 recompute_num_layers: int | None = None, arch: ArchOptions | None = None):
         super().__init__()
-        if spec.multi_latent_attention:
-            raise NotImplementedError("multi-latent attention (MLA) is not supported by the executor yet")
+        self.arch = arch = arch or ArchOptions()
         self.spec, self.dims, self.counter = spec, dims, counter
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         self.pre, self.post = pre, post
         tp = dims.group("tp")
-        router_config = router_config or RouterConfig()
+        router_config = router_config or RouterConfig(expert_bias=spec.moe_router_enable_expert_bias)
         pattern = spec.moe_layer_pattern()
         layer_ids = range(len(pattern)) if layer_ids is None else layer_ids
         if pre or (post and not spec.untie_embeddings_and_output_weights):
             self.embed = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, counter)
         self.layers = nn.ModuleDict({
-            str(i): Block(spec, bool(pattern[i]), dims, counter, router_config, dispatcher, kernel_backend, recompute)
+            str(i): Block(spec, bool(pattern[i]), dims, counter, router_config, dispatcher, kernel_backend,
+                          recompute, arch)
             for i in layer_ids
         })
         self.output = None
         if post:
-            self.norm = RMSNorm(spec.hidden_size)
+            self.norm = RMSNorm(spec.hidden_size, arch.norm_eps)
             if spec.untie_embeddings_and_output_weights:
                 self.output = nn.Linear(spec.hidden_size, spec.vocab_size // tp.size, bias=False)
                 mark_tp(self.output.weight, 0, 1, tp)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Mapping-independent init (see init.py): N(0, 0.02) linears, ones for norms; each
-        tensor drawn at its full shape and sliced to this rank's shard."""
+        """Mapping-independent init (see init.py): N(0, 0.02) linears, zeros for biases, ones
+        for norms; each tensor drawn at its full shape and sliced to this rank's shard."""
         for name, module in self.named_modules():
             if hasattr(module, "init_from_seed"):
                 module.init_from_seed(seed, name)
@@ -123,6 +132,8 @@ class MoETransformer(nn.Module):
                 continue
             if name.endswith("weight_D"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             else:
                 p.copy_(shard_of_full(p, normal(full_shape(p), seed, name)).to(p.device))
 
@@ -150,7 +161,8 @@ class MoETransformer(nn.Module):
         if cp.size > 1:
             pos_k = torch.cat([cp_positions(seq_len, cp.size, j, device) for j in range(cp.size)])
             mask_SSk = pos_S[:, None] >= pos_k[None, :]
-        return pos_S, rope_tables(pos_S, self.spec.head_dim), mask_SSk
+        rope_dim = self.spec.qk_pos_emb_head_dim if self.spec.multi_latent_attention else self.spec.head_dim
+        return pos_S, rope_tables(pos_S, rope_dim, self.arch.rope_theta, self.arch.yarn), mask_SSk
 
     def embed_tokens(self, tokens_BSf: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
         """This rank's cp chunks, embedded and scattered over tp: x_BsD."""

@@ -30,7 +30,7 @@ class MoEOutput:
 
     out_BsD: torch.Tensor
     aux_loss: torch.Tensor  # this rank's share of router losses
-    num_dropped: int
+    num_dropped: int | torch.Tensor  # dropped pairs on this rank (a device scalar when counted)
 
 
 class MoELayer(nn.Module):
@@ -47,7 +47,8 @@ class MoELayer(nn.Module):
         if spec.shared_ffn:
             self.shared = MLP(spec.hidden_size, spec.shared_ffn, spec.swiglu, dims.group("tp"), counter)
         self.dims, self.counter = dims, counter
-        self.dispatcher = make_dispatcher(dispatcher, E, dims, counter, kernel_backend)
+        self.dispatcher = make_dispatcher(dispatcher, E, dims, counter, kernel_backend,
+                                          router_config.capacity_factor)
 
     def forward(self, x_BsD: torch.Tensor) -> MoEOutput:
         """Route, dispatch, run local experts, combine; add shared experts."""
@@ -55,7 +56,7 @@ class MoELayer(nn.Module):
         x_TD = x_BsD.reshape(B * s, D)
         routing = self.router(x_TD, self.dims, self.counter)
         expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
-        expert_out_MD = self.experts(expert_in_MD, meta.tokens_per_expert)
+        expert_out_MD = self.experts(expert_in_MD, meta.rows)
         out_TD = self.dispatcher.combine(expert_out_MD, meta)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)

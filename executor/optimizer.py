@@ -13,6 +13,15 @@ gradient of its C elements), clip with the global norm, AdamW on the C-element f
 (`master`), then all-gather the updated shards back into the parameters. Moments exist for
 C elements only, so optimizer memory per rank is 1/n of the plain optimizer's. AdamW is
 elementwise, so the result equals the plain optimizer's exactly up to summation order.
+Both run torch's fused AdamW (`adamw`): one kernel for all shards, the step count kept on the
+device (the default single-tensor AdamW reads each parameter's step back to the host).
+
+Mixed precision (Megatron-style, for bf16 runs): parameters and activations in bf16, every
+gradient accumulated into an fp32 `main_grad` beside its parameter (a post-accumulate hook adds
+the bf16 gradient of each backward into it and frees it, so micro-batches sum in fp32), fp32
+master shards and fp32 Adam moments here: 2 + 4 + 12 / n bytes per parameter, what
+`cost_model/memory.py` assumes. With fp32 parameters (CPU) nothing of this is used: gradients
+stay in `.grad` and the masters equal the parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +33,37 @@ from torch import nn
 
 from .comm import CommCounter, all_gather_v, all_reduce_, reduce_scatter_v
 from .parallel_dims import Group
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params, lr, betas, eps, weight_decay) -> torch.optim.AdamW:
+    """torch.optim.AdamW, fused where torch offers it for every parameter (CPU and CUDA,
+    floating point): no per-parameter host read of the step count, one kernel per step."""
+    params = list(params)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=fused or None)
+
+
+def main_grad(p: nn.Parameter) -> torch.Tensor:
+    """The gradient the optimizer sums: fp32 `main_grad` of a low-precision parameter, else
+    `.grad` (zeros when the parameter got none this step)."""
+    if hasattr(p, "main_grad"):
+        return p.main_grad
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _accumulate_main_grad(p: nn.Parameter) -> None:
+    p.main_grad.add_(p.grad)
+    p.grad = None
+
+
+def _attach_main_grad(p: nn.Parameter) -> None:
+    """Give a low-precision parameter an fp32 gradient accumulator (see module docstring)."""
+    if not hasattr(p, "main_grad"):
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+        p.register_post_accumulate_grad_hook(_accumulate_main_grad)
 
 
 @dataclass
@@ -42,16 +82,16 @@ class _Bucket:
         return flat_N[self.group.index * self.chunk : (self.group.index + 1) * self.chunk]
 
     def scatter_back(self, flat_N: torch.Tensor, attr: str | None) -> None:
-        """Copy flat_N into each parameter (attr None) or its .grad (attr 'grad')."""
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            piece = flat_N[offset : offset + n].view_as(p).to(p.dtype)
-            if attr is None:
-                p.data.copy_(piece)
-            else:
-                p.grad = piece.clone()
-            offset += n
+        """Copy flat_N into each parameter (attr None: one foreach copy, casting to the
+        parameter dtype) or its .grad (attr 'grad')."""
+        sizes = [p.numel() for p in self.params]
+        pieces = torch.split(flat_N[: sum(sizes)], sizes)
+        if attr is None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, [x.view_as(p) for x, p in zip(pieces, self.params)])
+            return
+        for p, x in zip(self.params, pieces):
+            p.grad = x.view_as(p).to(p.dtype).clone()
 
 
 class DistributedAdamW:
@@ -69,13 +109,16 @@ class DistributedAdamW:
             b = _Bucket(params, group, key, chunk, nn.Parameter(torch.empty(0)))
             b.master = nn.Parameter(b.mine(b.flat([p.detach() for p in params])).clone())
             self.buckets.append(b)
-        self.inner = torch.optim.AdamW([b.master for b in self.buckets], lr=lr, betas=betas,
-                                       eps=eps, weight_decay=weight_decay)
+            for p in params:
+                if p.dtype != torch.float32:
+                    _attach_main_grad(p)
+        self.inner = adamw([b.master for b in self.buckets], lr=lr, betas=betas, eps=eps,
+                           weight_decay=weight_decay)
 
     def reduce_scatter_grads(self) -> None:
         """Sum each bucket's gradients over its group; keep this rank's shard in master.grad."""
         for b in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+            grads = [main_grad(p) for p in b.params]
             flat_N = b.flat(grads)
             b.master.grad = reduce_scatter_v(flat_N, [b.chunk] * b.group.size, b.group, self.counter, b.key)
 
@@ -111,6 +154,9 @@ class DistributedAdamW:
         for b in self.buckets:
             for p in b.params:
                 p.grad = None
+            mains = [p.main_grad for p in b.params if hasattr(p, "main_grad")]
+            if mains:
+                torch._foreach_zero_(mains)
 
     def param_moments(self) -> tuple[float, dict]:
         """(step, {param: (exp_avg, exp_avg_sq)}) at full local-parameter shape (all-gathers)."""

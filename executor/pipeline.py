@@ -117,10 +117,11 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
     `chunks[c]` is virtual chunk c of this stage (MoETransformer with its pre/post flags),
     `get_batch(m)` the (tokens, targets) of micro-batch m. Each micro-batch's objective is
     ce_sum * loss_scale + router loss * aux_scale; returns float64 totals
-    [ce sum of the last stage, router loss share, dropped pairs].
+    [ce sum of the last stage, router loss share, dropped pairs], on the device: nothing is
+    read back per micro-batch (the trainer reads a step's numbers once).
     """
     dev = next(chunks[0].parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=dev)
     saved: dict[tuple[int, int], tuple] = {}
     for kind, m, c in steps:
         chunk = chunks[c]
@@ -132,14 +133,15 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
                 if chunk.pre:
                     x = chunk.embed_tokens(tokens, pos)
                 else:
-                    x = x_in = p2p.recv(act_shape, dev, -1, FWD).requires_grad_()
+                    x_in = p2p.recv(act_shape, dev, -1, FWD).requires_grad_()
+                    x = x_in.to(next(chunk.parameters()).dtype)  # bf16 parameters: bf16 activations
                 x, aux, dropped = chunk.run_layers(x, rope, mask)
                 obj = aux * aux_scale
                 if chunk.post:
                     ce = chunk.loss(x, targets, pos)
                     obj = obj + ce * loss_scale
-                    totals[0] += ce.item()
-            totals[1] += aux.item()
+                    totals[0] += ce.detach()
+            totals[1] += aux.detach()
             totals[2] += dropped
             if not chunk.post:
                 p2p.send(x, +1, FWD)

@@ -6,8 +6,15 @@ Score functions (Megatron-Core names):
   softmax, pre_softmax=False  top-k on logits, softmax over the K chosen logits (default)
   softmax, pre_softmax=True   softmax over all E, then top-k of those probabilities
   sigmoid                     sigmoid scores, top-k, normalised to sum 1 when K > 1
+                              (unless `sigmoid_normalize` is false)
 then the routed weights times `topk_scaling_factor` when set (Megatron's
 --moe-router-topk-scaling-factor; DeepSeek-V3's routed_scaling_factor).
+Expert bias (aux-loss-free balancing, DeepSeek-V3's e_score_correction_bias): the CHOICE of
+experts uses scores + bias_E, the weights use the scores alone; after each optimizer step
+bias_e += rate * sign(mean load - load_e) over the step's tokens (Megatron's update).
+Group-limited routing (moe_router_num_groups G, moe_router_group_topk g): experts form G
+equal groups, a group scores the sum of its best `group_score_topk` choice scores, and each
+token chooses its top-k among the experts of its best g groups only.
 Capacity (token dropping): on this rank's T local tokens,
   capacity = ceil(capacity_factor * T * K / E)
 and each expert keeps the `capacity` routed pairs with the highest probability ("probs" drop
@@ -32,7 +39,9 @@ from torch import nn
 
 from cost_model.specs import ModelSpec, TrainingSpec
 
+from .arch import ArchOptions
 from .comm import CommCounter, all_reduce_
+from .kernels.index import expert_counts
 from .parallel_dims import ParallelDims
 
 
@@ -46,21 +55,39 @@ class RouterConfig:
     z_loss_coeff: float = 1e-3
     capacity_factor: float | None = None  # None = dropless
     topk_scaling_factor: float | None = None  # routed weights times this; None = 1
+    sigmoid_normalize: bool = True  # sigmoid: normalise the top-k weights to sum 1 (K > 1)
+    expert_bias: bool = False  # choice on scores + a per-expert bias (aux-loss-free)
+    expert_bias_update_rate: float = 1e-3
+    num_groups: int | None = None  # group-limited routing: expert groups; None = no limit
+    group_topk: int | None = None  # groups each token may reach
+    group_score_topk: int | None = None  # best experts summed per group; None = K // group_topk
 
     def __post_init__(self):
         if self.score_function not in ("softmax", "sigmoid"):
             raise ValueError(f"score_function={self.score_function!r}: use 'softmax' or 'sigmoid'")
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, training: TrainingSpec) -> RouterConfig:
+    def for_model(cls, spec: ModelSpec, training: TrainingSpec,
+                  arch: ArchOptions | None = None) -> RouterConfig:
         """The routing the spec asks for, as Megatron runs it (planner/export.py writes the
         same): a top-1 softmax router takes the softmax before the choice (Megatron refuses
-        softmax over a single chosen logit, whose gradient is zero)."""
+        softmax over a single chosen logit, whose gradient is zero). `arch` (a checkpoint's
+        options) overrides the softmax order and the sigmoid normalisation."""
+        arch = arch or ArchOptions()
         softmax = spec.moe_router_score_function == "softmax"
+        pre = softmax and spec.topk == 1
+        if softmax and arch.router_pre_softmax is not None:
+            pre = arch.router_pre_softmax
         return cls(score_function=spec.moe_router_score_function,
-                   pre_softmax=softmax and spec.topk == 1,
+                   pre_softmax=pre,
                    capacity_factor=training.moe_expert_capacity_factor,
-                   topk_scaling_factor=spec.moe_router_topk_scaling_factor)
+                   topk_scaling_factor=spec.moe_router_topk_scaling_factor,
+                   sigmoid_normalize=arch.sigmoid_normalize,
+                   expert_bias=spec.moe_router_enable_expert_bias,
+                   expert_bias_update_rate=arch.expert_bias_update_rate,
+                   num_groups=spec.moe_router_num_groups,
+                   group_topk=spec.moe_router_group_topk,
+                   group_score_topk=arch.group_score_topk)
 
 
 @dataclass(frozen=True)
@@ -70,7 +97,7 @@ class Routing:
     probs_TK: torch.Tensor  # weight of each chosen expert (0 where dropped)
     indices_TK: torch.Tensor  # expert id per pair, -1 where dropped by capacity
     aux_loss: torch.Tensor  # this rank's share of the load-balancing + z loss
-    num_dropped: int  # dropped pairs on this rank
+    num_dropped: int | torch.Tensor  # dropped pairs on this rank (a device scalar: no host read)
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, topk: int, num_experts: int) -> int:
@@ -95,7 +122,7 @@ def drop_by_capacity(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_exper
     return (
         probs_TK * keep_TK,
         torch.where(keep_TK, indices_TK, torch.full_like(indices_TK, -1)),
-        int((~keep_TK).sum()),
+        (~keep_TK).sum(),
     )
 
 
@@ -106,8 +133,33 @@ class Router(nn.Module):
         super().__init__()
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.num_experts, self.topk, self.config = num_experts, topk, config
+        if config.expert_bias:  # a buffer: changed by update_expert_bias, not by AdamW
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
         self._load_sum: torch.Tensor | None = None  # sum of busiest/mean over micro-batches
         self._load_count = 0
+        self._tokens_E: torch.Tensor | None = None  # routed pairs per expert this step (global)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """After an optimizer step: bias_e += rate * sign(mean load - load_e) over the step's
+        routed pairs (global over the stage's tokens); resets the count."""
+        tokens_E, self._tokens_E = self._tokens_E, None
+        if not self.config.expert_bias or tokens_E is None:
+            return
+        self.expert_bias_E += self.config.expert_bias_update_rate * torch.sign(tokens_E.mean() - tokens_E)
+
+    def _choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, K] chosen on the scores (plus bias), within the allowed groups."""
+        cfg, E, K = self.config, self.num_experts, self.topk
+        choice_TE = scores_TE + self.expert_bias_E if cfg.expert_bias else scores_TE
+        if cfg.num_groups:
+            G, n = cfg.num_groups, cfg.group_score_topk or K // cfg.group_topk
+            group_TG = choice_TE.view(-1, G, E // G).topk(n, dim=-1).values.sum(-1)
+            best_Tg = group_TG.topk(cfg.group_topk, dim=-1).indices
+            allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_Tg, True)
+            allowed_TE = allowed_TG.repeat_interleave(E // G, dim=1)
+            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+        return torch.topk(choice_TE, K, dim=1).indices
 
     def take_load(self) -> tuple[torch.Tensor | None, int]:
         """(sum, count) of the busiest expert's tokens over the mean, one term per micro-batch
@@ -123,16 +175,19 @@ class Router(nn.Module):
         logits_TE = F.linear(x_TD, self.weight_ED).float()
         if cfg.score_function == "sigmoid":
             scores_TE = torch.sigmoid(logits_TE)
-            top_TK, indices_TK = torch.topk(scores_TE, K, dim=1)
-            probs_TK = top_TK / top_TK.sum(-1, keepdim=True) if K > 1 else top_TK
+            indices_TK = self._choose(scores_TE.detach())
+            top_TK = scores_TE.gather(1, indices_TK)
+            normalize = K > 1 and cfg.sigmoid_normalize
+            probs_TK = top_TK / top_TK.sum(-1, keepdim=True) if normalize else top_TK
             aux_scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         elif cfg.pre_softmax:
             scores_TE = torch.softmax(logits_TE, dim=-1)
-            probs_TK, indices_TK = torch.topk(scores_TE, K, dim=1)
+            indices_TK = self._choose(scores_TE.detach())
+            probs_TK = scores_TE.gather(1, indices_TK)
             aux_scores_TE = scores_TE
         else:
-            top_TK, indices_TK = torch.topk(logits_TE, K, dim=1)
-            probs_TK = torch.softmax(top_TK, dim=-1)
+            indices_TK = self._choose(logits_TE.detach())
+            probs_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
             aux_scores_TE = torch.softmax(logits_TE, dim=-1)
         if cfg.topk_scaling_factor is not None:
             probs_TK = probs_TK * cfg.topk_scaling_factor
@@ -140,11 +195,13 @@ class Router(nn.Module):
         # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
         token_group = dims.group("tp_cp_dp")
         stats = torch.zeros(E + 1, dtype=torch.float32, device=x_TD.device)
-        stats[:E] = torch.bincount(indices_TK.reshape(-1), minlength=E).float()
+        stats[:E] = expert_counts(indices_TK.reshape(-1), E, with_dropped=False).float()  # static shape, unlike bincount
         stats[E] = T
         all_reduce_(stats, token_group, counter, "tp_cp_dp.router")
         tokens_per_expert_E, num_global = stats[:E], stats[E]
         if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
+            if cfg.expert_bias:
+                self._tokens_E = tokens_per_expert_E if self._tokens_E is None else self._tokens_E + tokens_per_expert_E
             ratio = (tokens_per_expert_E.max() / tokens_per_expert_E.mean().clamp_min(1e-9)).detach()
             self._load_sum = ratio if self._load_sum is None else self._load_sum + ratio
             self._load_count += 1

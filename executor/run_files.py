@@ -11,6 +11,8 @@ A run folder (`out_dir`) holds:
   progress.jsonl  rank 0: one `ProgressLine` per finished step, appended while the run goes on
   metrics.json    rank 0: `RunMetrics`, written once at the end (atomically); its presence
                   after the job ends means the run succeeded
+  checkpoints/step_<N>/  every rank's state after step N (executor/checkpoint.py); complete
+                  once its COMPLETE marker exists (`latest_checkpoint` finds the newest)
 
 Every rank runs `<launcher> rank_argv(...)`; the launcher is torchrun on one host
 (executor/launch.py, the local backend) or one torchrun per node under srun (the slurm
@@ -54,6 +56,12 @@ class ProgressLine(_RunFile):
     expert_load_imbalance: float | None = Field(
         default=None, description="Busiest expert's tokens over the mean (averaged over MoE "
         "layers and micro-batches); null for a model without MoE layers.")
+    aux_loss: float | None = Field(default=None, description="Router losses of the step (as "
+                                   "`RunMetrics.aux_loss`); null from writers that omit it.")
+    grad_norm: float | None = Field(default=None, description="Global gradient norm before "
+                                    "clipping (as `RunMetrics.grad_norm`).")
+    num_dropped: int | None = Field(default=None, description="Dropped (token, expert) pairs "
+                                    "(as `RunMetrics.num_dropped`).")
 
 
 class RunMetrics(_RunFile):
@@ -171,8 +179,27 @@ def write_plan_file(out_dir: Path, plan: dict[str, Any]) -> Path:
     return path
 
 
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    """Folder of the checkpoint written after step `step` (1-based).
+    Example: checkpoint_dir(Path("/r/1"), 20) -> /r/1/checkpoints/step_00000020."""
+    return Path(out_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def latest_checkpoint(out_dir: Path) -> int | None:
+    """Step of the newest checkpoint in the run folder that has its COMPLETE marker, or None.
+    (A checkpoint whose writer died before the marker is ignored.)"""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    steps = [int(p.parent.name.split("_")[1]) for p in root.glob(f"step_*/{COMPLETE_MARKER}")]
+    return max(steps) if steps else None
+
+
 def rank_argv(out_dir: Path, candidate: int, steps: int, seed: int = 0, data: str | None = None,
-              save_every: int = 0, resume: bool = False) -> list[str]:
+              save_every: int = 0, resume: bool = False, init_hf: str | None = None,
+              export_hf: str | None = None) -> list[str]:
     """What every rank runs after its launcher: `executor.train` on the run folder's plan.json.
 
     Options as executor/train.py `parse_args` reads them; the optional ones are written only
@@ -187,4 +214,8 @@ def rank_argv(out_dir: Path, candidate: int, steps: int, seed: int = 0, data: st
         argv += ["--save-every", str(save_every)]
     if resume:
         argv.append("--resume")
+    if init_hf:
+        argv += ["--init-hf", str(init_hf)]
+    if export_hf:
+        argv += ["--export-hf", str(export_hf)]
     return argv

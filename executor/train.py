@@ -6,8 +6,12 @@ and at the end writes DIR/metrics.json (`RunMetrics`); both models, with a descr
 every field, live in executor/run_files.py, which the service reads them back through.
 --save-every K checkpoints into DIR every K steps; --resume continues from the latest
 complete checkpoint up to --steps in total (metrics then hold only the steps run now).
+--init-hf DIR starts from a Hugging Face checkpoint (each rank reads its slices) instead of
+random weights; --export-hf DIR writes the trained model back as one (executor/hf_checkpoint.py);
+--steps 0 with both converts without training.
 Without GPUs every rank is a CPU process on gloo in fp32; with GPUs NCCL and the plan's
-precision (bf16 autocast; fp8 falls back to bf16).
+precision (bf16: Megatron-style mixed precision with the distributed optimizer, autocast
+without it; fp8 falls back to bf16).
 Failures: a rank that raises prints "rank <r> failed: ..." and exits non-zero; torchrun then
 stops the other ranks. Collectives time out after FOLDPLAN_DIST_TIMEOUT_S seconds (default 300)
 so a hung peer cannot block the job forever. Test hook: FOLDPLAN_FAIL_RANK=r and
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=OptimConfig.lr)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--init-hf", default=None, help="Hugging Face model folder to start from")
+    p.add_argument("--export-hf", default=None, help="write the trained model here as a Hugging Face checkpoint")
     return p.parse_args(argv)
 
 
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
     """Train one rank of the plan's candidate; rank 0 writes metrics.json."""
     args = parse_args(argv)
     plan = json.loads(Path(args.plan).read_text())
-    run = load_run(plan, args.candidate)
+    run = load_run(plan, args.candidate, init_hf=args.init_hf)
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     timeout = timedelta(seconds=float(os.environ.get("FOLDPLAN_DIST_TIMEOUT_S", "300")))
@@ -97,6 +103,8 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     """Everything after the process group exists (see main)."""
     if world != run.world_size:
         raise SystemExit(f"launched {world} ranks but the plan's cluster has {run.world_size} GPUs")
+    if args.export_hf and not args.init_hf:
+        raise SystemExit("--export-hf needs --init-hf (the checkpoint's config.json is written back)")
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -109,9 +117,17 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     dims = build_parallel_dims(run.mapping, world, run.cluster.gpus_per_node, device)
     counter = CommCounter()
     tokens = IndexedDataset(args.data).tokens() if args.data else bundled_corpus_tokens()
+    if len(tokens) and int(tokens.max()) >= run.model.vocab_size:
+        raise SystemExit(f"--data {args.data}: token id {int(tokens.max())} >= the model's "
+                         f"vocab_size={run.model.vocab_size} (tokenized for another model?)")
+    ckpt = None
+    if args.init_hf:  # safetensors is needed only here
+        from .hf_checkpoint import HFCheckpoint
+
+        ckpt = HFCheckpoint(args.init_hf)
     trainer = Trainer(run.model, run.training, dims, tokens, seed=args.seed, counter=counter,
                       optim=OptimConfig(lr=args.lr), kernel_backend="triton" if use_cuda else "torch",
-                      autocast_dtype=autocast)
+                      autocast_dtype=autocast, arch=run.arch, init_hf=ckpt)
     meta = {"world_size": world, "mapping": run.mapping.model_dump(mode="json"), "seed": args.seed}
     start = 0
     if args.resume and (last := checkpoint.latest_complete(Path(args.out))) is not None:
@@ -119,6 +135,11 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
         start = last
         if rank == 0:
             print(f"resumed from step {last}" + (" (resharded to this mapping)" if resharded else ""), flush=True)
+    if args.steps == 0 and args.export_hf and not args.resume:  # a pure conversion
+        _export(args, run, trainer, ckpt, rank)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     if start >= args.steps:
         raise SystemExit(f"checkpoint is at step {start}, nothing to do for --steps {args.steps}")
     results = []
@@ -138,10 +159,13 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
                   f"grad_norm {r.grad_norm:.3f} dropped {r.num_dropped} time {r.time_s:.3f}s", flush=True)
             append_progress(out, ProgressLine(  # read by the service while the run goes on
                 step=step + 1, loss=r.loss, time_s=r.time_s,
-                expert_load_imbalance=r.expert_load_imbalance))
+                expert_load_imbalance=r.expert_load_imbalance, aux_loss=r.aux_loss,
+                grad_norm=r.grad_norm, num_dropped=r.num_dropped))
         if args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(out, step + 1, rank, trainer, meta)
     comm = comm_summary(counter, world)
+    if args.export_hf:
+        _export(args, run, trainer, ckpt, rank)
     if rank == 0:
         times = [r.time_s for r in results]
         step_time = median_step_time(times)
@@ -173,6 +197,16 @@ def _train(args, run, rank: int, world: int, backend: str, use_cuda: bool) -> in
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _export(args, run, trainer: Trainer, ckpt, rank: int) -> None:
+    """Collective: the model as a Hugging Face checkpoint in --export-hf (the config and dtype
+    of --init-hf's checkpoint, which _train checked is given)."""
+    from . import hf_checkpoint
+
+    hf_checkpoint.export(trainer, Path(args.export_hf), run.model, ckpt.config, run.arch, rank, ckpt.dtype)
+    if rank == 0:
+        print(f"exported a Hugging Face checkpoint to {args.export_hf}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ Loss normalisation makes every rank's loss a share of the global loss, so gradie
     every tp rank saw different tokens
   expert params all-reduce over edp (the ranks holding the same expert shard)
 With the distributed optimizer (the default) the same sums are reduce-scatters over the same
-groups and AdamW runs on the shards (optimizer.py).
+groups and AdamW runs on the shards (optimizer.py); a bf16 run then keeps bf16 parameters with
+fp32 main grads and masters (Megatron's mixed precision) instead of autocast.
+The host reads the device once per step (all StepStats numbers in one tensor); the forward
+and backward passes themselves read nothing back at ep = 1 (issue 12).
 Global gradient norm: replicated params count once; tp shards are summed over tp, expert
 shards over ETP x EP (tp_ep), and the stages over pp.
 The micro-batches run through `pipeline.run_schedule` (with pp = 1 that is forward, backward,
@@ -25,10 +28,11 @@ import torch
 
 from cost_model.specs import ModelSpec, TrainingSpec
 
+from .arch import ArchOptions
 from .comm import CommCounter, all_reduce_
 from .data import BatchOrder
 from .model import MoETransformer
-from .optimizer import DistributedAdamW
+from .optimizer import DistributedAdamW, adamw
 from .parallel_dims import ParallelDims
 from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
 from .router import Router, RouterConfig
@@ -66,14 +70,15 @@ def _bucket_reduce(params: list[torch.nn.Parameter], group, counter, key) -> Non
     if not params:
         return
     for p in params:
-        if p.grad is None:
+        if p.grad is None and not hasattr(p, "main_grad"):
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    grads = [p.main_grad if hasattr(p, "main_grad") else p.grad for p in params]  # fp32 main grads (bf16)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_(flat, group, counter, key)
     offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -83,22 +88,30 @@ class Trainer:
     def __init__(self, spec: ModelSpec, training: TrainingSpec, dims: ParallelDims, tokens,
                  seed: int = 0, counter: CommCounter | None = None,
                  router_config: RouterConfig | None = None, optim: OptimConfig | None = None,
-                 kernel_backend: str = "torch", autocast_dtype: torch.dtype | None = None):
+                 kernel_backend: str = "torch", autocast_dtype: torch.dtype | None = None,
+                 arch: ArchOptions | None = None, init_hf=None):
+        """`init_hf`: an `hf_checkpoint.HFCheckpoint` to start from (this rank's slices are
+        read) instead of the seeded random init; `arch` its options (`RunSpec.arch`)."""
         m = dims.mapping
         self.spec, self.training, self.dims, self.counter = spec, training, dims, counter
         self.optim_config = optim or OptimConfig()
         if router_config is None:
-            router_config = RouterConfig.for_model(spec, training)
+            router_config = RouterConfig.for_model(spec, training, arch)
         ranges = stage_layer_ranges(spec.num_layers, m)[dims.pp_rank]
         last = dims.pp_rank == dims.pp - 1
         self.chunks = [
             MoETransformer(spec, dims, counter, router_config, m.dispatcher, kernel_backend, m.recompute,
                            layer_ids=r, pre=dims.pp_rank == 0 and v == 0, post=last and v == len(ranges) - 1,
-                           recompute_num_layers=m.recompute_num_layers).to(dims.device)
+                           recompute_num_layers=m.recompute_num_layers, arch=arch).to(dims.device)
             for v, r in enumerate(ranges)
         ]
-        for chunk in self.chunks:
-            chunk.init_weights(seed)
+        if init_hf is not None:  # before the optimizer copies the parameters
+            from .hf_checkpoint import load_into
+
+            load_into(init_hf, self.chunks, spec)
+        else:
+            for chunk in self.chunks:
+                chunk.init_weights(seed)
         self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         params = list(self.model.parameters())
         self.expert_params = [p for p in params if getattr(p, "is_expert", False)]
@@ -116,6 +129,14 @@ class Trainer:
                                              dims.pp, dims.pp_rank, len(ranges))
         oc = self.optim_config
         self.distributed_optimizer = m.distributed_optimizer
+        # A bf16 run (autocast_dtype set) with the distributed optimizer runs Megatron's mixed
+        # precision: bf16 parameters and activations, fp32 main grads, masters and moments in the
+        # optimizer (optimizer.py); no autocast. Without it, autocast over fp32 parameters.
+        self.param_dtype = torch.float32
+        if autocast_dtype is not None and self.distributed_optimizer:
+            self.param_dtype, autocast_dtype = autocast_dtype, None
+            for p in params:
+                p.data = p.data.to(self.param_dtype)
         if self.distributed_optimizer:
             self.optimizer = DistributedAdamW(
                 [(self.tp_params, dims.group("dp_cp"), "dp_cp"),
@@ -124,8 +145,8 @@ class Trainer:
                  (self.expert_params, dims.group("edp"), "edp")],
                 lr=oc.lr, betas=oc.betas, eps=oc.eps, weight_decay=oc.weight_decay, counter=counter)
         else:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas,
-                                               weight_decay=oc.weight_decay, eps=oc.eps)
+            self.optimizer = adamw(self.model.parameters(), lr=oc.lr, betas=oc.betas,
+                                   weight_decay=oc.weight_decay, eps=oc.eps)
         self.order = BatchOrder(tokens, training.seq_length, training.global_batch_size, seed)
         self.mbs = m.micro_batch_size
         self.num_micro = training.global_batch_size // (self.mbs * dims.dp)
@@ -206,36 +227,43 @@ class Trainer:
             if self.distributed_optimizer:
                 self.optimizer.scale_grads(scale)
             else:
-                for p in self.model.parameters():
-                    p.grad.mul_(scale)
+                torch._foreach_mul_([p.grad for p in self.model.parameters()], scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for router in self.routers():
+            router.update_expert_bias()  # aux-loss-free balancing (no-op without expert bias)
         # CE is replicated over tp (sum over dp_cp), router numbers are per rank (tp_cp_dp).
         all_reduce_(totals[:1], d.group("dp_cp"), None)
         all_reduce_(totals[1:], d.group("tp_cp_dp"), None)
         all_reduce_(totals, d.group("pp"), None)
-        load = self.expert_load()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        load_acc = self.expert_load_sums()
+        all_reduce_(load_acc, d.group("pp"), None)  # stages hold different layers
+        # The step's one host read: every number of StepStats in one tensor.
+        ce, aux, dropped, load, load_count, grad_norm = torch.cat([
+            totals, (load_acc[0] / load_acc[1]).double().reshape(1), load_acc[1:].double(),
+            norm.double().reshape(1)]).tolist()
         return StepStats(
             step=step,
-            loss=float(totals[0]) / (G * S),
-            aux_loss=float(totals[1]) / self.num_micro,
-            num_dropped=int(totals[2]),
-            grad_norm=float(norm),
+            loss=ce / (G * S),
+            aux_loss=aux / self.num_micro,
+            num_dropped=int(dropped),
+            grad_norm=grad_norm,
             time_s=time.perf_counter() - t0,
             grads=grads,
-            expert_load_imbalance=load,
+            expert_load_imbalance=load if load_count else None,
         )
 
-    def expert_load(self) -> float | None:
-        """Mean busiest-over-mean expert load of this step over every MoE layer of the model
-        (all pipeline stages) and micro-batch; None for a model without MoE layers."""
-        sums = [r.take_load() for c in self.chunks for r in c.modules() if isinstance(r, Router)]
+    def routers(self) -> list[Router]:
+        """The routers of this stage's MoE layers."""
+        return [r for c in self.chunks for r in c.modules() if isinstance(r, Router)]
+
+    def expert_load_sums(self) -> torch.Tensor:
+        """[sum, count] (float32, on the device) of the busiest-over-mean expert load of this
+        step over this stage's MoE layers and micro-batches (count 0 without MoE layers);
+        summed over pp, sum / count is StepStats.expert_load_imbalance."""
         acc = torch.zeros(2, dtype=torch.float32, device=self.dims.device)
-        for total, count in sums:
+        for total, count in (r.take_load() for r in self.routers()):
             if count:
                 acc[0] += total
                 acc[1] += count
-        all_reduce_(acc, self.dims.group("pp"), None)  # stages hold different layers
-        return float(acc[0] / acc[1]) if float(acc[1]) else None
+        return acc

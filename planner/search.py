@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from cost_model.estimate import evaluate, to_estimate
+from cost_model.profile_model import step_time_scale
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors
 
@@ -227,7 +228,8 @@ def _answer(model, cluster, training, state: SearchState, configs, next_b, close
     classic = [r for r in rows if is_classic(r.mapping)]
     if classic:
         bc = min(classic, key=lambda r: (r.step, tie_key(r.mapping)))
-        unfolded = {"mapping": bc.mapping.model_dump(), "step_time_s": bc.step}
+        unfolded = {"mapping": bc.mapping.model_dump(),
+                    "step_time_s": bc.step * step_time_scale(cluster.profile)}
     return PlanResult(
         candidates=candidates,
         search=SearchInfo(

@@ -15,7 +15,6 @@ answer is FEASIBLE (found, not proven).
 
 from __future__ import annotations
 
-
 from ortools.sat.python import cp_model
 
 from .candidates import Row, dedupe, tie_key

@@ -30,10 +30,14 @@ from executor.run_files import LOG_FILE, PLAN_FILE, rank_argv
 class JobState:
     """What a backend knows of a job: waiting for machines, running, or over.
 
-    `detail` is shown to the user when the run fails (e.g. "slurm job 42: FAILED, exit 1:0")."""
+    `detail` is shown to the user when the run fails (e.g. "slurm job 42: FAILED, exit 1:0").
+    `lost_nodes`: the nodes (0-based) whose processes were killed from outside (a node that
+    died), as far as the backend can tell; the job cannot go on once one is lost, also while
+    its other nodes still run (`state` "running": the run manager then stops them)."""
 
     state: Literal["pending", "running", "finished"]
     detail: str | None = None
+    lost_nodes: tuple[int, ...] = ()
 
 
 class BackendUnavailable(Exception):
@@ -55,10 +59,19 @@ class RunJob(BaseModel):
     peak_gib_per_rank: float = Field(ge=0, description="The plan's memory estimate per rank "
                                      "(worst pipeline stage) in GiB; 0 when the plan has none.")
     seed: int = Field(default=0, description="Data and initialisation seed of the ranks.")
+    save_every: int = Field(default=0, ge=0, description="Checkpoint into out_dir every K "
+                            "steps (0: never).")
+    resume: bool = Field(default=False, description="Continue from the latest complete "
+                         "checkpoint in out_dir (an elastic run's later attempts).")
+    init_hf: str | None = Field(default=None, description="Hugging Face model folder to start "
+                                "from, absolute (api/run_inputs.py checked it).")
+    data: str | None = Field(default=None, description="Megatron indexed dataset prefix, "
+                             "absolute; None: the bundled corpus.")
 
     @classmethod
     def from_plan(cls, run_id: str, plan: dict[str, Any], candidate: int, steps: int,
-                  out_dir: Path) -> RunJob:
+                  out_dir: Path, save_every: int = 0, resume: bool = False,
+                  seed: int = 0) -> RunJob:
         """The job of candidate `candidate` of a stored plan answer (its `cluster` and the
         candidate's `estimate`), written into `out_dir`."""
         cluster = ClusterSpec.model_validate(plan["cluster"])
@@ -66,7 +79,8 @@ class RunJob(BaseModel):
         return cls(run_id=run_id, candidate=candidate, steps=steps,
                    out_dir=Path(out_dir).resolve(), num_nodes=cluster.num_nodes,
                    gpus_per_node=cluster.gpus_per_node, world_size=cluster.world_size,
-                   peak_gib_per_rank=float((est.get("memory") or {}).get("peak_gib") or 0.0))
+                   peak_gib_per_rank=float((est.get("memory") or {}).get("peak_gib") or 0.0),
+                   save_every=save_every, resume=resume, seed=seed)
 
     @property
     def plan_file(self) -> Path:
@@ -78,13 +92,22 @@ class RunJob(BaseModel):
 
     def rank_argv(self) -> list[str]:
         """What every rank runs after its launcher (torchrun)."""
-        return rank_argv(self.out_dir, self.candidate, self.steps, seed=self.seed)
+        return rank_argv(self.out_dir, self.candidate, self.steps, seed=self.seed,
+                         save_every=self.save_every, resume=self.resume, init_hf=self.init_hf,
+                         data=self.data)
 
 
 class Backend(ABC):
     """One way of running a plan's candidate; subclasses in this package."""
 
     name: str
+    # whether `poll` reports `lost_nodes`, which an elastic run (on_failure='replan') needs
+    reports_lost_nodes: bool = False
+
+    def available_nodes(self) -> int | None:
+        """How many nodes this backend offers now (an elastic run with `max_nodes` grows back
+        when it rises), or None where it does not say."""
+        return None
 
     def unavailable(self, job: RunJob) -> str | None:
         """Why this server cannot run the job with this backend, or None if it can.

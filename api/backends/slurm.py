@@ -9,7 +9,12 @@ out_dir must be on a file system the compute nodes share with the server.
 `poll` asks `squeue`; once the job has left the queue it reads the final state from
 `scontrol show job` (kept MinJobAge seconds after the end) or `sacct` (needs accounting
 storage). A failed squeue call (controller busy or unreachable) reports "running" with a
-detail rather than ending the run. `cancel` is `scancel`.
+detail rather than ending the run. `cancel` is `scancel`. It does not tell which node of a
+failed job was lost (`JobState.lost_nodes` stays empty), so elastic runs (`on_failure:
+"replan"`, api/elastic.py) are refused on this backend; `save_every` checkpoints work.
+
+The backend is offered only where a Slurm cluster answers: its tools on PATH and `sinfo`
+listing a partition (FOLDPLAN_SLURM_PARTITION, when set); `unavailable` says which is missing.
 
 Options come from the server settings (FOLDPLAN_SLURM_*): partition, account, time limit,
 the Python on the compute nodes, and extra #SBATCH lines. Nothing asks Slurm for GPUs by
@@ -25,6 +30,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,10 @@ RankCommand = Callable[[RunJob], list[str]]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_S = 30.0
 POLL_TIMEOUT_S = 20.0
-REQUIRED = ("sbatch", "squeue", "scontrol", "scancel")
+REQUIRED = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
+NOT_CONFIGURED = "backend='slurm' is not configured on this server"
+SINFO_TIMEOUT_S = 10.0
+REACHABLE_TTL_S = 30.0  # how long an answer of `sinfo` stands for `unavailable`
 
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
            "RESV_DEL_HOLD", "SPECIAL_EXIT"}
@@ -58,11 +68,43 @@ class SlurmBackend(Backend):
         self.settings = settings
         self.rank_command = rank_command
         self.python = settings.slurm_python or sys.executable
+        self._lock = threading.Lock()
+        self._reach: tuple[float, str | None] | None = None  # (when, `_unreachable()`)
 
     def unavailable(self, job: RunJob) -> str | None:
+        """Why runs cannot go to Slurm from here: a tool missing from PATH, or no cluster
+        answering `sinfo` (the answer is kept REACHABLE_TTL_S seconds: pages ask often)."""
         for tool in REQUIRED:
             if shutil.which(tool) is None:
-                return f"backend='slurm' is not configured on this server: {tool} not found on PATH"
+                return f"{NOT_CONFIGURED}: {tool} not found on PATH"
+        with self._lock:
+            if self._reach is not None and time.monotonic() - self._reach[0] < REACHABLE_TTL_S:
+                return self._reach[1]
+        why = self._unreachable()
+        with self._lock:
+            self._reach = (time.monotonic(), why)
+        return why
+
+    def _unreachable(self) -> str | None:
+        """Ask `sinfo` for the partitions (the configured one alone, when set): None when the
+        controller answers with at least one, else why not."""
+        part = self.settings.slurm_partition
+        argv = ["sinfo", "--noheader", "--format=%P %a"] + ([f"--partition={part}"]
+                                                            if part else [])
+        try:
+            r = subprocess.run(argv, check=False, capture_output=True, text=True,
+                               timeout=SINFO_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"{NOT_CONFIGURED}: sinfo did not answer within {SINFO_TIMEOUT_S:.0f} s"
+        except OSError as exc:
+            return f"{NOT_CONFIGURED}: sinfo could not be started ({exc})"
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip().splitlines()
+            return (f"{NOT_CONFIGURED}: no Slurm cluster answers (sinfo exit {r.returncode}: "
+                    f"{err[-1] if err else 'no message'})")
+        if not r.stdout.strip():
+            return (f"{NOT_CONFIGURED}: sinfo lists no partition "
+                    + (f"named {part!r} (FOLDPLAN_SLURM_PARTITION)" if part else "at all"))
         return None
 
     def start(self, job: RunJob) -> dict[str, Any]:

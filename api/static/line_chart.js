@@ -1,4 +1,5 @@
-// Line charts of the run panel (api/static/runs.js): inline SVG with round ticks, a clipped
+// Line charts of the run panel (api/static/runs.js), the run page (run_page.js) and the runs
+// overlay (overlay.js): inline SVG with round ticks, a clipped
 // warm-up step, horizontal reference lines, at most MAX_DRAWN points. No libraries. Exposes
 // window.FoldplanChart = {lineChart, series, sv, num, list, fmtSeconds}.
 (function () {
@@ -43,31 +44,55 @@
     return ticks;
   }
 
-  function decimals(step) { return Math.min(6, Math.max(0, -Math.floor(Math.log10(step) + 1e-9))); }
+  // Large tick values short: 12k, 1.5M, 2G (bytes, tokens/s); small ones as they are.
+  function compact(t, step) {
+    var units = [[1e9, 'G'], [1e6, 'M'], [1e3, 'k']];
+    for (var i = 0; i < units.length; i++) {
+      if (Math.abs(t) >= units[i][0]) {
+        return (t / units[i][0]).toFixed(Math.min(3, decimals(step / units[i][0]))) +
+          units[i][1];
+      }
+    }
+    return t.toFixed(decimals(step));
+  }
+
+  // Digits after the point that show every tick of this step exactly (2.5 -> 1, 0.25 -> 2).
+  function decimals(step) {
+    var d = 0;
+    while (d < 6 && Math.abs(Math.round(step * Math.pow(10, d)) - step * Math.pow(10, d)) >
+           1e-6 * Math.max(1, step * Math.pow(10, d))) d++;
+    return d;
+  }
 
   function tickLabel(t, step, unit, top) {
     if (t === 0) return '0';
-    if (unit !== 's') return t.toFixed(decimals(step));
+    if (unit === '%') return (100 * t).toFixed(decimals(100 * step)) + '%';
+    if (unit !== 's') return compact(t, step);
     if (top >= 1) return t.toFixed(decimals(step)) + ' s';
     return (1000 * t).toFixed(decimals(1000 * step)) + ' ms';
   }
 
-  // A line chart in SVG. opts: id, xs, ys (same length), yUnit ('s' or ''), yFromZero,
-  // yMax (clip above), hlines: [{y, cls, label}], empty (text when there is nothing to draw).
+  // A line chart in SVG. opts: id, xs, ys (same length), yUnit ('s', '%' or ''), yFromZero,
+  // yMax (clip above), hlines: [{y, cls, label}], vlines: [{x, label}] (dotted marks, e.g.
+  // where a run changed its mapping), empty (text when there is nothing to draw), and
+  // `more`: further series [{xs, ys, label}] drawn in other colours (an overlay of runs).
   function lineChart(opts) {
     var W = 520, H = 230, L = 62, R = 16, T = 12, B = 38;
     var root = sv('svg', {id: opts.id, width: W, height: H, viewBox: '0 0 ' + W + ' ' + H,
                           role: 'img', 'aria-label': opts.label, 'class': 'run-chart'});
+    var others = opts.more || [];
     var xs = opts.xs, ys = opts.ys;
+    var allXs = others.reduce(function (a, o) { return a.concat(o.xs); }, xs.slice());
+    var allYs = others.reduce(function (a, o) { return a.concat(o.ys); }, ys.slice());
     var hv = (opts.hlines || []).map(function (h) { return h.y; });
-    var yvals = ys.concat(hv);
-    if (!xs.length && !hv.length) {
+    var yvals = allYs.concat(hv);
+    if (!allXs.length && !hv.length) {
       root.appendChild(sv('text', {x: W / 2, y: H / 2, 'text-anchor': 'middle', 'class': 'muted'},
                           opts.empty || 'No measurements yet.'));
       return root;
     }
-    var x0 = xs.length ? Math.min.apply(null, xs) : 1;
-    var x1 = xs.length ? Math.max.apply(null, xs) : opts.xEnd || 1;
+    var x0 = allXs.length ? Math.min.apply(null, allXs) : 1;
+    var x1 = allXs.length ? Math.max.apply(null, allXs) : opts.xEnd || 1;
     if (x1 === x0) { x0 -= 1; x1 += 1; }
     var lo = opts.yFromZero ? 0 : Math.min.apply(null, yvals);
     var hi = opts.yMax !== undefined ? opts.yMax : Math.max.apply(null, yvals);
@@ -110,6 +135,26 @@
         root.appendChild(sv('text', {x: W - R - 4, y: y - 5, 'text-anchor': 'end',
                                      'class': h.cls + '-label'}, h.label));
       }
+    });
+
+    (opts.vlines || []).forEach(function (v) {
+      if (v.x < x0 || v.x > x1) return;
+      root.appendChild(sv('line', {x1: px(v.x), x2: px(v.x), y1: T, y2: H - B, 'class': 'mark'}));
+      if (v.label) {
+        root.appendChild(sv('text', {x: px(v.x) + 4, y: T + 22, 'class': 'mark-label'},
+                            v.label));
+      }
+    });
+
+    others.forEach(function (o, k) {
+      var pts = o.xs.map(function (x, i) {
+        return px(x).toFixed(1) + ',' + py(Math.min(o.ys[i], hi)).toFixed(1);
+      });
+      if (!pts.length) return;
+      var line = sv('polyline', {points: pts.join(' '), 'class': 'series s' + (1 + k % 5),
+                                 'data-points': String(pts.length)});
+      if (o.label) line.appendChild(sv('title', null, o.label));
+      root.appendChild(line);
     });
 
     if (xs.length) {

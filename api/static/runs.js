@@ -94,10 +94,10 @@
     var measured = num(m.step_time_s), pred = num(p.step_time_s);
     var tr = el('tr', {'data-run-id': run.id, tabindex: '0'});
     var idCell = el('td');
-    idCell.appendChild(el('a', {href: '/v1/runs/' + encodeURIComponent(run.id)},
+    idCell.appendChild(el('a', {href: '/runs/' + encodeURIComponent(run.id)},
                           String(run.id).slice(0, 8)));
     tr.appendChild(idCell);
-    tr.appendChild(el('td', null, num(run.candidate) !== null ? '#' + (run.candidate + 1) : '—'));
+    tr.appendChild(el('td', null, num(run.candidate) !== null ? '#' + run.candidate : '—'));
     tr.appendChild(el('td', null, run.backend));
     var st = el('td');
     st.appendChild(el('span', {'class': 'badge ' + run.status}, run.status));
@@ -210,7 +210,7 @@
 
     var head = el('h3', {id: 'run-detail-title'});
     head.appendChild(document.createTextNode('Run ' + String(run.id).slice(0, 8) +
-      ' · candidate ' + (num(run.candidate) !== null ? '#' + (run.candidate + 1) : '—') +
+      ' · candidate ' + (num(run.candidate) !== null ? '#' + run.candidate : '—') +
       ' · ' + run.backend + ' '));
     head.appendChild(el('span', {'class': 'badge ' + run.status}, run.status));
     parts.push(head);
@@ -305,6 +305,8 @@
   function render() {
     renderTable();
     renderDetail();
+    // overlay.js draws the runs on top of each other from the same list
+    document.dispatchEvent(new CustomEvent('foldplan:runs', {detail: state.runs}));
   }
 
   // ---- data ----------------------------------------------------------------------------------
@@ -440,6 +442,12 @@
     } finally {
       submit.disabled = false;
     }
+  });
+
+  // Runs started elsewhere on the page (verify.js starts one per candidate): look again now.
+  document.addEventListener('foldplan:runs-started', function () {
+    if (state.timer !== null) { clearTimeout(state.timer); state.timer = null; }
+    refresh();
   });
 
   // The runs the page shipped: drawn at once, then followed while any is active.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .index import RoutingIndex, routing_index
 from .torch_ops import permute, unpermute
 
-__all__ = ["RoutingIndex", "routing_index", "permute", "unpermute", "get_ops"]
+__all__ = ["RoutingIndex", "get_ops", "permute", "routing_index", "unpermute"]
 
 
 def get_ops(backend: str):

@@ -8,6 +8,8 @@ dest[t, k] (-1 = dropped, masked out), so every output element is written by one
   permute bwd     g_x_TD[t] = sum_k g_ND[dest]; g_probs_TK[t, k] = g_N[dest]
   unpermute fwd   out_TD[t] = sum_k w_N[dest] * y_ND[dest]
   unpermute bwd   g_y_ND[dest] = w_N[dest] * g_TD[t]; g_w_N[dest] = <g_TD[t], y_ND[dest]>
+Padding rows of a static or capacity buffer (`RoutingIndex.padded`) are no pair's destination:
+permute leaves them zero and the other kernels never read them.
 On CPU run it with TRITON_INTERPRET=1 set before triton is imported (tests do, in a subprocess).
 """
 
@@ -92,12 +94,13 @@ def _block(D: int) -> int:
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, probs_TK, dest_TK, num_rows: int):
+    def forward(ctx, x_TD, probs_TK, dest_TK, num_rows: int, padded: bool):
         x_TD, probs_TK, dest_TK = x_TD.contiguous(), probs_TK.contiguous(), dest_TK.contiguous()
         T, D = x_TD.shape
         K = dest_TK.shape[1]
-        x_ND = x_TD.new_empty(num_rows, D)
-        probs_N = probs_TK.new_empty(num_rows)
+        alloc = torch.zeros if padded else torch.empty  # padding rows stay zero
+        x_ND = alloc(num_rows, D, dtype=x_TD.dtype, device=x_TD.device)
+        probs_N = alloc(num_rows, dtype=probs_TK.dtype, device=probs_TK.device)
         if T and num_rows:
             _permute_fwd[(T,)](x_TD, probs_TK, dest_TK, x_ND, probs_N, D, K=K, BLOCK=_block(D))
         ctx.save_for_backward(dest_TK)
@@ -115,7 +118,7 @@ class _Permute(torch.autograd.Function):
         g_probs_TK = g_N.new_zeros(T, K)
         if T and g_ND.shape[0]:
             _permute_bwd[(T,)](g_ND, g_N, dest_TK, g_x_TD, g_probs_TK, D, K=K, BLOCK=_block(D))
-        return g_x_TD, g_probs_TK, None, None
+        return g_x_TD, g_probs_TK, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -145,7 +148,7 @@ class _Unpermute(torch.autograd.Function):
 
 def permute(x_TD, probs_TK, index):
     """Triton twin of `torch_ops.permute` (uses index.dest_TK)."""
-    return _Permute.apply(x_TD, probs_TK, index.dest_TK, index.num_rows)
+    return _Permute.apply(x_TD, probs_TK, index.dest_TK, index.num_rows, index.padded)
 
 
 def unpermute(y_ND, w_N, index):

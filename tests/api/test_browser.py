@@ -88,7 +88,7 @@ def test_plan_page_reads_well(browser, server):
     assert not external, external  # nothing from a CDN
     # Choosing another candidate's layout from the table.
     page.goto(f"{base}/plans/{plan['id']}?c=1")
-    assert "candidate #2" in page.locator("#layout").inner_text()
+    assert "candidate #1" in page.locator("#layout").inner_text()  # the API's index
     ctx.close()
 
 

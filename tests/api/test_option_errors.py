@@ -27,10 +27,10 @@ def test_training_and_model_fields_are_located_in_their_sections(client):
     out = _detail(client, training={"fp8_recipe": "mxfp8"})
     assert out["detail"][0]["loc"] == ["body", "training", "fp8_recipe"]
     assert "fp8_recipe='mxfp8' needs precision='fp8'" in out["detail"][0]["msg"]
-    out = _detail(client, model={"preset": "qwen3-30b-a3b"}, training={"runtime": "foldplan"})
+    out = _detail(client, model={"preset": "deepseek-v3"}, training={"runtime": "foldplan"})
     locs = [d["loc"] for d in out["detail"]]
-    assert ["body", "model", "qk_layernorm"] in locs
-    assert any("qk_layernorm=true: query/key layernorm is not supported by the executor" in r
+    assert ["body", "model", "mtp_num_layers"] in locs
+    assert any("mtp_num_layers=1: multi-token prediction is not supported by the executor" in r
                for r in out["reasons"])
 
 

@@ -168,6 +168,34 @@ def test_poll_reads_sacct_when_scontrol_forgot(tmp_path, monkeypatch):
     assert state == JobState("finished", "slurm job 7: TIMEOUT, exit code 0:0")
 
 
+TOOLS_OK = {t: "exit 0" for t in ("sbatch", "squeue", "scontrol", "scancel")}
+
+
+def test_unavailable_when_no_cluster_answers(tmp_path, monkeypatch):
+    """Tools on PATH are not enough: sinfo must reach a controller."""
+    fake_tools(tmp_path, monkeypatch, **TOOLS_OK, sinfo="echo 'sinfo: error: Unable to contact "
+               "slurm controller (connect failure)' >&2; exit 1")
+    reason = SlurmBackend(Settings(run_dir=tmp_path)).unavailable(job_of("x", ONE_NODE, tmp_path))
+    assert reason == ("backend='slurm' is not configured on this server: no Slurm cluster "
+                      "answers (sinfo exit 1: sinfo: error: Unable to contact slurm controller "
+                      "(connect failure))")
+
+
+def test_available_when_sinfo_lists_the_partition(tmp_path, monkeypatch):
+    # sinfo prints "debug up" only for --partition=debug; it counts its calls in `calls`.
+    fake_tools(tmp_path, monkeypatch, **TOOLS_OK, sinfo=f"echo x >> '{tmp_path}/calls'; "
+               'case "$*" in *--partition=debug*) echo "debug up";; esac')
+    job = job_of("x", ONE_NODE, tmp_path)
+    backend = SlurmBackend(Settings(run_dir=tmp_path, slurm_partition="debug"))
+    assert backend.unavailable(job) is None
+    assert backend.unavailable(job) is None  # answered from the cache: sinfo ran once
+    assert (tmp_path / "calls").read_text().count("x") == 1
+    other = SlurmBackend(Settings(run_dir=tmp_path, slurm_partition="gpu"))
+    assert other.unavailable(job) == ("backend='slurm' is not configured on this server: sinfo "
+                                      "lists no partition named 'gpu' "
+                                      "(FOLDPLAN_SLURM_PARTITION)")
+
+
 # --- a real Slurm ----------------------------------------------------------------------------
 
 

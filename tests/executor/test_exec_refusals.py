@@ -28,15 +28,7 @@ def make_plan(model: dict | None = None, training: dict | None = None, **mapping
 
 
 REFUSED = [
-    (dict(model=dict(moe_router_num_groups=2, moe_router_group_topk=1)), "moe_router_num_groups",
-     "group-limited routing"),
     (dict(model=dict(mtp_num_layers=1)), "mtp_num_layers", "multi-token prediction"),
-    (dict(model=dict(qk_layernorm=True)), "qk_layernorm", "query/key layernorm"),
-    (dict(model=dict(add_qkv_bias=True)), "add_qkv_bias", "query/key/value biases"),
-    (dict(model=dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)),
-     "moe_router_enable_expert_bias", "expert bias"),
-    (dict(model=dict(moe_shared_expert_intermediate_size=256, moe_shared_expert_gate=True)),
-     "moe_shared_expert_gate", "shared expert gate"),
     (dict(ep=2, dispatcher="flex"), "dispatcher", "flex dispatcher"),
     (dict(ep=2, dispatcher="flex", flex_backend="hybridep"), "flex_backend", "HybridEP"),
     (dict(ep=2, moe_a2a_overlap=True), "moe_a2a_overlap", "all-to-all overlap"),
@@ -65,6 +57,13 @@ def test_refuses_options_the_executor_cannot_run(plan_fields, field, what):
     dict(ep=2, recompute="selective", recompute_modules=("core_attn",)),
     dict(training=dict(precision="fp8", fp8_recipe="tensorwise")),  # fp8 plans run in bf16
     dict(training=dict(runtime="foldplan"), ep=2),
+    # the exact-architecture options of issue 14 (executor/mla.py, router.py, attention.py)
+    dict(model=dict(multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16,
+                    qk_pos_emb_head_dim=8, v_head_dim=16)),
+    dict(model=dict(moe_router_num_groups=2, moe_router_group_topk=1)),
+    dict(model=dict(qk_layernorm=True, add_qkv_bias=True)),
+    dict(model=dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)),
+    dict(model=dict(moe_shared_expert_intermediate_size=256, moe_shared_expert_gate=True)),
 ])
 def test_accepts_options_the_executor_runs(plan_fields):
     run = load_run(make_plan(**plan_fields))
@@ -78,14 +77,14 @@ def test_accepts_options_the_executor_runs(plan_fields):
 def test_runtime_foldplan_estimates_only_what_the_executor_runs():
     """training.runtime='foldplan' makes the executor's refusals validation errors of the
     estimate; 'megatron' (the default) accepts what Megatron-Core runs."""
-    model = TINY.model_copy(update={"qk_layernorm": True})
+    model = TINY.model_copy(update={"mtp_num_layers": 1})
     cluster = ClusterSpec(**CLUSTER)
     m = Mapping(ep=2, dispatcher="flex")
     megatron = TrainingSpec(**TRAINING)
     assert mapping_errors(model, cluster, megatron, m)[0] == []
     foldplan = megatron.model_copy(update={"runtime": "foldplan"})
     errors = mapping_errors(model, cluster, foldplan, m)[0]
-    assert {(e.kind, e.field) for e in errors} == {("executor", "qk_layernorm"),
+    assert {(e.kind, e.field) for e in errors} == {("executor", "mtp_num_layers"),
                                                    ("executor", "dispatcher")}
     # the executor's refusals appear once when the plan already predicted the executor
     reasons = unsupported_reasons(model, cluster, foldplan, m)
