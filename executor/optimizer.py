@@ -185,11 +185,19 @@ class DistributedAdamW:
             self.inner.state[b.master] = st
 
     def state_dict(self) -> dict:
-        return self.inner.state_dict()
+        """The inner AdamW's state; with low-precision parameters also this rank's fp32 master
+        shards under "masters" (the parameters alone cannot restore them bit for bit)."""
+        state = self.inner.state_dict()
+        if any(p.dtype != torch.float32 for b in self.buckets for p in b.params):
+            state["masters"] = [b.master.detach().clone() for b in self.buckets]
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Load the moments; masters are re-read from the (already loaded) parameters."""
+        """Load the moments and the saved master shards; without saved masters (fp32 runs,
+        older checkpoints) they are re-read from the (already loaded) parameters."""
+        state = dict(state)
+        masters = state.pop("masters", None)
         self.inner.load_state_dict(state)
-        for b in self.buckets:
-            b.master.copy_(b.mine(b.flat([p.detach() for p in b.params])))
+        for i, b in enumerate(self.buckets):
+            b.master.copy_(masters[i] if masters is not None else b.mine(b.flat([p.detach() for p in b.params])))

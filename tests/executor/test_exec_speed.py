@@ -6,13 +6,19 @@
   one for the step's numbers, no op with a data-dependent output shape, the same shapes in
   every step (counted with benchmarks/step_anatomy.py's dispatch mode).
 - At ep = 2 (two gloo ranks): one host read per MoE layer and micro-batch plus the step's one.
+- The Triton kernels (interpreted) take the padded layouts like the torch kernels.
+- bf16 mixed precision on CPU: bf16 parameters, fp32 main grads, masters and moments (their
+  bytes), losses near fp32, and a bit-exact resume from saved state.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +51,7 @@ def test_static_layouts_put_kept_pairs_where_the_exact_layout_does(monkeypatch, 
     E, C = 8, 12
     idx, dropped = _routing(E=E)
     exact = routing_index(dropped, E)
+    assert int(exact.tokens_per_expert_E.max()) <= C  # the capacity layout's precondition
     static = routing_index(dropped, E, static=True)
     cap = routing_index(dropped, E, capacity=C)
     dropless = routing_index(idx, E, static=True, dropless=True)
@@ -70,6 +77,7 @@ def test_padded_permute_matches_exact_forward_and_backward(layout):
     x0, p0 = torch.randn(T, D, generator=g, dtype=torch.float64), torch.rand(T, K, generator=g, dtype=torch.float64)
     w = torch.randn(D, D, generator=g, dtype=torch.float64)
     permute, unpermute = get_ops("torch")
+    assert int(routing_index(dropped, E).tokens_per_expert_E.max()) <= 12  # capacity precondition
     outs = []
     for index in (routing_index(dropped, E),
                   routing_index(dropped, E, static=layout == "static", capacity=12 if layout == "capacity" else None)):
@@ -192,3 +200,70 @@ def test_bf16_mixed_precision_keeps_fp32_main_grads_and_masters():
     as_bf16 = torch.cat([b.flat([p.detach() for p in b.params]) for b in opt.buckets])
     assert not torch.equal(master, as_bf16) and torch.equal(master.bfloat16().float(), as_bf16)
     torch.testing.assert_close(torch.tensor(losses[torch.bfloat16]), torch.tensor(losses[None]), rtol=2e-3, atol=0)
+
+
+def test_bf16_resume_restores_the_fp32_masters_bit_for_bit():
+    """A bf16 run's optimizer state carries its fp32 masters: continuing from a saved state
+    equals not stopping (model + optimizer state dicts, as checkpoint.py saves them)."""
+    training = TrainingSpec(seq_length=32, global_batch_size=2, precision="fp32")
+
+    def trainer():
+        return Trainer(TEST_SPEC, training, ParallelDims.single(Mapping(micro_batch_size=1)),
+                       bundled_corpus_tokens(), seed=0, autocast_dtype=torch.bfloat16)
+
+    a = trainer()
+    for s in range(2):
+        a.step(s)
+    buf = io.BytesIO()  # through bytes, as a checkpoint file: nothing shared with `a`
+    torch.save({"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert "masters" in saved["optimizer"]
+    b = trainer()
+    b.model.load_state_dict(saved["model"])
+    b.optimizer.load_state_dict(saved["optimizer"])
+    assert [a.step(s).loss for s in (2, 3)] == [b.step(s).loss for s in (2, 3)]
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+TRITON_PADDED = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from executor.kernels import get_ops, routing_index
+g = torch.Generator().manual_seed(5)
+T, K, E, D = 13, 2, 4, 24
+idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+idx = torch.where(torch.rand(T, K, generator=g) < 0.3, torch.full_like(idx, -1), idx)
+x0, p0 = torch.randn(T, D, generator=g), torch.rand(T, K, generator=g)
+w = torch.randn(D, D, generator=g) / D ** 0.5
+worst = 0.0
+cap = int(torch.bincount(idx[idx >= 0], minlength=E).max()) + 1  # the router's promise: <= C per expert
+for kw in (dict(static=True), dict(capacity=cap)):
+    index = routing_index(idx, E, **kw)
+    outs = []
+    for backend in ("torch", "triton"):
+        permute, unpermute = get_ops(backend)
+        x, p = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+        x_ND, p_N = permute(x, p, index)
+        out = unpermute(torch.tanh(x_ND @ w), p_N, index)
+        (out.square().sum() + p_N.square().sum()).backward()
+        outs.append((out.detach(), p_N.detach(), x.grad, p.grad))
+    for a, b in zip(*outs):
+        worst = max(worst, float((a - b).abs().max()))
+print("WORST", worst)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_triton_kernels_take_the_padded_layouts_interpreted():
+    """The Triton kernels (GPU path) on static and capacity buffers equal the torch kernels;
+    run by the Triton interpreter in a subprocess (TRITON_INTERPRET must precede the import)."""
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", TRITON_PADDED], capture_output=True, text=True,
+                          env=env, cwd=repo, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("WORST")[1]) < 1e-5  # fp32 both, summation order differs
