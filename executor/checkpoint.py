@@ -2,6 +2,8 @@
 
 Every rank writes its own model shard and optimizer state (native, for resuming on the same
 mapping) and the portable form of reshard.py (for resuming on another mapping or world size);
+both carry the model's buffers (the routers' expert bias) beside the parameters, so
+aux-loss-free balancing continues where it was on either path;
 after a barrier rank 0 writes COMPLETE (with the world size and mapping), so a checkpoint
 without the marker is ignored.
 Data order is a pure function of the step (see data.py), so resuming at step N continues with

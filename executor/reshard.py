@@ -7,6 +7,10 @@ indices with the values and the AdamW moments (the distributed optimizer's momen
 all-gathered to whole local parameters first). Loading on any mapping (any world size):
 read every old rank's file, scatter the elements into full tensors, and take this rank's
 shard of each with the new sharding. Replicated copies simply write the same values twice.
+Buffers (`Trainer.named_buffers`: state that is not a parameter, the routers' expert bias
+of aux-loss-free balancing) travel the same way, with values only: each is whole on every
+rank holding its layer, so its index is arange(numel) and every new rank holding the layer
+takes the whole tensor, whichever stage, expert shard or world size it has now.
 Cost: every new rank reads every old rank's file (fine for the model sizes run here).
 """
 
@@ -18,7 +22,8 @@ import torch
 
 
 def portable_state(trainer) -> dict:
-    """{"step": adam step, "params": {name: (full_shape, index, value, exp_avg, exp_avg_sq)}}."""
+    """{"step": adam step, "params": {name: (full_shape, index, value, exp_avg, exp_avg_sq)},
+    "buffers": {name: (full_shape, index, value)}}."""
     opt = trainer.optimizer
     if trainer.distributed_optimizer:
         step, moments = opt.param_moments()
@@ -34,17 +39,21 @@ def portable_state(trainer) -> dict:
         m = moments.get(p, (torch.zeros_like(p), torch.zeros_like(p)))
         params[name] = (shape, index.reshape(-1).clone(), p.detach().reshape(-1).cpu().clone(),
                         m[0].reshape(-1).cpu().clone(), m[1].reshape(-1).cpu().clone())
-    return {"step": step, "params": params}
+    buffers = {name: (tuple(b.shape), torch.arange(b.numel()), b.detach().reshape(-1).cpu().clone())
+               for name, b in trainer.named_buffers()}  # whole on every rank: see the docstring
+    return {"step": step, "params": params, "buffers": buffers}
 
 
 def full_tensors(files: list[Path]) -> tuple[float, dict[str, list[torch.Tensor]]]:
-    """Reassemble [value, exp_avg, exp_avg_sq] full tensors from every rank's portable state."""
+    """Reassemble full tensors from every rank's portable state: [value, exp_avg, exp_avg_sq]
+    per parameter, [value] per buffer (a file written before buffers were saved has none)."""
     full: dict[str, list[torch.Tensor]] = {}
     step = 0.0
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True)["portable"]
         step = max(step, state["step"])
-        for name, (shape, index, *values) in state["params"].items():
+        entries = list(state["params"].items()) + list(state.get("buffers", {}).items())
+        for name, (shape, index, *values) in entries:
             if name not in full:
                 full[name] = [torch.zeros(tuple(shape)) for _ in values]
             for dst, v in zip(full[name], values):
@@ -54,7 +63,7 @@ def full_tensors(files: list[Path]) -> tuple[float, dict[str, list[torch.Tensor]
 
 @torch.no_grad()
 def load_portable(trainer, step: float, full: dict[str, list[torch.Tensor]]) -> None:
-    """Set this rank's parameter shards and AdamW moments from the full tensors."""
+    """Set this rank's parameter shards, AdamW moments and buffers from the full tensors."""
     moments = {}
     for name, p in trainer.named_parameters():
         if name not in full:
@@ -62,6 +71,15 @@ def load_portable(trainer, step: float, full: dict[str, list[torch.Tensor]]) -> 
         value, m1, m2 = (trainer.shard_of_full(name, t).to(p.device, p.dtype) for t in full[name])
         p.copy_(value)
         moments[p] = (m1, m2)
+    for name, b in trainer.named_buffers():
+        if name not in full:
+            raise ValueError(f"checkpoint has no buffer {name!r} (written before buffers were "
+                             "checkpointed, or a different model)")
+        value = full[name][0]
+        if tuple(value.shape) != tuple(b.shape):
+            raise ValueError(f"checkpoint buffer {name!r} has shape {tuple(value.shape)}, "
+                             f"this model's has {tuple(b.shape)} (a different model?)")
+        b.copy_(value.to(b.device, b.dtype))
     opt = trainer.optimizer
     if step == 0:
         return

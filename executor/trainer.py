@@ -157,6 +157,14 @@ class Trainer:
         """(name, parameter) of every chunk of this stage, with the single-rank model's names."""
         return [(n, p) for c in self.chunks for n, p in c.named_parameters()]
 
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, buffer) of every persistent buffer of this stage's chunks, with the
+        single-rank model's names: state that is not a parameter but must survive a
+        checkpoint (the routers' `expert_bias_E`). Each is whole on every rank that holds its
+        layer (the router is replicated), so its shard is the full tensor on every mapping."""
+        return [(n, b) for c in self.chunks for n, b in c.state_dict(keep_vars=True).items()
+                if not isinstance(b, torch.nn.Parameter)]
+
     def _chunk_of(self, name: str) -> MoETransformer:
         for c in self.chunks:
             if name in dict(c.named_parameters()):
