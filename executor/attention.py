@@ -13,6 +13,12 @@ Options of the spec: `add_qkv_bias` (biases on wq/wk/wv, split with their rows) 
 replicated). RoPE always rotates interleaved pairs (x[2i], x[2i+1]); a checkpoint in the
 rotate-half layout is permuted on load (hf_checkpoint.py).
 
+Few ops per step (issue 12): q, k and v come from one GEMM over the three weights side by
+side (the parameters stay separate, so checkpoints and tp shards keep their names and
+layouts); q and k are rotated together by one autograd op (`apply_rope`) on cos/sin tables
+that the model computes once per sequence length; GQA is SDPA's own (`enable_gqa`), no
+repeat_interleave copy of K and V.
+
 Context parallelism, load-balanced causal layout: the sequence is cut into 2*cp chunks and cp
 rank i holds chunks i and 2*cp-1-i (so every rank has the same causal work). K and V are
 ALL-GATHERED over cp (Gl groups, before the GQA repeat) and each rank attends its queries to
@@ -40,24 +46,51 @@ from .tensor_parallel import mark_tp
 
 
 def rope_tables(positions_S: torch.Tensor, head_dim: int, base: float = 10000.0,
-                yarn: YarnRope | None = None):
-    """cos/sin tables [S, Dh/2] for rotary embeddings at the given positions (with YaRN: its
-    inverse frequencies, and cos/sin times its attention factor, arch.YarnRope)."""
+                yarn: YarnRope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (cos_SDh, sin_SDh), fp32, at the given positions, laid out for the
+    interleaved pairs (x[2i], x[2i+1]) that `apply_rope` rotates: cos_SDh[:, 2i] =
+    cos_SDh[:, 2i+1] = cos(angle_i) and sin_SDh[:, 2i] = -sin(angle_i), sin_SDh[:, 2i+1] =
+    +sin(angle_i). With YaRN: its inverse frequencies, and both tables times its attention
+    factor (arch.YarnRope). Computed once per sequence length (the model caches them)."""
     if yarn is None:
         inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions_S.device, dtype=torch.float32) / head_dim)
     else:
         inv = yarn.inv_freq(head_dim, base).to(positions_S.device)
     angles_SF = positions_S.float()[:, None] * inv[None, :]
-    if yarn is None or yarn.attention_factor == 1.0:
-        return angles_SF.cos(), angles_SF.sin()
-    return angles_SF.cos() * yarn.attention_factor, angles_SF.sin() * yarn.attention_factor
+    cos_SF, sin_SF = angles_SF.cos(), angles_SF.sin()
+    if yarn is not None and yarn.attention_factor != 1.0:
+        cos_SF, sin_SF = cos_SF * yarn.attention_factor, sin_SF * yarn.attention_factor
+    cos_SDh = cos_SF.repeat_interleave(2, dim=-1)
+    sin_SDh = torch.stack([-sin_SF, sin_SF], dim=-1).flatten(-2)
+    return cos_SDh, sin_SDh
 
 
-def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of each head by the position's angles."""
-    x1, x2 = x_BHSDh[..., 0::2].float(), x_BHSDh[..., 1::2].float()
-    out = torch.stack([x1 * cos_SF - x2 * sin_SF, x1 * sin_SF + x2 * cos_SF], dim=-1)
-    return out.flatten(-2).to(x_BHSDh.dtype)
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x[2i], x[2i+1]) -> (x[2i+1], x[2i]) along the last dimension (one copy)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+class _RopeFunction(torch.autograd.Function):
+    """y = x * cos + swap_pairs(x) * sin in fp32, cast back to x's dtype; the tables carry the
+    signs (rope_tables), so y[2i] = x[2i] cos - x[2i+1] sin and y[2i+1] = x[2i+1] cos + x[2i] sin,
+    bit for bit the pairwise rotation. swap_pairs is its own transpose, hence
+    dx = g * cos + swap_pairs(g * sin)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos_SDh, sin_SDh)
+        return (x * cos_SDh + _swap_pairs(x) * sin_SDh).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        cos_SDh, sin_SDh = ctx.saved_tensors
+        return (g * cos_SDh + _swap_pairs(g * sin_SDh)).to(g.dtype), None, None
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of each head by the position's angles: one
+    autograd op with a hand-written backward (tables from `rope_tables`)."""
+    return _RopeFunction.apply(x_BHSDh, cos_SDh, sin_SDh)
 
 
 def cp_positions(seq_len: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -84,10 +117,13 @@ def cp_gather(x_BGSDh: torch.Tensor, cp_group, counter: CommCounter | None) -> t
 
 def attention_core(q, k, v, mask_SSk: torch.Tensor | None, scale: float | None = None):
     """Causal SDPA (plain causal without cp; with cp the position mask); `scale` None =
-    1 / sqrt(q/k head dim)."""
+    1 / sqrt(q/k head dim). k and v may hold fewer heads than q (GQA: each k/v head serves
+    H / G consecutive query heads), which SDPA expands itself (`enable_gqa`) instead of a
+    repeat_interleave copy."""
+    gqa = k.shape[1] != q.shape[1]
     if mask_SSk is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SSk, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SSk, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -130,19 +166,20 @@ class Attention(nn.Module):
         """Partial (row-parallel) output [B, S, D]; `rope` = (cos, sin) at the local positions,
         `mask_SSk` the cp position mask (None without cp: plain causal)."""
         B, S, _ = x_BSD.shape
-        cos_SF, sin_SF = rope
-        q = self.wq(x_BSD).view(B, S, self.Hl, self.Dh)
-        k = self.wk(x_BSD).view(B, S, self.Gl, self.Dh)
+        cos_SDh, sin_SDh = rope
+        # One GEMM for q, k and v: the three weights (and biases) side by side.
+        w_QD = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        b_Q = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
+        qkv = F.linear(x_BSD, w_QD, b_Q).view(B, S, self.Hl + 2 * self.Gl, self.Dh)
+        qk_BSXDh, v = qkv.split([self.Hl + self.Gl, self.Gl], dim=2)  # X = Hl + Gl
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.Gl, self.Dh).transpose(1, 2)
-        q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
+            q, k = qk_BSXDh.split([self.Hl, self.Gl], dim=2)
+            qk_BSXDh = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        # q and k rotated together: one rope op for both.
+        q, k = apply_rope(qk_BSXDh.transpose(1, 2), cos_SDh, sin_SDh).split([self.Hl, self.Gl], dim=1)
+        v = v.transpose(1, 2)
         if self.cp_group.size > 1:
             k, v = self._gather_cp(k), self._gather_cp(v)
-        if self.Gl != self.Hl:
-            k = k.repeat_interleave(self.Hl // self.Gl, dim=1)
-            v = v.repeat_interleave(self.Hl // self.Gl, dim=1)
         if self.selective_recompute and torch.is_grad_enabled():
             o = checkpoint(self._core, q, k, v, mask_SSk, use_reentrant=False)
         else:

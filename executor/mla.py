@@ -73,19 +73,19 @@ class MultiLatentAttention(nn.Module):
         self.scale = None if factor == 1.0 else factor / Dq**0.5
 
     def forward(self, x_BSD: torch.Tensor, rope, mask_SSk: torch.Tensor | None) -> torch.Tensor:
-        """Partial (row-parallel) output [B, S, D]; `rope` = (cos, sin) [S, Dr/2] at the local
+        """Partial (row-parallel) output [B, S, D]; `rope` = (cos, sin) [S, Dr] at the local
         positions, `mask_SSk` the cp position mask (None without cp: plain causal)."""
         B, S, _ = x_BSD.shape
-        cos_SF, sin_SF = rope
+        cos_SDr, sin_SDr = rope
         if hasattr(self, "q_a"):
             q_BSQ = self.q_b(self.q_a_norm(self.q_a(x_BSD)))
         else:
             q_BSQ = self.q_proj(x_BSD)
         q_BHSQ = q_BSQ.view(B, S, self.Hl, self.Dn + self.Dr).transpose(1, 2)
         q_nope, q_rot = q_BHSQ.split([self.Dn, self.Dr], dim=-1)
-        q_BHSQ = torch.cat([q_nope, apply_rope(q_rot, cos_SF, sin_SF)], dim=-1)
+        q_BHSQ = torch.cat([q_nope, apply_rope(q_rot, cos_SDr, sin_SDr)], dim=-1)
         c_BSL, k_rot_BSR = self.kv_a(x_BSD).split([self.Lkv, self.Dr], dim=-1)
-        k_rot_B1SR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SF, sin_SF)
+        k_rot_B1SR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SDr, sin_SDr)
         latent_B1SX = torch.cat([self.kv_a_norm(c_BSL).unsqueeze(1), k_rot_B1SR], dim=-1)
         if self.cp_group.size > 1:
             latent_B1SX = cp_gather(latent_B1SX, self.cp_group, self.counter)

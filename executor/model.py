@@ -102,6 +102,7 @@ class MoETransformer(nn.Module):
         self.spec, self.dims, self.counter = spec, dims, counter
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         self.pre, self.post = pre, post
+        self._contexts: dict[tuple[int, str], tuple] = {}  # attention_context per (seq_len, device)
         tp = dims.group("tp")
         router_config = router_config or RouterConfig(expert_bias=spec.moe_router_enable_expert_bias)
         pattern = spec.moe_layer_pattern()
@@ -154,7 +155,15 @@ class MoETransformer(nn.Module):
         return full_shape(p)
 
     def attention_context(self, seq_len: int, device):
-        """(positions of the local tokens, rope tables, cp mask or None) for full length seq_len."""
+        """(positions of the local tokens, rope tables, cp mask or None) for full length seq_len;
+        computed once per (seq_len, device) and reused (constants, no gradient)."""
+        key = (seq_len, str(device))
+        if key not in self._contexts:
+            with torch.inference_mode(False):  # normal tensors even if first asked for in inference
+                self._contexts[key] = self._attention_context(seq_len, device)
+        return self._contexts[key]
+
+    def _attention_context(self, seq_len: int, device):
         cp = self.dims.group("cp")
         pos_S = cp_positions(seq_len, cp.size, cp.index, device)
         mask_SSk = None
@@ -164,9 +173,13 @@ class MoETransformer(nn.Module):
         rope_dim = self.spec.qk_pos_emb_head_dim if self.spec.multi_latent_attention else self.spec.head_dim
         return pos_S, rope_tables(pos_S, rope_dim, self.arch.rope_theta, self.arch.yarn), mask_SSk
 
+    def _local_chunks(self, x_BSf: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
+        """x at this rank's positions: all of it without cp (no gather op)."""
+        return x_BSf if self.dims.group("cp").size == 1 else x_BSf[:, pos_S]
+
     def embed_tokens(self, tokens_BSf: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
         """This rank's cp chunks, embedded and scattered over tp: x_BsD."""
-        return self.embed(tokens_BSf[:, pos_S])
+        return self.embed(self._local_chunks(tokens_BSf, pos_S))
 
     def run_layers(self, x_BsD, rope, mask_SSk):
         """Every layer of this module: (x, router loss share, dropped pairs)."""
@@ -187,7 +200,7 @@ class MoETransformer(nn.Module):
         x_BSD = sp_gather(self.norm(x_BsD), tp, self.counter)
         weight_VlD = self.output.weight if self.output is not None else self.embed.weight
         logits_BSVl = F.linear(x_BSD, weight_VlD)
-        ce_T = vocab_parallel_cross_entropy(logits_BSVl.flatten(0, 1), targets_BSf[:, pos_S].flatten(), tp, self.counter)
+        ce_T = vocab_parallel_cross_entropy(logits_BSVl.flatten(0, 1), self._local_chunks(targets_BSf, pos_S).flatten(), tp, self.counter)
         return ce_T.sum()
 
     def forward(self, tokens_BSf: torch.Tensor, targets_BSf: torch.Tensor):

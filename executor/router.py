@@ -106,24 +106,20 @@ def expert_capacity(capacity_factor: float, num_tokens: int, topk: int, num_expe
 
 
 def drop_by_capacity(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, capacity: int):
-    """Keep per expert the `capacity` pairs with the highest probability; others -> index -1."""
+    """Keep per expert the `capacity` pairs with the highest probability; others -> index -1.
+    Returns (kept probabilities, indices with -1 where dropped, number of dropped pairs)."""
     T = probs_TK.shape[0]
-    probs_TE = torch.zeros(T, num_experts, dtype=probs_TK.dtype, device=probs_TK.device)
-    probs_TE.scatter_(1, indices_TK, probs_TK.detach())
-    routed_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, indices_TK, True)
     k = min(capacity, T)
-    keep_TE = torch.zeros_like(routed_TE)
-    if k > 0:
-        # Unrouted entries score -1, below every routed probability (>= 0).
-        top_kE = torch.topk(torch.where(routed_TE, probs_TE, -1.0), k, dim=0).indices
-        keep_TE.scatter_(0, top_kE, True)
-        keep_TE &= routed_TE
-    keep_TK = keep_TE.gather(1, indices_TK)
-    return (
-        probs_TK * keep_TK,
-        torch.where(keep_TK, indices_TK, torch.full_like(indices_TK, -1)),
-        (~keep_TK).sum(),
-    )
+    with torch.no_grad():
+        # Unrouted entries score -1, below every routed probability (>= 0); the keep mask is
+        # only read back at routed entries, so an unrouted entry in an expert's top k is harmless.
+        scores_TE = torch.full((T, num_experts), -1.0, dtype=probs_TK.dtype, device=probs_TK.device)
+        scores_TE.scatter_(1, indices_TK, probs_TK)
+        keep_TE = torch.zeros((T, num_experts), dtype=torch.bool, device=probs_TK.device)
+        if k > 0:
+            keep_TE.scatter_(0, torch.topk(scores_TE, k, dim=0).indices, True)
+        drop_TK = ~keep_TE.gather(1, indices_TK)
+    return probs_TK.masked_fill(drop_TK, 0.0), indices_TK.masked_fill(drop_TK, -1), drop_TK.sum()
 
 
 class Router(nn.Module):
@@ -135,8 +131,9 @@ class Router(nn.Module):
         self.num_experts, self.topk, self.config = num_experts, topk, config
         if config.expert_bias:  # a buffer: changed by update_expert_bias, not by AdamW
             self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
-        self._load_sum: torch.Tensor | None = None  # sum of busiest/mean over micro-batches
-        self._load_count = 0
+        # routed pairs per expert (global), one [E] tensor per forward; emptied by take_load,
+        # which the trainer calls once per step
+        self._loads: list[torch.Tensor] = []
         self._tokens_E: torch.Tensor | None = None  # routed pairs per expert this step (global)
 
     @torch.no_grad()
@@ -164,53 +161,64 @@ class Router(nn.Module):
     def take_load(self) -> tuple[torch.Tensor | None, int]:
         """(sum, count) of the busiest expert's tokens over the mean, one term per micro-batch
         routed since the last call (global over tp_cp_dp, before capacity dropping); resets."""
-        out = (self._load_sum, self._load_count)
-        self._load_sum, self._load_count = None, 0
-        return out
+        loads, self._loads = self._loads, []
+        if not loads:
+            return None, 0
+        tokens_ME = torch.stack(loads)  # M micro-batches: the ratios in one go, once per step
+        ratio_M = tokens_ME.amax(-1) / tokens_ME.mean(-1).clamp_min(1e-9)
+        return ratio_M.sum(), len(loads)
 
     def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
-        """Route the local tokens; statistics for the losses are summed over tp_cp_dp."""
+        """Route the local tokens; statistics for the losses are summed over tp_cp_dp.
+
+        Few ops by design (issue 12): the choice runs without autograd, T_g is a Python number
+        (every rank of the token group holds the same number T of the micro-batch's tokens:
+        equal sequence-parallel shards, cp chunks and micro-batches), so the loss scales are
+        Python floats, and each loss is one dot product."""
         cfg, E, K = self.config, self.num_experts, self.topk
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD, self.weight_ED).float()
         if cfg.score_function == "sigmoid":
             scores_TE = torch.sigmoid(logits_TE)
-            indices_TK = self._choose(scores_TE.detach())
+            with torch.no_grad():
+                indices_TK = self._choose(scores_TE)
             top_TK = scores_TE.gather(1, indices_TK)
             normalize = K > 1 and cfg.sigmoid_normalize
             probs_TK = top_TK / top_TK.sum(-1, keepdim=True) if normalize else top_TK
-            aux_scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+            aux_scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.aux_loss_coeff else None
         elif cfg.pre_softmax:
             scores_TE = torch.softmax(logits_TE, dim=-1)
-            indices_TK = self._choose(scores_TE.detach())
+            with torch.no_grad():
+                indices_TK = self._choose(scores_TE)
             probs_TK = scores_TE.gather(1, indices_TK)
             aux_scores_TE = scores_TE
         else:
-            indices_TK = self._choose(logits_TE.detach())
+            with torch.no_grad():
+                indices_TK = self._choose(logits_TE)
             probs_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
-            aux_scores_TE = torch.softmax(logits_TE, dim=-1)
+            aux_scores_TE = torch.softmax(logits_TE, dim=-1) if cfg.aux_loss_coeff else None
         if cfg.topk_scaling_factor is not None:
             probs_TK = probs_TK * cfg.topk_scaling_factor
 
         # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
         token_group = dims.group("tp_cp_dp")
-        stats = torch.zeros(E + 1, dtype=torch.float32, device=x_TD.device)
-        stats[:E] = expert_counts(indices_TK.reshape(-1), E, with_dropped=False).float()  # static shape, unlike bincount
-        stats[E] = T
-        all_reduce_(stats, token_group, counter, "tp_cp_dp.router")
-        tokens_per_expert_E, num_global = stats[:E], stats[E]
+        tokens_per_expert_E = expert_counts(indices_TK.reshape(-1), E, with_dropped=False).float()  # static shape, unlike bincount
+        all_reduce_(tokens_per_expert_E, token_group, counter, "tp_cp_dp.router")
+        num_global = T * token_group.size
         if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
             if cfg.expert_bias:
                 self._tokens_E = tokens_per_expert_E if self._tokens_E is None else self._tokens_E + tokens_per_expert_E
-            ratio = (tokens_per_expert_E.max() / tokens_per_expert_E.mean().clamp_min(1e-9)).detach()
-            self._load_sum = ratio if self._load_sum is None else self._load_sum + ratio
-            self._load_count += 1
-        aux = x_TD.new_zeros((), dtype=torch.float32)
+            self._loads.append(tokens_per_expert_E)
+        aux = None
         if cfg.aux_loss_coeff:
             scale = cfg.aux_loss_coeff * E / (num_global * num_global * K)
-            aux = aux + scale * (tokens_per_expert_E * aux_scores_TE.sum(0)).sum()
+            aux = torch.dot(aux_scores_TE.sum(0), tokens_per_expert_E * scale)
         if cfg.z_loss_coeff:
-            aux = aux + cfg.z_loss_coeff * torch.logsumexp(logits_TE, -1).square().sum() / num_global
+            lse_T = torch.logsumexp(logits_TE, -1)
+            z = torch.dot(lse_T, lse_T) * (cfg.z_loss_coeff / num_global)
+            aux = z if aux is None else aux + z
+        if aux is None:
+            aux = x_TD.new_zeros((), dtype=torch.float32)
 
         num_dropped = 0
         if cfg.capacity_factor is not None:
