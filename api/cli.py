@@ -166,6 +166,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         why = LocalBackend().unavailable(job)
         if why:
             raise CLIError(why.replace("backend='local'", "foldplan run"))
+    if args.cuda_graphs:  # the contract's flag; the executor has no graph capture yet
+        print("foldplan run: --cuda-graphs: CUDA graphs are not implemented by foldplan's "
+              "executor yet; running without them", file=sys.stderr)
     if args.on_failure == "replan":
         if args.init_hf or args.export_hf or args.data:
             raise CLIError("--init-hf, --export-hf and --data are not taken by --on-failure replan yet")
@@ -297,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export-hf", default=None, metavar="DIR",
                    help="write the trained model here as a Hugging Face checkpoint")
     s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="capture CUDA graphs where shapes are static (not implemented yet: the "
+                   "run goes on without them and says so)")
     s.add_argument("--save-every", type=_positive, default=None, metavar="K")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--on-failure", choices=("fail", "replan"), default="fail",

@@ -40,11 +40,6 @@ class Hardware:
     memory_reserve_bytes: float
     comm_overlap: bool
     hbm_bps: float
-    intra_bps: float
-    inter_bps: float
-    intra_latency_s: float
-    inter_latency_s: float
-    gpus_per_node: int
     # Links by tier: 0 is NVLink inside a domain of `gpus_per_domain` GPUs, i >= 1 the
     # cluster's network tier i-1 (`ClusterSpec.network`, or one tier of inter_node_GBps).
     gpus_per_domain: int
@@ -73,6 +68,24 @@ class Hardware:
     # Results of pure functions of these constants and their arguments
     # (`kernels.linear_time`): exact, the same numbers as computing them again.
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def intra_bps(self) -> float:
+        """NVLink, per GPU per direction (link tier 0)."""
+        return self.link_bps[0]
+
+    @property
+    def inter_bps(self) -> float:
+        """The innermost network tier, per GPU per direction, after oversubscription."""
+        return self.link_bps[1]
+
+    @property
+    def intra_latency_s(self) -> float:
+        return self.link_latency_s[0]
+
+    @property
+    def inter_latency_s(self) -> float:
+        return self.link_latency_s[1]
 
     def mfu_peak_flops(self, precision: str) -> float:
         """The peak MFU is measured against: the dense bf16 rate (also for fp8 training, as
@@ -124,7 +137,6 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
     else:
         tiers = [(t.name, t.gpus, t.GBps * 1e9 / t.oversubscription, t.latency_us * 1e-6)
                  for t in cluster.network]
-        inter, inter_latency = tiers[0][2] / 1e9, tiers[0][3]
     return Hardware(
         gpu_name=gpu.name,
         peak_flops=peak,
@@ -134,11 +146,6 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         # A measured bandwidth is already what kernels reach: undo the derating applied later.
         hbm_bps=(prof.hbm_GBps / _value("memory_bound_efficiency") if prof.hbm_GBps is not None
                  else gpu.hbm_GBps) * 1e9,
-        intra_bps=intra * 1e9,
-        inter_bps=inter * 1e9,
-        intra_latency_s=intra_latency,
-        inter_latency_s=inter_latency,
-        gpus_per_node=cluster.gpus_per_node,
         gpus_per_domain=cluster.domain_size,
         tier_units=tuple(t[1] for t in tiers),
         tier_names=("nvlink",) + tuple(t[0] for t in tiers),

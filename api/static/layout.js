@@ -8,18 +8,11 @@
   var dataEl = document.getElementById('layout-data');
   if (!svg || !dataEl) return;
   var data = JSON.parse(dataEl.textContent);
-  var NS = 'http://www.w3.org/2000/svg';
+  var sv = window.FoldplanChart.sv;  // api/static/line_chart.js (loaded first)
   var GREY = '#d7dbe0';
 
   function color(i) {  // api/layout_view.color, the same hues as the GPU grid
     return 'hsl(' + ((i * 137.508) % 360).toFixed(0) + ',62%,' + (52 + 10 * (i % 3)) + '%)';
-  }
-
-  function sv(tag, attrs, text) {
-    var e = document.createElementNS(NS, tag);
-    for (var k in attrs) e.setAttribute(k, attrs[k]);
-    if (text !== undefined) e.textContent = text;
-    return e;
   }
 
   function draw(kind) {

@@ -1,7 +1,8 @@
 // Line charts of the run panel (api/static/runs.js), the run page (run_page.js) and the runs
 // overlay (overlay.js): inline SVG with round ticks, a clipped
 // warm-up step, horizontal reference lines, at most MAX_DRAWN points. No libraries. Exposes
-// window.FoldplanChart = {lineChart, series, sv, num, list, fmtSeconds}.
+// window.FoldplanChart = {lineChart, series, sv, num, list, fmtSeconds} and the small DOM and
+// number helpers every page script shares: el, fact, fmtInt, fmtPct.
 (function () {
   'use strict';
   var SVG_NS = 'http://www.w3.org/2000/svg';
@@ -13,6 +14,26 @@
     if (text !== undefined && text !== null) e.textContent = String(text);
     return e;
   }
+
+  function el(tag, attrs, text) {
+    var e = document.createElement(tag);
+    for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function fact(label, value, extra) {
+    var d = el('div');
+    d.appendChild(el('b', null, label));
+    d.appendChild(document.createTextNode(value));
+    if (extra) d.appendChild(el('span', {'class': 'muted small'}, ' ' + extra));
+    return d;
+  }
+
+  function fmtInt(x) {
+    return x === null ? '—' : x.toLocaleString('en-US', {maximumFractionDigits: 0});
+  }
+  function fmtPct(x) { return x === null ? '—' : (100 * x).toFixed(1) + '%'; }
 
   function num(v) { return typeof v === 'number' && isFinite(v) ? v : null; }
   function list(v) { return Array.isArray(v) ? v : []; }
@@ -207,5 +228,6 @@
   }
 
   window.FoldplanChart = {lineChart: lineChart, series: series, sv: sv, num: num, list: list,
-                          fmtSeconds: fmtSeconds};
+                          fmtSeconds: fmtSeconds, el: el, fact: fact, fmtInt: fmtInt,
+                          fmtPct: fmtPct};
 })();

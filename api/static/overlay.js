@@ -7,17 +7,11 @@
   var box = document.getElementById('runs-overlay');
   if (!box) return;
   var chart = window.FoldplanChart;
+  var el = chart.el;
   var MAX_DEFAULT = 5;          // runs checked when the reader has not chosen yet
   var COLORS = ['#2457a6', '#e3892b', '#2e9c6a', '#8e5ea2', '#c0392b', '#5d4037'];
   var chosen = null;            // run id -> true, once the reader has chosen
   var runs = [];
-
-  function el(tag, attrs, text) {
-    var e = document.createElement(tag);
-    for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
 
   function withSteps(list) {
     return list.filter(function (r) {

@@ -9,31 +9,13 @@
 (function () {
   'use strict';
   var chart = window.FoldplanChart;  // api/static/line_chart.js
+  var el = chart.el, fact = chart.fact, fmtInt = chart.fmtInt, fmtPct = chart.fmtPct;
   var lineChart = chart.lineChart, series = chart.series, num = chart.num, sv = chart.sv,
       fmtSeconds = chart.fmtSeconds;
   var ACTIVE = {queued: true, running: true};
   var POLL_MS = 1000;
   var runId = document.getElementById('run-id').textContent;
 
-  function el(tag, attrs, text) {
-    var e = document.createElement(tag);
-    for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-
-  function fact(label, value, extra) {
-    var d = el('div');
-    d.appendChild(el('b', null, label));
-    d.appendChild(document.createTextNode(value));
-    if (extra) d.appendChild(el('span', {'class': 'muted small'}, ' ' + extra));
-    return d;
-  }
-
-  function fmtInt(x) {
-    return x === null ? '—' : x.toLocaleString('en-US', {maximumFractionDigits: 0});
-  }
-  function fmtPct(x) { return x === null ? '—' : (100 * x).toFixed(1) + '%'; }
   function fmtBytes(x) {
     if (x === null) return '—';
     var units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'], i = 0;

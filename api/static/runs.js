@@ -20,6 +20,7 @@
   var ACTIVE = {queued: true, running: true};
   var POLL_MS = 1000, RETRY_MS = 3000;
   var chart = window.FoldplanChart;  // api/static/line_chart.js
+  var el = chart.el, fact = chart.fact, fmtInt = chart.fmtInt, fmtPct = chart.fmtPct;
   var lineChart = chart.lineChart, series = chart.series, num = chart.num, list = chart.list,
       fmtSeconds = chart.fmtSeconds;
 
@@ -35,19 +36,8 @@
 
   // ---- small helpers -------------------------------------------------------------------------
 
-  function el(tag, attrs, text) {
-    var e = document.createElement(tag);
-    for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-
   function obj(v) { return v && typeof v === 'object' && !Array.isArray(v) ? v : {}; }
 
-  function fmtInt(x) {
-    return x === null ? '—' : x.toLocaleString('en-US', {maximumFractionDigits: 0});
-  }
-  function fmtPct(x) { return x === null ? '—' : (100 * x).toFixed(1) + '%'; }
   function fmtRatio(m, p) { return m !== null && p ? (m / p).toFixed(2) + '×' : '—'; }
 
   function stepsDone(metrics) {
@@ -174,14 +164,6 @@
   }
 
   // ---- the detail panel ----------------------------------------------------------------------
-
-  function fact(label, value, extra) {
-    var d = el('div');
-    d.appendChild(el('b', null, label));
-    d.appendChild(document.createTextNode(value));
-    if (extra) d.appendChild(el('span', {'class': 'muted small'}, ' ' + extra));
-    return d;
-  }
 
   function when(iso) {
     var t = iso ? new Date(iso) : null;

@@ -9,6 +9,7 @@
   var form = document.getElementById('verify-form');
   if (!form) return;
   var chart = window.FoldplanChart;
+  var el = chart.el;
   var fmtSeconds = chart.fmtSeconds, num = chart.num;
   var planId = form.dataset.planId;
   var table = document.getElementById('verify-table');
@@ -18,13 +19,6 @@
   var ACTIVE = {queued: true, running: true, waiting: true};
   var POLL_MS = 1000;
   var timer = null;
-
-  function el(tag, attrs, text) {
-    var e = document.createElement(tag);
-    for (var k in attrs || {}) e.setAttribute(k, attrs[k]);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
 
   function token() {
     var t = document.getElementById('r-token');  // the run form's token field

@@ -5,17 +5,14 @@
 from __future__ import annotations
 
 import statistics
-import sys
 
 import pytest
 from conftest import TINY, fake_plan_answer, store_plan
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from test_browser import browser  # noqa: F401 - the shared Chromium fixture
-from test_verify import MEASURED_S, RANK_SCRIPT, THREE, wait_done
+# The verification fixtures: runs of rank.py where candidate k takes MEASURED_S[k] per step.
+from test_verify import MEASURED_S, THREE, client, plan3, wait_done  # noqa: F401, F811
 
-from api.app import create_app
-from api.backends.local import LocalBackend
 from api.db import Database, VerificationRow, utcnow
 from cost_model.estimate import estimate
 from cost_model.presets import preset_model
@@ -67,26 +64,6 @@ def test_a_uniform_scale_keeps_the_planners_ranking(scale):
     assert scaled.search.status == plain.search.status
     for a, b in zip(plain.candidates, scaled.candidates, strict=True):
         assert b.estimate.step_time_s == pytest.approx(scale * a.estimate.step_time_s, rel=1e-12)
-
-
-@pytest.fixture
-def plan3(db_url: str) -> dict:
-    answer = fake_plan_answer(THREE, TINY)
-    store_plan(db_url, answer)
-    return answer
-
-
-@pytest.fixture
-def client(settings, tmp_path):
-    """Runs are rank.py of test_verify: candidate k takes MEASURED_S[k] per step."""
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    backend = LocalBackend(command=lambda job: [sys.executable, str(script), str(job.out_dir),
-                                                str(job.steps), str(job.candidate)])
-    app = create_app(settings.model_copy(update={"run_poll_s": 0.05}),
-                     backends={"local": backend})
-    with TestClient(app, client=("127.0.0.1", 50000)) as c:
-        yield c
 
 
 @pytest.mark.timeout(120)
