@@ -117,18 +117,58 @@ def dispatch_bytes(model: ModelSpec, dispatcher: str, place: dict[str, GroupPlac
     return out
 
 
-def overlapped_comm(comm_s: float, window_s: float, sm_share: float) -> tuple[float, float]:
-    """(exposed communication, compute slowdown) of `moe_a2a_overlap` for one layer.
+def overlapped_layer(comm_s: float, attn: tuple[float, float], experts: tuple[float, float],
+                     layers: int = 8) -> float:
+    """Steady-state seconds per layer of `moe_a2a_overlap`: one micro-batch's forward beside
+    another's backward, on a compute and a communication stream.
 
     Megatron-Core's EP overlap (--overlap-moe-expert-parallel-comm with
-    --delay-wgrad-compute) runs the forward of one micro-batch against the backward of
-    another, so each dispatch/combine of one runs under the attention or expert computation
-    of the other: per layer, the all-to-alls of both directions (`comm_s`) hide under the
-    layer's forward + backward compute (`window_s`). While they run, the communication
-    kernels hold `sm_share` of the SMs (DeepEP 24 of 132 on H100), so the compute under them
-    slows by that share."""
-    hidden = min(comm_s, window_s)
-    return comm_s - hidden, hidden * sm_share
+    --delay-wgrad-compute) issues, per layer (models/common/model_chunk_schedule_plan.py,
+    `TransformerLayerSchedulePlan.run`):
+
+        communication: combine bwd | dispatch fwd -> dispatch bwd        | combine fwd
+        compute:       attn fwd    | experts dgrad -> wgrad -> experts fwd | attn bwd
+
+    each stream in order, each module waiting for its inputs: the experts' dgrad for the
+    combine's backward and the attention's forward, the dispatch's forward for the attention's
+    forward, the dispatch's backward for the dgrad (the delayed wgrad is what it hides
+    under), the experts' forward for the dispatch's forward, the combine's forward for the
+    experts' forward, the attention's backward for the dispatch's backward; the next layer's
+    combine backward for this attention backward, its attention forward for this combine
+    forward. `comm_s` is one all-to-all (dispatch or combine, either direction), `attn` and
+    `experts` are (forward, backward) compute; the experts' backward splits evenly into
+    dgrad and wgrad (two GEMMs of the same size each). The answer is the per-layer period of
+    `layers` consecutive layers after the first (the pipeline's start and end are not
+    paired)."""
+    a_f, a_b = attn
+    m_f, m_b = experts
+    comp = comm = ab_prev = cf_prev = 0.0
+    ends = []
+    for _ in range(layers + 1):
+        cb = max(comm, ab_prev) + comm_s           # combine backward
+        af = max(comp, cf_prev) + a_f              # attention forward
+        mbd = max(af, cb) + m_b / 2                # experts dgrad
+        df = max(cb, af) + comm_s                  # dispatch forward
+        mbw = mbd + m_b / 2                        # experts wgrad (delayed)
+        db = max(df, mbd) + comm_s                 # dispatch backward
+        mf = max(mbw, df) + m_f                    # experts forward
+        cf = max(db, mf) + comm_s                  # combine forward
+        ab = max(mf, db) + a_b                     # attention backward
+        comp, comm, ab_prev, cf_prev = ab, cf, ab, cf
+        ends.append(max(ab, cf))
+    return (ends[-1] - ends[0]) / layers
+
+
+def overlapped_comm(comm_s: float, attn: tuple[float, float], experts: tuple[float, float],
+                    sm_share: float) -> tuple[float, float]:
+    """(exposed communication, compute slowdown) of one layer under `moe_a2a_overlap`: of
+    its four all-to-alls (`comm_s` each), what `overlapped_layer`'s schedule does not hide;
+    while they run beside compute, the communication kernels hold `sm_share` of the SMs
+    (DeepEP 24 of 132 on H100), so the compute under them slows by that share."""
+    compute = sum(attn) + sum(experts)
+    exposed = max(0.0, overlapped_layer(comm_s, attn, experts) - compute)
+    hidden = 4 * comm_s - exposed
+    return exposed, hidden * sm_share
 
 
 def routed_traffic(model: ModelSpec, dispatcher: str, ep: int, ranks_per_node: int,

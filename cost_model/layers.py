@@ -302,14 +302,16 @@ def recomputes(m: Mapping, module: str) -> bool:
 
 
 def moe_layer_cost(ctx: Context, attn: Cost, moe: Cost) -> Cost:
-    """Attention + MoE block; with `moe_a2a_overlap` the expert all-to-alls run under the
-    layer's computation of another micro-batch (`dispatch.overlapped_comm`)."""
+    """Attention + MoE block; with `moe_a2a_overlap` each expert all-to-all runs beside one
+    module of another micro-batch (`dispatch.overlapped_comm`)."""
     c = Cost()
     c.add(attn)
     c.add(moe)
     if ctx.mapping.moe_a2a_overlap:
-        exposed, slowdown = overlapped_comm(c.parts["ep_comm"], c.fwd_compute + c.bwd_compute,
-                                            ctx.hw.flex_sm_share)
+        # The overlap refuses full and 'moe' recompute: four all-to-alls per layer.
+        exposed, slowdown = overlapped_comm(
+            c.parts["ep_comm"] / 4, (attn.fwd_compute, attn.bwd_compute),
+            (moe.fwd_compute, moe.bwd_compute), ctx.hw.flex_sm_share)
         c.parts["ep_comm"] = exposed
         c.parts["compute"] += slowdown
     return c
