@@ -22,10 +22,12 @@ from .flops import mfu, model_flops_per_step, tflops_per_gpu
 from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
-from .layers import host_bound, logits_cost, moe_cost, moe_layer_cost, with_mtp
+from .layers import (host_bound, logits_cost, moe_cost, moe_layer_cost, mtp_block, mtp_logits,
+                     with_mtp)
 from .layout import GroupPlacement, group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
-from .memory import inflight_chunks, pipeline_send_bytes, plain_mapping, rank_layer_counts
+from .memory import (inflight_chunks, mtp_rank, pipeline_send_bytes, plain_mapping,
+                     rank_layer_counts)
 from .memory import rank_memory
 from .params import edge_params, layer_params, mtp_last_kind
 from .profile_model import step_time_scale
@@ -129,8 +131,10 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
 
 
 def _rank_cost(ctx: Context, slot_costs: list, rank: int,
-               counts: tuple[int, int, int, int], head: Cost, tail: Cost) -> Cost:
-    """One micro-batch on pipeline rank `rank`; `slot_costs` match `rank_layer_counts`."""
+               counts: tuple[int, int, int, int], head: Cost, tail: Cost,
+               mtp: tuple[int, Cost] | None = None) -> Cost:
+    """One micro-batch on pipeline rank `rank`; `slot_costs` match `rank_layer_counts`;
+    `mtp` = (rank, cost) of MTP layers a custom layout runs away from the last rank."""
     m = ctx.mapping
     c = Cost()
     for slot, count in enumerate(counts):
@@ -140,6 +144,8 @@ def _rank_cost(ctx: Context, slot_costs: list, rank: int,
         c.add(head)
     if rank == m.pp - 1:
         c.add(tail)
+    if mtp is not None and rank == mtp[0]:
+        c.add(mtp[1])
     if m.pp > 1:
         # Activation forward and its gradient backward on the critical path; the extra sends
         # of interleaved chunks overlap compute (--overlap-p2p-communication).
@@ -357,13 +363,19 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         plain = layer_costs
     slot_costs = [plain.get(False), plain.get(True), layer_costs.get(False), layer_costs.get(True)]
     counts = [rank_layer_counts(model, m, r) for r in range(m.pp)]
+    mtp_at = mtp_rank(model, m)
+    mtp = None
+    if mtp_at != m.pp - 1:  # a custom layout runs the MTP layers on another rank
+        output = _blocks(ctx, cache if cache is not None else {})["output"]
+        tail = mtp_logits(ctx, output)
+        mtp = (mtp_at, mtp_block(ctx, layer_costs[mtp_last_kind(model)]))
     # Ranks with the same layers and no embedding/output cost the same: compute each once.
     memo: dict[tuple, Cost] = {}
     ranks = []
     for r in range(m.pp):
-        key = (counts[r], r == 0, r == m.pp - 1)
+        key = (counts[r], r == 0, r == m.pp - 1, r == mtp_at)
         if key not in memo:
-            memo[key] = _rank_cost(ctx, slot_costs, r, counts[r], head, tail)
+            memo[key] = _rank_cost(ctx, slot_costs, r, counts[r], head, tail, mtp)
         ranks.append(memo[key])
     totals = [r.total for r in ranks]
     slow = max(range(m.pp), key=lambda r: totals[r])
@@ -382,7 +394,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     per_rank: list[RankMemory] = []
     seen: dict[tuple, tuple[int, RankMemory]] = {}
     for r in range(m.pp):
-        key = (counts[r], r == 0, r == m.pp - 1)
+        key = (counts[r], r == 0, r == m.pp - 1, r == mtp_at)
         if key not in seen:
             seen[key] = (r, rank_memory(model, training, m, r, ctx.act_bytes,
                                         ctx.expert_load * ctx.capacity_scale, num_mb, counts[r],

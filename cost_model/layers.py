@@ -329,11 +329,26 @@ def host_bound(hw: Hardware, c: Cost) -> Cost:
 
 def with_mtp(ctx: Context, output: Cost, layer: Cost) -> Cost:
     """The last stage's output block with `mtp_num_layers` multi-token-prediction modules:
-    each runs one layer like the decoder's last (`layer`), a 2h -> h projection of the
-    normalized hidden state and next embedding, and its own output layer and loss."""
+    each runs its own output layer and loss (`mtp_logits`) and its layer (`mtp_block`)."""
+    c = mtp_logits(ctx, output)
+    c.add(mtp_block(ctx, layer))
+    return c
+
+
+def mtp_logits(ctx: Context, output: Cost) -> Cost:
+    """The output block once for the model and once per MTP module: Megatron-Core computes
+    every MTP loss in the last stage (models/gpt/gpt_model.py), wherever the MTP layers run."""
+    c = Cost()
+    c.add(output, 1 + (ctx.model.mtp_num_layers or 0))
+    return c
+
+
+def mtp_block(ctx: Context, layer: Cost) -> Cost:
+    """The `mtp_num_layers` multi-token-prediction modules without their logits: each runs
+    one layer like the decoder's last (`layer`) and a 2h -> h projection of the normalized
+    hidden state and next embedding."""
     num = ctx.model.mtp_num_layers or 0
     c = Cost()
-    c.add(output, 1 + num)
     if num:
         c.add(layer, num)
         h = ctx.model.hidden_size

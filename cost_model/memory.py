@@ -22,7 +22,7 @@ from functools import lru_cache
 from .flops import padded_vocab
 from .params import edge_params, layer_params, mtp_last_kind, pipeline_params
 from .specs import Mapping, ModelSpec, TrainingSpec
-from .stage_split import stage_chunks
+from .stage_split import layout_mtp_rank, stage_chunks
 
 GIB = 2**30
 # Allowance for communication buffers, workspaces and allocator fragmentation: a fixed part
@@ -89,21 +89,22 @@ def pipeline_send_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping) ->
 
 
 def edge_activation_bytes(model: ModelSpec, training: TrainingSpec, m: Mapping, first: bool,
-                          last: bool, act_bytes: float, expert_factor: float = 1.0) -> float:
+                          last: bool, act_bytes: float, expert_factor: float = 1.0,
+                          mtp: bool | None = None) -> float:
     """Activations of one micro-batch besides the decoder layers: the embedding output on the
-    first rank; fp32 logits and their gradient on the last, and per MTP module its layer,
-    its projection input (2h) and its own logits."""
+    first rank; fp32 logits and their gradient on the last, its own logits for each MTP
+    module included (Megatron computes the MTP loss in the last stage); per MTP module its
+    layer and its projection input (2h) where `mtp` (default: the last rank)."""
     T = m.micro_batch_size * training.seq_length / m.cp
     sp = m.tp if m.sp else 1
     out = T * model.hidden_size / sp * act_bytes if first else 0.0
     if last:
         logits = T * padded_vocab(model.vocab_size, m.tp) / m.tp * 4 * 2
-        num_mtp = model.mtp_num_layers or 0
-        out += logits * (1 + num_mtp)
-        if num_mtp:
-            layer = activation_bytes_per_layer(model, training, m, mtp_last_kind(model),
-                                               act_bytes, expert_factor)
-            out += num_mtp * (layer + T * 2 * model.hidden_size / sp * act_bytes)
+        out += logits * (1 + (model.mtp_num_layers or 0))
+    if (last if mtp is None else mtp) and model.mtp_num_layers:
+        layer = activation_bytes_per_layer(model, training, m, mtp_last_kind(model),
+                                           act_bytes, expert_factor)
+        out += model.mtp_num_layers * (layer + T * 2 * model.hidden_size / sp * act_bytes)
     return out
 
 
@@ -123,15 +124,27 @@ def rank_chunks(model: ModelSpec, m: Mapping, rank: int) -> list[range]:
     return list(_chunks(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
                         m.decoder_last_pipeline_num_layers,
                         m.account_for_embedding_in_pipeline_split,
-                        m.account_for_loss_in_pipeline_split)[rank])
+                        m.account_for_loss_in_pipeline_split, m.pipeline_layout)[rank])
 
 
 @lru_cache(maxsize=65_536)
 def _chunks(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None,
-            embedding: bool, loss: bool) -> tuple[tuple[range, ...], ...]:
+            embedding: bool, loss: bool,
+            layout: str | None = None) -> tuple[tuple[range, ...], ...]:
     """`stage_chunks`, kept: the planner asks for the same splits thousands of times."""
     return tuple(tuple(c) for c in stage_chunks(num_layers, pp, vpp, first, last,
-                                                embedding=embedding, loss=loss))
+                                                embedding=embedding, loss=loss, layout=layout))
+
+
+def mtp_rank(model: ModelSpec, m: Mapping) -> int:
+    """The pipeline rank running the multi-token-prediction layers: the last one, unless a
+    custom pipeline layout places them elsewhere (`stage_split.layout_mtp_rank`)."""
+    if m.pipeline_layout is None or not model.mtp_num_layers:
+        return m.pp - 1
+    return _mtp_rank(m.pipeline_layout, model.num_layers, m.pp, m.vpp, model.mtp_num_layers)
+
+
+_mtp_rank = lru_cache(maxsize=4096)(layout_mtp_rank)
 
 
 def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int, int, int]:
@@ -141,17 +154,17 @@ def rank_layer_counts(model: ModelSpec, m: Mapping, rank: int) -> tuple[int, int
     return _layer_counts(model.moe_layer_pattern(), m.pp, m.vpp,
                          m.decoder_first_pipeline_num_layers, m.decoder_last_pipeline_num_layers,
                          m.account_for_embedding_in_pipeline_split,
-                         m.account_for_loss_in_pipeline_split, r, rank)
+                         m.account_for_loss_in_pipeline_split, r, rank, m.pipeline_layout)
 
 
 @lru_cache(maxsize=65_536)
 def _layer_counts(pattern: tuple[int, ...], pp: int, vpp: int, first: int | None,
                   last: int | None, embedding: bool, loss: bool, r: int,
-                  rank: int) -> tuple[int, int, int, int]:
+                  rank: int, layout: str | None = None) -> tuple[int, int, int, int]:
     """`rank_layer_counts`, kept (a pure function of its arguments; the planner asks for the
     same ranks thousands of times)."""
     num_layers, num_moe = len(pattern), sum(pattern)
-    chunks = _chunks(num_layers, pp, vpp, first, last, embedding, loss)[rank]
+    chunks = _chunks(num_layers, pp, vpp, first, last, embedding, loss, layout)[rank]
     if num_moe in (0, num_layers):  # all layers alike: only the counts matter
         n = sum(len(c) for c in chunks)
         n_rc = sum(min(r, len(c)) for c in chunks)
@@ -289,8 +302,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
             no_rc = m.model_copy(update={"recompute": "none", "recompute_num_layers": None})
             act_full = max(activation_bytes_per_layer(model, training, no_rc, k, act_bytes,
                                                       expert_factor) for k in kinds)
-    first, last = rank == 0, rank == m.pp - 1
-    d, e = edge_params(model, m, first, last)
+    first, last, mtp = rank == 0, rank == m.pp - 1, rank == mtp_rank(model, m)
+    d, e = edge_params(model, m, first, last, mtp)
     dense, expert = dense + d, expert + e
     weights, grads, optimizer = static_bytes(dense, expert, training.precision,
                                              optimizer_shards(m))
@@ -299,6 +312,6 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     # With full recompute, the layer being recomputed holds its full activations.
     activations += act_full
     activations += edge_activation_bytes(model, training, m, first, last, act_bytes,
-                                         expert_factor)
+                                         expert_factor, mtp)
     buffers = buffer_bytes(weights + grads + optimizer + activations, reserve)
     return RankMemory(weights, grads, optimizer, activations, buffers, act_layers / m.vpp, reserve)

@@ -51,18 +51,23 @@ def embedding_params(model: ModelSpec, tp: int) -> float:
     return padded_vocab(model.vocab_size, tp) / tp * model.hidden_size
 
 
-def edge_params(model: ModelSpec, m: Mapping, first: bool, last: bool) -> tuple[float, float]:
+def edge_params(model: ModelSpec, m: Mapping, first: bool, last: bool,
+                mtp: bool | None = None) -> tuple[float, float]:
     """(dense, expert) parameters a pipeline rank holds besides its decoder layers: the
-    embedding on the first rank; the final norm, the output layer (module docstring for tied
-    embeddings) and the multi-token-prediction layers on the last."""
+    embedding on the first rank; the final norm and the output layer (module docstring for
+    tied embeddings) on the last; the multi-token-prediction layers where `mtp` (default: on
+    the last rank; a custom pipeline layout may place them elsewhere), with a copy of the
+    word embedding unless that rank is the first (Megatron-Core models/gpt/gpt_model.py: the
+    MTP stage builds an embedding, tied to the first stage's)."""
     v = embedding_params(model, m.tp)
     dense = v if first else 0.0
     expert = 0.0
     if last:
         dense += model.hidden_size + (v if model.untie_embeddings_and_output_weights or not first
                                       else 0.0)
+    if (last if mtp is None else mtp) and model.mtp_num_layers:
         d, e = mtp_params(model, m)
-        dense, expert = dense + d, expert + e
+        dense, expert = dense + d + (0.0 if first else v), expert + e
     return dense, expert
 
 

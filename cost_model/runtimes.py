@@ -49,6 +49,7 @@ FOLDPLAN_SUPPORT: dict[str, Support] = {
     "dispatcher": Support("mapping", _only("alltoall", "allgather"), "the flex dispatcher"),
     "flex_backend": Support("mapping", _only("deepep"), "the flex dispatcher's HybridEP backend"),
     "moe_a2a_overlap": Support("mapping", _only(False), "the expert all-to-all overlap"),
+    "pipeline_layout": Support("mapping", _only(None), "a custom pipeline layout"),
     "recompute_modules": Support("mapping", _only(DEFAULT_RECOMPUTE_MODULES),
                                  "selective recompute of modules other than core_attn"),
 }

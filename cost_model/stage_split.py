@@ -20,6 +20,16 @@ Multi-token-prediction layers (`ModelSpec.mtp_num_layers`) are not part of this 
 a custom pipeline layout Megatron-Core puts them all after the decoder on the last rank's last
 chunk (transformer/multi_token_prediction.py `get_mtp_num_layers_to_build`).
 
+A custom layout (`pipeline_layout`, Megatron's --pipeline-model-parallel-layout) names every
+stage instead: stages separated by '|', in stage order i = c * pp + r (virtual chunk c of
+rank r), each a string of E (embedding), t (decoder layer), m (MTP layer), L (loss); `(..)*n`
+and `x*n` repeat, commas are cosmetic (transformer/pipeline_parallel_layer_layout.py
+`parse_str_to_list`). Decoder layers are numbered in stage order. NVIDIA's DeepSeek-V3
+recipe, 61 layers + 1 MTP layer on pp 8 x vpp 4: "Et*3|(tt|)*29,m|L" (rank 0 holds the
+embedding and layers [0, 3) in its first chunk; the MTP layer is alone in rank 6's last
+chunk, the loss in rank 7's). Megatron refuses it together with first/last stage layer
+counts or the account_for_* flags.
+
 Worked examples: L = 8, pp = 2, vpp = 2 gives n = 2; rank 0 holds [0, 2) and [4, 6), rank 1
 holds [2, 4) and [6, 8). L = 10, pp = 3, first = 2, last = 2: ranks hold [0, 2), [2, 8),
 [8, 10). L = 94 with embedding and loss over pp = 8 (the public Qwen3-235B runs): S = 96,
@@ -29,6 +39,8 @@ rank 0 holds [0, 2), [23, 26), [47, 50), [71, 74) (11 layers), rank 7 holds [20,
 """
 
 from __future__ import annotations
+
+import re
 
 _EMBED = "account_for_embedding_in_pipeline_split"
 _LOSS = "account_for_loss_in_pipeline_split"
@@ -89,12 +101,111 @@ def _uneven_counts(num_layers: int, pp: int, vpp: int, first: int | None, last: 
     return counts
 
 
+_LAYOUT = "pipeline_layout"
+_LAYOUT_CHARS = "EtmL"
+_MAX_LAYOUT_LAYERS = 100_000  # repeats beyond any real model: refused before expanding
+
+
+def parse_layout(layout: str) -> list[str]:
+    """The stages of a layout string (module docstring), each a string of E, t, m, L.
+    Raises StageSplitError naming `pipeline_layout`."""
+    s = layout.replace(",", "").replace(" ", "")
+    for pattern in (r"\(([^()]+)\)\*(\d+)", r"([^()|])\*(\d+)"):  # Megatron's two passes
+        for found in re.finditer(pattern, s):
+            if len(found.group(1)) * int(found.group(2)) > _MAX_LAYOUT_LAYERS:
+                raise StageSplitError(f"{_LAYOUT}={layout!r}: {found.group(0)!r} repeats more "
+                                      f"than {_MAX_LAYOUT_LAYERS} times", _LAYOUT, "pipeline")
+        s = re.sub(pattern, lambda x: x.group(1) * int(x.group(2)), s)
+        if len(s) > _MAX_LAYOUT_LAYERS:
+            raise StageSplitError(f"{_LAYOUT}={layout!r} expands to more than "
+                                  f"{_MAX_LAYOUT_LAYERS} characters", _LAYOUT, "pipeline")
+    bad = sorted(set(s) - set(_LAYOUT_CHARS + "|"))
+    if bad:
+        raise StageSplitError(
+            f"{_LAYOUT}={layout!r}: unknown character(s) {' '.join(map(repr, bad))} after "
+            f"expanding repeats; a layout holds E (embedding), t (decoder layer), m (MTP "
+            f"layer), L (loss), '|' between stages, (..)*n and x*n repeats and commas",
+            _LAYOUT, "pipeline")
+    return s.split("|")
+
+
+def _layout_stages(layout: str, num_layers: int, pp: int, vpp: int) -> list[str]:
+    """The parsed stages, checked as Megatron-Core checks them (transformer_config.py and
+    `PipelineParallelLayerLayout.validate_layer_layout`), MTP rules aside."""
+    stages = parse_layout(layout)
+    n = len(stages)
+    if n % pp:
+        raise StageSplitError(f"{_LAYOUT} has {n} stages, not a multiple of pp={pp}",
+                              _LAYOUT, "pipeline")
+    if n // pp != vpp:
+        raise StageSplitError(f"{_LAYOUT} has {n} stages = pp {pp} x vpp {n // pp}; set "
+                              f"vpp={n // pp} (got vpp={vpp})", "vpp", "pipeline")
+    flat = "".join(stages)
+    for char, name, where in (("E", "embedding", 0), ("L", "loss", -1)):
+        if flat.count(char) != 1 or flat[where] != char:
+            raise StageSplitError(
+                f"{_LAYOUT} must hold the {name} ({char}) exactly once, as its "
+                f"{'first' if where == 0 else 'last'} layer (got {flat.count(char)})",
+                _LAYOUT, "pipeline")
+    if flat.count("t") != num_layers:
+        raise StageSplitError(f"{_LAYOUT} holds {flat.count('t')} decoder layers (t); the "
+                              f"model has num_layers={num_layers}", _LAYOUT, "stage_split")
+    return stages
+
+
+def layout_mtp_rank(layout: str, num_layers: int, pp: int, vpp: int,
+                    mtp_num_layers: int | None) -> int:
+    """The pipeline rank that runs the multi-token-prediction layers: the last one without
+    a layout; with one, the rank of the stage holding them, checked as Megatron-Core checks
+    it (the m count equals `mtp_num_layers`, all in one stage, after every decoder layer,
+    in a rank's last virtual chunk). Raises StageSplitError."""
+    stages = _layout_stages(layout, num_layers, pp, vpp)
+    flat = "".join(stages)
+    want = mtp_num_layers or 0
+    if flat.count("m") != want:
+        raise StageSplitError(f"{_LAYOUT} holds {flat.count('m')} MTP layers (m); the model "
+                              f"has mtp_num_layers={mtp_num_layers}", _LAYOUT, "stage_split")
+    if not want:
+        return pp - 1
+    if "t" in flat[flat.index("m"):]:
+        raise StageSplitError(f"{_LAYOUT}: decoder layers (t) must come before the MTP "
+                              f"layers (m)", _LAYOUT, "pipeline")
+    holding = [i for i, st in enumerate(stages) if "m" in st]
+    if len(holding) > 1 or stages[holding[0]].count("m") != want:
+        raise StageSplitError(f"{_LAYOUT}: all MTP layers (m) must be in one stage",
+                              _LAYOUT, "pipeline")
+    if holding[0] // pp != vpp - 1:
+        raise StageSplitError(f"{_LAYOUT}: the MTP layers (m) must be in a rank's last "
+                              f"virtual stage (stage {holding[0]} is virtual stage "
+                              f"{holding[0] // pp} of {vpp})", _LAYOUT, "pipeline")
+    return holding[0] % pp
+
+
+def _layout_chunks(layout: str, num_layers: int, pp: int, vpp: int) -> list[list[range]]:
+    stages = _layout_stages(layout, num_layers, pp, vpp)
+    starts = [0]
+    for st in stages:
+        starts.append(starts[-1] + st.count("t"))
+    return [[range(starts[c * pp + r], starts[c * pp + r + 1]) for c in range(vpp)]
+            for r in range(pp)]
+
+
 def stage_chunks(num_layers: int, pp: int, vpp: int = 1, first: int | None = None,
                  last: int | None = None, *, embedding: bool = False,
-                 loss: bool = False) -> list[list[range]]:
+                 loss: bool = False, layout: str | None = None) -> list[list[range]]:
     """chunks[rank][virtual chunk]: the decoder layer ranges of each pipeline rank (module
-    docstring); `embedding` / `loss` are the mapping's account_for_*_in_pipeline_split flags.
-    Raises StageSplitError."""
+    docstring); `embedding` / `loss` are the mapping's account_for_*_in_pipeline_split flags,
+    `layout` its pipeline_layout. Raises StageSplitError."""
+    if layout is not None:
+        if first is not None or last is not None or embedding or loss:
+            other = next(f for f, on in (
+                ("decoder_first_pipeline_num_layers", first is not None),
+                ("decoder_last_pipeline_num_layers", last is not None),
+                (_EMBED, embedding), (_LOSS, loss)) if on)
+            raise StageSplitError(f"{_LAYOUT} cannot be combined with {other} (Megatron-Core: "
+                                  f"'pipeline_model_parallel_layout cannot be set with other "
+                                  f"pipeline layout arguments')", _LAYOUT, "pipeline")
+        return _layout_chunks(layout, num_layers, pp, vpp)
     if first is None and last is None:
         n = _check_slots(num_layers, pp, vpp, embedding, loss)
         e = int(embedding)
@@ -107,10 +218,11 @@ def stage_chunks(num_layers: int, pp: int, vpp: int = 1, first: int | None = Non
 
 def stage_layer_counts(num_layers: int, pp: int, vpp: int = 1, first: int | None = None,
                        last: int | None = None, *, embedding: bool = False,
-                       loss: bool = False) -> list[int]:
+                       loss: bool = False, layout: str | None = None) -> list[int]:
     """Decoder layers of each pipeline rank (all its chunks together); raises StageSplitError."""
-    if first is None and last is None and not (embedding or loss):
+    if first is None and last is None and not (embedding or loss) and layout is None:
         _check_slots(num_layers, pp, vpp, False, False)
         return [num_layers // pp] * pp
     return [sum(len(c) for c in chunks) for chunks in
-            stage_chunks(num_layers, pp, vpp, first, last, embedding=embedding, loss=loss)]
+            stage_chunks(num_layers, pp, vpp, first, last, embedding=embedding, loss=loss,
+                         layout=layout)]

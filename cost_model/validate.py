@@ -17,7 +17,7 @@ from .errors import ErrorKind, InvalidMapping, MappingError, field_section
 from .option_rules import option_errors
 from .runtimes import executor_errors
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
-from .stage_split import StageSplitError, stage_layer_counts
+from .stage_split import StageSplitError, layout_mtp_rank, stage_layer_counts
 
 __all__ = ["ErrorKind", "InvalidMapping", "MappingError", "data_parallel_sizes",
            "field_section", "mapping_data_parallel", "mapping_errors", "resolve_mapping"]
@@ -88,7 +88,11 @@ def _pipeline_errors(model: ModelSpec, m: Mapping, errors: list[MappingError]) -
         stage_layer_counts(model.num_layers, m.pp, m.vpp, m.decoder_first_pipeline_num_layers,
                            m.decoder_last_pipeline_num_layers,
                            embedding=m.account_for_embedding_in_pipeline_split,
-                           loss=m.account_for_loss_in_pipeline_split)
+                           loss=m.account_for_loss_in_pipeline_split,
+                           layout=m.pipeline_layout)
+        if m.pipeline_layout is not None:
+            layout_mtp_rank(m.pipeline_layout, model.num_layers, m.pp, m.vpp,
+                            model.mtp_num_layers)
     except StageSplitError as e:
         errors.append(MappingError(e.kind, e.field, str(e)))
     if m.vpp > 1 and m.pp == 1:

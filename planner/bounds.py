@@ -31,7 +31,7 @@ from cost_model.layout import group_placement
 from cost_model.memory import activation_element_bytes, optimizer_shards_of, pipeline_send_bytes
 from cost_model.memory import static_memory_lower_bound
 from cost_model.params import edge_params, layer_params, stacked_layer_params
-from cost_model.stage_split import StageSplitError, stage_layer_counts
+from cost_model.stage_split import StageSplitError, parse_layout, stage_layer_counts
 from cost_model.specs import Mapping
 from cost_model.option_rules import option_errors
 from cost_model.validate import data_parallel_sizes, mapping_errors
@@ -209,12 +209,20 @@ def memory_lower_bound(model, training, lc: LayerConfig, pp: int, dp: int, edp: 
 
 
 @lru_cache(maxsize=4096)
-def _first_stage_layers(L: int, pp: int, vpp: int) -> tuple[int, int]:
+def _first_stage_layers(L: int, pp: int, vpp: int,
+                        layout: str | None = None) -> tuple[int, int]:
     """(fewest, most) decoder layers pipeline rank 0 holds over every split of (pp, vpp):
-    all of them with pp = 1; with interleaving the even chunks, the embedding / loss counted
-    in the split or not; without, anything that leaves the other stages one layer each."""
+    all of them with pp = 1; a custom layout's own count; with interleaving the even chunks,
+    the embedding / loss counted in the split or not; without, anything that leaves the
+    other stages one layer each."""
     if pp == 1:
         return L, L
+    if layout is not None:
+        try:
+            n = stage_layer_counts(L, pp, vpp, layout=layout)[0]
+        except StageSplitError:  # an invalid layout: its mappings are refused anyway
+            return 0, L
+        return n, n
     if vpp == 1:
         return 1, L - (pp - 1)
     counts = []
@@ -235,7 +243,7 @@ def _dp_floor(model, cluster, training, values, lc: LayerConfig, pp: int, vpp: i
     overlap windows) under the longest windows (its most layers, each of the heavier kind,
     the embedding, and with pp = 1 the output layer), for the cheapest rank order and
     optimizer choice. The communication times depend on the sizes only: kept in `memo`."""
-    fewest, most = _first_stage_layers(model.num_layers, pp, vpp)
+    fewest, most = _first_stage_layers(model.num_layers, pp, vpp, values["pipeline_layout"][0])
     key = (lc.tp, lc.cp, lc.ep, lc.etp, pp, fewest)
     times = memo.get(key)
     if times is None:
@@ -285,6 +293,14 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
     slots = [model.num_layers + extra for extra in (0, 1, 2)]
     vpps = {pp: [v for v in values["vpp"] if v == 1 or any(x % (pp * v) == 0 for x in slots)]
             if pp > 1 else [1] for pp in values["pp"]}
+    layout = values["pipeline_layout"][0]
+    if layout is not None:  # a pinned custom layout: its stage count gives vpp
+        try:
+            stages = len(parse_layout(layout))
+        except StageSplitError:
+            stages = 0  # refused with its reason (`reasons.py`)
+        vpps = {pp: [stages // pp] if stages and not stages % pp and stages // pp in
+                values["vpp"] else [] for pp in values["pp"]}
     memory_bounds: dict[tuple, float] = {}
     send_times: dict[tuple, float] = {}
     allowed = memo.setdefault("pipeline_allows", {}) if memo is not None else {}
@@ -328,7 +344,7 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
                 # The slowest rank holds at least the mean, and the first and last ranks at
                 # least one layer besides the embedding / output layer.
                 t_max = w / pp
-                if pp > 1:
+                if pp > 1 and layout is None:  # a layout may leave them no layer
                     t_max = max(t_max, lc.head_s + lc.layer_floor_s + sends,
                                 lc.tail_s + lc.layer_floor_s + sends)
                 dp_s = _dp_floor(model, cluster, training, values, lc, pp, vpp, dp, edp, hw,

@@ -16,7 +16,7 @@ from .bounds import LayerConfig
 from .space import CONTRACT_FIELDS, pinned_split
 
 _STAGE_FIELDS = {"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
-                 "recompute_num_layers"}
+                 "recompute_num_layers", "pipeline_layout"}
 
 
 def check_fixed(fixed: dict) -> dict:
@@ -51,7 +51,7 @@ def _accounts(fixed, pp: int, vpp: int) -> list[tuple[bool, bool]]:
     """Whether the embedding / the loss count as a layer in the split: pinned, else every
     choice with interleaving (without it the stage solver already moves layers off the
     first and last stages)."""
-    if any(f in fixed for f in _ACCOUNT_FIELDS):
+    if any(f in fixed for f in _ACCOUNT_FIELDS) or fixed.get("pipeline_layout") is not None:
         return [tuple(fixed.get(f, False) for f in _ACCOUNT_FIELDS)]
     if pp > 1 and vpp > 1:
         return [(False, False), (True, True), (True, False), (False, True)]
@@ -73,6 +73,7 @@ def expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vp
                     decoder_last_pipeline_num_layers=last,
                     account_for_embedding_in_pipeline_split=emb,
                     account_for_loss_in_pipeline_split=loss,
+                    pipeline_layout=fixed.get("pipeline_layout"),
                     recompute_num_layers=fixed.get("recompute_num_layers"),
                     sequence_parallel=fixed.get("sequence_parallel")))
                 errors, resolved = mapping_errors(model, cluster, training, m)

@@ -35,6 +35,10 @@ def _layer_freq_arg(model: ModelSpec) -> str:
 
 def _pipeline_args(model: ModelSpec, m: Mapping) -> list[str]:
     a: list[str] = []
+    if m.pipeline_layout is not None:
+        # Megatron-LM derives the virtual stages from the layout's stage count; the layout
+        # excludes every other split argument.
+        return ["--pipeline-model-parallel-layout", m.pipeline_layout]
     split_flags = m.account_for_embedding_in_pipeline_split or m.account_for_loss_in_pipeline_split
     if m.vpp > 1:
         if split_flags:  # layers per virtual stage is not a whole number with the flags

@@ -67,6 +67,7 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         "flex_backend": ["deepep"],  # HybridEP costs the same under the model: one is enough
         "moe_a2a_overlap": overlap,
         "order": list(ORDERS),
+        "pipeline_layout": [None],  # a custom layout is only used where pinned
     }
     for key, value in fixed.items():
         if key in vals:

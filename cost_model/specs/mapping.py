@@ -57,6 +57,13 @@ class Mapping(_Spec):
     account_for_loss_in_pipeline_split: bool = Field(
         False, description="The output layer and loss count as one layer when splitting the "
         "pipeline.")
+    pipeline_layout: str | None = Field(
+        None, min_length=1, max_length=2000, description="Custom pipeline layout, Megatron's "
+        "--pipeline-model-parallel-layout: pp*vpp stages separated by '|' in stage order "
+        "(virtual chunk c of rank r is stage c*pp + r), each a string of E (embedding), t "
+        "(decoder layer), m (MTP layer), L (loss); (..)*n and x*n repeat, commas are cosmetic; "
+        "e.g. 'Et*3|(tt|)*29,m|L' (DeepSeek-V3 on pp 8, vpp 4). null = the split the other "
+        "pipeline fields give.")
     order: str = Field("tp-cp-ep-dp-pp", description="Rank order, leftmost fastest.")
 
     @field_validator("order")

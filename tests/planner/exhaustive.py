@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
+from cost_model.stage_split import parse_layout
 from cost_model.validate import mapping_errors
 from planner.space import CONTRACT_FIELDS, candidate_values, pinned_split
 
@@ -48,8 +49,8 @@ def recompute_depths(model: ModelSpec, recompute: str, pp: int, vpp: int, first,
 
 
 def _split_free(fixed: dict) -> bool:
-    return not ({"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"}
-                & set(fixed)) and not all(f in fixed for f in CONTRACT_FIELDS)
+    return not ({"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                 "pipeline_layout"} & set(fixed)) and not all(f in fixed for f in CONTRACT_FIELDS)
 
 
 def enumerate_mappings(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
@@ -81,10 +82,17 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
     for mbs in v["micro_batch_size"]:
         if gbs % (mbs * dp):
             continue
-        for vpp in v["vpp"] if pp > 1 else [1]:
-            if vpp > 1 and all((model.num_layers + x) % (pp * vpp) for x in (0, 1, 2)):
+        layout = fixed.get("pipeline_layout")
+        vpps = v["vpp"] if pp > 1 else [1]
+        if layout is not None:  # a pinned layout fixes the split and, with pp, vpp
+            n = len(parse_layout(layout))
+            vpps = [] if n % pp else [n // pp]
+        for vpp in vpps:
+            if layout is None and vpp > 1 and all((model.num_layers + x) % (pp * vpp)
+                                                  for x in (0, 1, 2)):
                 continue
-            splits = all_splits(model, pp, fixed) if vpp == 1 and pp > 1 else pinned_split(fixed)
+            splits = all_splits(model, pp, fixed) if vpp == 1 and pp > 1 and layout is None \
+                else pinned_split(fixed)
             for first, last in splits:
                 for order in v["order"] if (pp > 1 and edp == dp) else ["tp-cp-ep-dp-pp"]:
                     if "order" in fixed and fixed["order"] != order:
@@ -99,7 +107,8 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
                                     distributed_optimizer=dist, order=order,
                                     decoder_first_pipeline_num_layers=first,
                                     decoder_last_pipeline_num_layers=last,
-                                    sequence_parallel=fixed.get("sequence_parallel"), **opts,
+                                    sequence_parallel=fixed.get("sequence_parallel"),
+                                    pipeline_layout=layout, **opts,
                                 )
                                 errors, resolved = mapping_errors(model, cluster, training, m)
                                 if not errors:
@@ -113,7 +122,7 @@ def _options(v, pp, vpp, fixed) -> Iterator[dict]:
     """Recompute mode and modules, dispatcher and its backend, the all-to-all overlap, and
     (with interleaving) whether the embedding / loss count as layers in the split."""
     accounts = [(False, False)]
-    if any(f in fixed for f in _ACCOUNT):
+    if any(f in fixed for f in _ACCOUNT) or fixed.get("pipeline_layout") is not None:
         accounts = [tuple(fixed.get(f, False) for f in _ACCOUNT)]
     elif pp > 1 and vpp > 1:
         accounts = [(a, b) for a in (False, True) for b in (False, True)]
