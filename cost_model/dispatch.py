@@ -22,6 +22,7 @@ reaches at most M nodes (DeepSeek-V3's node-limited routing, M = 4 of 8 nodes).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import comb
 
 from .hardware import Hardware
@@ -50,11 +51,17 @@ def routing_fanout(model: ModelSpec, ep: int, ranks_per_node: int) -> tuple[floa
     spread evenly, router balanced as `moe_expert_load_imbalance` 1 assumes). "Node" is the
     unit the network part deduplicates for: the NVLink domain (a node, or a rack of an
     NVL72 system, where the hierarchical dispatch forwards over NVLink)."""
-    E, k = model.num_experts, model.topk
+    return _routing_fanout(model.num_experts, model.topk, model.moe_router_num_groups,
+                           model.moe_router_group_topk, ep, ranks_per_node)
+
+
+@lru_cache(maxsize=4096)
+def _routing_fanout(E: int, k: int, G: int | None, M: int | None, ep: int,
+                    ranks_per_node: int) -> tuple[float, float]:
+    """`routing_fanout` of the routing's numbers, kept (the planner asks thousands of times)."""
     per_gpu = E // ep
     nodes = max(1, -(-ep // ranks_per_node))
     per_node = E // nodes
-    G, M = model.moe_router_num_groups, model.moe_router_group_topk
     if not G or not M or M >= G:
         return (expected_distinct_bins(E, per_gpu, k), expected_distinct_bins(E, per_node, k))
     group = E // G

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pydantic import BaseModel, Field
 
 from .flops import mfu, model_flops_per_step, tflops_per_gpu
+from .dispatch import overlapped_comm
 from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
@@ -312,28 +313,52 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
     return out
 
 
-def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], float, float]:
+def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], float, float,
+                                                         tuple]:
     """Floors of `micro_batch_costs` (layer totals by kind, embedding, output) over every
     mapping that shares ctx.mapping's tp, cp, ep, etp, micro-batch size, dispatcher and rank
-    order, whatever its recompute, recompute modules, flex backend or overlap.
+    order, whatever its recompute, recompute modules, flex backend or overlap; and their
+    forward / backward compute, the same for all of them: ((layer, the larger kind), the
+    embedding, the output) as (forward, backward) pairs.
 
-    Why they are floors: a block's `compute` part (its forward and backward) does not depend
-    on those options, which only add to a layer (recompute, exposed communication, the
-    overlap's slowdown, the host's wait), and `host_bound` keeps each layer at least its
-    launches' host time, which they do not change either; the embedding and output layer
-    depend on none of them (an MTP module counts at its layer's floor)."""
+    Why they are floors: `ctx.mapping` has no recompute and no overlap. A block's `compute`
+    part (its forward and backward) and its context-parallel exchange do not depend on those
+    options; its tensor-parallel collectives are fewest without recompute (full recompute
+    gathers again) and its expert all-to-alls too (a recomputed MoE block dispatches again),
+    unless the overlap hides them: the smaller of the plain and the overlapped exposure
+    (with the overlap's slowdown) is counted. Everything else they change only adds to a
+    layer (recompute), and `host_bound` keeps each layer at least its launches' host time,
+    which they do not change either; the embedding and output layer depend on none of them
+    (an MTP module counts at its layer's floor)."""
     blocks = _blocks(ctx, cache)
     layers: dict[bool, float] = {}
+    joined: dict[bool, Cost] = {}  # attention + block, as `micro_batch_costs` joins them
     for kind, name in ((True, "moe"), (False, "mlp")):
         if name in blocks:
             attn, block = blocks["attention"], blocks[name]
-            layers[kind] = max(attn.parts["compute"] + block.parts["compute"],
+            joined[kind] = c = Cost()
+            c.add(attn)
+            c.add(block)
+            comm = sum(c.parts[k] for c in (attn, block) for k in ("tp_comm", "cp_comm"))
+            if kind and block.parts["ep_comm"]:
+                plain = block.parts["ep_comm"]
+                exposed, slowdown = overlapped_comm(
+                    plain / 4, (attn.fwd_compute, attn.bwd_compute),
+                    (block.fwd_compute, block.bwd_compute), ctx.hw.flex_sm_share)
+                comm += min(plain, exposed + slowdown)
+            layers[kind] = max(attn.parts["compute"] + block.parts["compute"] + comm,
                                (attn.launches + block.launches) * ctx.hw.host_launch_s)
     num = ctx.model.mtp_num_layers or 0
     output = blocks["output"].total * (1 + num)
+    tail = blocks["output"]
     if num:
         output += num * layers[mtp_last_kind(ctx.model)]
-    return layers, blocks["embedding"].total, output
+        tail = with_mtp(ctx, tail, joined[mtp_last_kind(ctx.model)])
+    head = blocks["embedding"]
+    windows = ((max(c.fwd_compute for c in joined.values()),
+                max(c.bwd_compute for c in joined.values())),
+               (head.fwd_compute, head.bwd_compute), (tail.fwd_compute, tail.bwd_compute))
+    return layers, head.total, output, windows
 
 
 def work_of(model: ModelSpec, layer_costs: dict[bool, Cost], head: Cost, tail: Cost) -> float:

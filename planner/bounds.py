@@ -172,8 +172,7 @@ def _group_floor(model, cluster, training, probe: Mapping, members: tuple, hw,
     """A group of configurations at its floor (`micro_batch_floor`), `probe` being its
     member without recompute or overlap."""
     ctx = make_context(model, cluster, training, probe, hw)
-    layers, head, tail = micro_batch_floor(ctx, cache)
-    windows = _windows(micro_batch_costs(ctx, cache))
+    layers, head, tail, windows = micro_batch_floor(ctx, cache)
     num_moe = model.num_moe_layers
     work = head + tail + sum(t * (num_moe if kind else model.num_layers - num_moe)
                              for kind, t in layers.items())

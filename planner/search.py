@@ -96,6 +96,11 @@ class SearchState:
         """A configuration whose bound reaches this cannot change the answer."""
         return max(self.kth_best, self.best_classic if self.is_moe else 0.0)
 
+    def cutoff_for(self, classic: bool) -> float:
+        """The cutoff of one configuration: a folded one can only enter the top-k (it has to
+        beat the k-th best); an unfolded one may also be the best unfolded mapping."""
+        return self.cutoff() if classic else self.kth_best
+
 
 def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: int = 5,
          fixed: dict | None = None, time_limit_s: float | None = None) -> PlanResult:
@@ -117,6 +122,17 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     bounds, closest = pipeline_bounds(model, cluster, training, values, configs, counts, memo)
     tie = itertools.count()
     queue = [(b.step_s, next(tie), b) for b in bounds]  # sorted: already a heap
+    skipped_min = math.inf  # smallest bound of a folded configuration left at its cutoff
+    past_kth = 0  # folded configurations left there (the best unfolded one needs the rest)
+
+    def classic(b: PipelineBound) -> bool:
+        """Whether (b.lc, b.pp)'s mappings are unfolded (`candidates.is_classic`)."""
+        lc = b.lc
+        dp = cluster.world_size // (lc.tp * lc.cp * b.pp)
+        return lc.etp == lc.tp and (dp * lc.cp) % lc.ep == 0
+
+    def cutoff_of(b: PipelineBound) -> float:
+        return state.cutoff_for(classic(b))
 
     def consider(m: Mapping) -> None:
         state.consider(Row(m, evaluate(model, cluster, training, m, cache)))
@@ -124,11 +140,15 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     def next_bound() -> PipelineBound | None:
         """The smallest bound left, once the groups below it are costed: a group's members
         are costed when its floor comes first, and their bounds (never below it) queued."""
+        nonlocal skipped_min, past_kth
         while queue:
             b = queue[0][2]
             if not b.lc.is_group or (b.step_s >= state.cutoff() and id(b.lc) not in costed):
                 return b  # a group at or above the cutoff: its floor ends the search
             heapq.heappop(queue)
+            if b.step_s >= cutoff_of(b) and id(b.lc) not in costed:
+                skipped_min = min(skipped_min, b.step_s)  # folded, past the k-th best
+                continue
             if id(b.lc) in costed:  # its members' own bounds are queued
                 continue
             costed.add(id(b.lc))
@@ -146,13 +166,13 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
         """The CP-SAT stage split (and recompute depth) of popped configuration i."""
         nonlocal stage_solves, skipped
         solved.add(i)
-        if split_bound(model, cluster, training, values, b.lc, b.pp) >= state.cutoff():
+        if split_bound(model, cluster, training, values, b.lc, b.pp) >= cutoff_of(b):
             skipped += 1
             return
         for base in stage_bases(model, cluster, training, values, fixed, b.lc, b.pp):
             stage_solves += 1
             ans = solve_stages(model, cluster, training, base, cache,
-                               max(0.01, deadline - time.perf_counter()), state.cutoff())
+                               max(0.01, deadline - time.perf_counter()), cutoff_of(b))
             if ans is not None:
                 # A stage solve cut by the time limit found a split, not the best one.
                 state.proven = state.proven and ans.status == "OPTIMAL"
@@ -172,6 +192,10 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             stopped_early = True
             break
         heapq.heappop(queue)
+        if b.step_s >= cutoff_of(b):  # folded, and past the k-th best: not in the answer
+            skipped_min = min(skipped_min, b.step_s)
+            past_kth += 1
+            continue
         popped.append(b)
         found = state.evaluated
         for m in expand(model, cluster, training, values, fixed, b.lc, b.pp, b.vpp):
@@ -185,7 +209,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
         for i, b in enumerate(popped):
             if b.step_s >= state.cutoff():
                 break
-            if b.vpp != 1 or b.pp < 2 or i in solved:
+            if b.vpp != 1 or b.pp < 2 or i in solved or b.step_s >= cutoff_of(b):
                 continue
             if time.perf_counter() > deadline:
                 stopped_early = True
@@ -195,20 +219,25 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     counts |= {"pipeline_configs_pruned_by_step_bound": len(left),
                "layer_configs_skipped_by_floor": sum(
                    len(c.options) for c in configs if c.is_group and id(c) not in costed),
-               "stage_solves_skipped_by_split_bound": skipped}
+               "stage_solves_skipped_by_split_bound": skipped,
+               "folded_configs_past_kth_best": past_kth}
     return _answer(model, cluster, training, state, configs, next_b, closest, fixed, limit, t0,
-                   stopped_early, expanded, stage_solves, counts)
+                   stopped_early, expanded, stage_solves, counts, skipped_min)
 
 
 def _answer(model, cluster, training, state: SearchState, configs, next_b, closest, fixed,
             limit: float, t0: float, stopped_early: bool, expanded: int,
-            stage_solves: int, counts: dict | None = None) -> PlanResult:
+            stage_solves: int, counts: dict | None = None,
+            skipped_min: float = math.inf) -> PlanResult:
     """Select the top-k from what the search found and write the answer."""
     top_k = state.top_k
     rows = list(state.class_best.values())
-    # Unevaluated configurations enter the selection at their bound, unless the time limit
-    # cut the search (then nothing is proven and the answer is FEASIBLE).
-    bound = next_b.step_s if next_b is not None and not stopped_early else None
+    # Unevaluated configurations enter the selection at their bound (the smallest of the
+    # queue's next and the folded ones left past the k-th best), unless the time limit cut
+    # the search (then nothing is proven and the answer is FEASIBLE).
+    bound = min(next_b.step_s if next_b is not None else math.inf, skipped_min)
+    if stopped_early or bound == math.inf:
+        bound = None
     status, chosen, stats, resolution = select(rows, bound, top_k, stopped_early,
                                                max(0.05, t0 + limit - time.perf_counter()))
     if status == "OPTIMAL" and not state.proven:

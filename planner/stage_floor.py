@@ -16,18 +16,10 @@ solver evaluates the splits in order of their floor (`stages._best_split`).
 
 from __future__ import annotations
 
+import math
+
 
 KINDS = (False, True)  # dense, MoE
-
-
-def _splits(L: int, pp: int):
-    """Every (n_f, k) with n_f + n_l + (pp - 2) k = L, n_f, n_l >= 1, k >= 1 when pp > 2."""
-    for k in range(0 if pp == 2 else 1, L + 1):
-        rest = L - (pp - 2) * k
-        if rest < 2 or (pp == 2 and k):
-            break
-        for n_f in range(1, rest):
-            yield n_f, k
 
 
 def _prefix(coef: dict, pattern) -> list:
@@ -59,34 +51,77 @@ def split_floors(cutoff: float, pattern, pp: int, num_mb: int, full: bool, time_
     limit = cutoff / (1 - 1e-12)  # float slack: the estimate sums in another order
     # Every split's stage times sum to the same; only the slowest stage differs.
     work = t_pl[L] + head_s + tail_s + pp * sends_s
+    first_max, last_min = _edge_ranges(L, pp, num_mb, full, mem, peak_term, first_extra,
+                                       last_extra, budget, t_pl, head_s, tail_s,
+                                       _slowest_allowed(limit, work, num_mb, sends_s))
     windows: dict[int, list] = {}  # k -> plain time of layers [i, i + k) for every i
     out = []
-    for n_f, k in _splits(L, pp):
-        end = n_f + (pp - 2) * k  # where the last stage starts
-        # Cheapest this split can be (every layer plain): skip it if even that is too slow.
-        slow = max(head_s + t_pl[n_f], tail_s + t_pl[L] - t_pl[end])
-        if k:
-            if k not in windows:
-                windows[k] = [t_pl[i + k] - t_pl[i] for i in range(L - k + 1)]
-            slow = max(slow, max(windows[k][n_f:end:k]))
-        if (num_mb - 1) * (slow + sends_s) + work >= limit:
-            continue
-        stages = [(0, n_f)] + [(lo, lo + k) for lo in range(n_f, end, k or 1)] + [(end, L)]
-        r = _smallest_depth(stages, pp, num_mb, full, mem, peak_term, first_extra,
-                            last_extra, budget)
-        if r is None:
-            continue
-        times = []
-        for lo, hi in stages:
-            mid = lo + min(r, hi - lo)
-            times.append(t_rc[mid] - t_rc[lo] + t_pl[hi] - t_pl[mid] + sends_s)
-        times[0] += head_s
-        times[-1] += tail_s
-        floor = (num_mb - 1) * max(times) + sum(times)
-        if floor < limit:
-            out.append((floor, n_f, k, r))
+    for k in range(0 if pp == 2 else 1, L + 1):
+        rest = L - (pp - 2) * k
+        if rest < 2 or (pp == 2 and k):
+            break
+        # n_f + (pp - 2) k is where the last stage starts: at least `last_min`.
+        for n_f in range(max(1, last_min - (pp - 2) * k), min(rest - 1, first_max) + 1):
+            end = n_f + (pp - 2) * k  # where the last stage starts
+            # Cheapest this split can be (every layer plain): skip it if even that is too slow.
+            slow = max(head_s + t_pl[n_f], tail_s + t_pl[L] - t_pl[end])
+            if k:
+                if k not in windows:
+                    windows[k] = [t_pl[i + k] - t_pl[i] for i in range(L - k + 1)]
+                slow = max(slow, max(windows[k][n_f:end:k]))
+            if (num_mb - 1) * (slow + sends_s) + work >= limit:
+                continue
+            stages = [(0, n_f)] + [(lo, lo + k) for lo in range(n_f, end, k or 1)] + [(end, L)]
+            r = _smallest_depth(stages, pp, num_mb, full, mem, peak_term, first_extra,
+                                last_extra, budget)
+            if r is None:
+                continue
+            times = []
+            for lo, hi in stages:
+                mid = lo + min(r, hi - lo)
+                times.append(t_rc[mid] - t_rc[lo] + t_pl[hi] - t_pl[mid] + sends_s)
+            times[0] += head_s
+            times[-1] += tail_s
+            floor = (num_mb - 1) * max(times) + sum(times)
+            if floor < limit:
+                out.append((floor, n_f, k, r))
     out.sort()
     return out
+
+
+def _slowest_allowed(limit: float, work: float, num_mb: int, sends_s: float) -> float:
+    """A bound on the slowest stage's plain time (sends aside) of a split that can pass
+    `split_floors`' cheapest-split test, widened past float rounding: above it the test
+    fails (the test itself still decides)."""
+    if num_mb == 1:
+        return math.inf if work < limit else -math.inf
+    tau = (limit - work) / (num_mb - 1) - sends_s
+    return tau + 1e-9 * abs(tau) + 1e-15
+
+
+def _edge_ranges(L, pp, num_mb, full, mem, peak_term, first_extra, last_extra, budget, t_pl,
+                 head_s, tail_s, tau) -> tuple[int, int]:
+    """(most layers the first stage may hold, the first layer the last stage may start at)
+    for a split to pass `split_floors`' cheapest-split test (first stage head + layers, last
+    stage tail + layers under `tau`) and the memory check of `_smallest_depth` for its first
+    and last stage (at the deepest recompute: a stage's bytes grow with its layers). Both
+    sides are monotone in the layer count, so they are necessary conditions, not guesses."""
+    s_, a_rc, a_pl = mem
+    act = a_rc if full else a_pl
+
+    def fits(lo: int, hi: int, inflight: int, extra: float) -> bool:
+        return s_[hi] - s_[lo] + peak_term + inflight * (act[hi] - act[lo]) <= int(budget - extra)
+
+    first_max = 0
+    inflight0 = min(pp, num_mb)
+    while (first_max + 1 < L and head_s + t_pl[first_max + 1] < tau
+           and fits(0, first_max + 1, inflight0, first_extra)):
+        first_max += 1
+    last_min = L
+    while (last_min - 1 > 0 and tail_s + t_pl[L] - t_pl[last_min - 1] < tau
+           and fits(last_min - 1, L, min(1, num_mb), last_extra)):
+        last_min -= 1
+    return first_max, last_min
 
 
 def _smallest_depth(stages, pp, num_mb, full, mem, peak_term, first_extra, last_extra,
