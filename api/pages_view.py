@@ -24,7 +24,8 @@ from .schemas import PlanAnswer
 # (the order the bars stack in).
 BREAKDOWN_COLORS = {
     "compute": "#3b6fb6", "recompute": "#7fa7dc", "tp_comm": "#e3892b", "cp_comm": "#f1c232",
-    "ep_comm": "#c0392b", "pp_comm": "#8e5ea2", "bubble": "#9aa0a6", "dp_comm": "#2e9c6a",
+    "ep_comm": "#c0392b", "pp_comm": "#8e5ea2", "offload": "#b07d2b", "bubble": "#9aa0a6",
+    "dp_comm": "#2e9c6a",
     "optimizer": "#5d4037",
 }
 MEMORY_KEYS = ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "buffers_gib")

@@ -24,12 +24,12 @@ from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
 from .layers import (host_bound, logits_cost, moe_cost, moe_layer_cost, mtp_block, mtp_logits,
-                     with_mtp)
+                     with_mtp, with_offload)
 from .layout import GroupPlacement, group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
 from .memory import (inflight_chunks, mtp_rank, pipeline_send_bytes, plain_mapping,
                      rank_layer_counts)
-from .memory import rank_memory
+from .memory import offloaded_bytes_per_layer, rank_memory
 from .params import edge_params, layer_params, mtp_last_kind
 from .profile_model import step_time_scale
 from .specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
@@ -250,7 +250,7 @@ def layer_cost_key(m: Mapping) -> tuple:
     # In both standard orders tp, cp and ep come before dp and pp: same tp/cp/ep/etp groups.
     order = "standard" if m.order in ("tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp") else m.order
     return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.sp, recompute_key(m), m.dispatcher,
-            m.flex_backend, m.moe_a2a_overlap, order)
+            m.flex_backend, m.moe_a2a_overlap, m.offload_modules, order)
 
 
 def recompute_key(m: Mapping) -> tuple:
@@ -304,6 +304,11 @@ def micro_batch_costs(ctx: Context, cache: dict | None = None):
         c.add(blocks["attention"])
         c.add(blocks["mlp"])
         layer_costs[False] = c
+    if m.offload_modules:
+        load = ctx.expert_load * ctx.capacity_scale
+        for kind, c in layer_costs.items():
+            with_offload(ctx, c, offloaded_bytes_per_layer(model, ctx.training, m, kind,
+                                                           ctx.act_bytes, load))
     layer_costs = {kind: host_bound(ctx.hw, c) for kind, c in layer_costs.items()}
     output = blocks["output"]
     if model.mtp_num_layers:
@@ -420,7 +425,7 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     seen: dict[tuple, tuple[int, RankMemory]] = {}
     for r in range(m.pp):
         key = (counts[r], r == 0, r == m.pp - 1, r == mtp_at)
-        if key not in seen:
+        if key not in seen or m.offload_modules:  # offloading: not linear in the chunks
             seen[key] = (r, rank_memory(model, training, m, r, ctx.act_bytes,
                                         ctx.expert_load * ctx.capacity_scale, num_mb, counts[r],
                                         hw.memory_reserve_bytes))

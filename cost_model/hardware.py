@@ -65,6 +65,7 @@ class Hardware:
     flex_rdma_eff: float  # ... and network part
     flex_sm_share: float  # share of the SMs its kernels hold while they run
     host_launch_s: float  # host time per counted kernel launch (0: host never binds)
+    host_copy_bps: float  # GPU <-> host memory copies, per direction, achieved (0: none)
     # Results of pure functions of these constants and their arguments
     # (`kernels.linear_time`): exact, the same numbers as computing them again.
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -171,6 +172,8 @@ def _hardware_impl(cluster: ClusterSpec) -> Hardware:
         inter_alltoall_eff=1.0 if measured_links else _value("inter_alltoall_efficiency"),
         # On CPU ranks the host runs the ops themselves: kernel_overhead_s already counts it.
         host_launch_s=0.0 if is_cpu else _value("host_launch_us") * 1e-6,
+        host_copy_bps=0.0 if is_cpu or not gpu.host_GBps
+        else gpu.host_GBps * 1e9 * _value("host_copy_efficiency"),
         flex_intra_eff=_value("flex_intranode_efficiency"),
         flex_rdma_eff=_value("flex_rdma_efficiency"),
         flex_sm_share=0.0 if is_cpu else min(1.0, _value("flex_sms")

@@ -28,7 +28,7 @@ from .kernels import ring_time
 from .layout import GroupPlacement
 from .specs import Mapping, ModelSpec, TrainingSpec
 
-COMPONENTS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm")
+COMPONENTS = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "offload")
 
 
 @dataclass
@@ -314,6 +314,21 @@ def moe_layer_cost(ctx: Context, attn: Cost, moe: Cost) -> Cost:
             (moe.fwd_compute, moe.bwd_compute), ctx.hw.flex_sm_share)
         c.parts["ep_comm"] = exposed
         c.parts["compute"] += slowdown
+    return c
+
+
+def with_offload(ctx: Context, c: Cost, nbytes: float) -> Cost:
+    """`c` (one layer) with the exposed part of its activation offloading: `nbytes` go to
+    host memory during the forward and come back during the backward, each on its own copy
+    stream beside the layer's forward or backward (Megatron-Core
+    pipeline_parallel/fine_grained_activation_offload.py: d2h and h2d streams): its compute
+    and half of its exposed communication each way (copies to host memory do not share the
+    NVLink or network links). A copy longer than that is exposed by the difference."""
+    if nbytes > 0 and ctx.hw.host_copy_bps > 0:
+        t = nbytes / ctx.hw.host_copy_bps
+        comm = sum(c.parts[k] for k in ("tp_comm", "cp_comm", "ep_comm")) / 2
+        c.parts["offload"] += (max(0.0, t - c.fwd_compute - comm)
+                               + max(0.0, t - c.bwd_compute - comm))
     return c
 
 

@@ -236,6 +236,63 @@ def activation_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapp
     return (T * attn + Te * norms * sp + routed + router + shared) * act_bytes
 
 
+def offloaded_bytes_per_layer(model: ModelSpec, training: TrainingSpec, m: Mapping,
+                              moe: bool, act_bytes: float, expert_factor: float) -> float:
+    """Of `activation_bytes_per_layer`, the bytes `offload_modules` send to host memory: each
+    module's input, where the layer keeps it (Megatron-Core
+    pipeline_parallel/fine_grained_activation_offload.py; module inputs as
+    transformer_config.py `offload_modules` names them). Per token: attn_norm the layer input
+    (h, sequence-parallel shard), qkv_linear the norm output (dropped by `layernorm`
+    recompute), core_attn q/k/v (MLA: the up-projected ones, dropped by `mla_up_proj`
+    recompute), attn_proj the attention output, mlp_norm the MLP block's input; per routed
+    row: expert_fc1 the expert input (gathered over etp), moe_act the fc1 output (2f with
+    SwiGLU). With full recompute a layer keeps only its input (attn_norm's); with `moe`
+    recompute no routed rows."""
+    mods = m.offload_modules
+    if not mods:
+        return 0.0
+    h, n = model.hidden_size, model.num_attention_heads
+    tp = m.tp
+    T = m.micro_batch_size * training.seq_length / m.cp
+    sp = tp if m.sp else 1
+    if m.recompute == "full":
+        return T * h / sp * act_bytes if "attn_norm" in mods else 0.0
+
+    def redo(module: str) -> bool:
+        return m.recompute == "selective" and module in m.recompute_modules
+
+    per_token = 0.0
+    if "attn_norm" in mods:
+        per_token += h / sp
+    if "qkv_linear" in mods and not redo("layernorm"):
+        per_token += h / sp
+    if "mlp_norm" in mods:
+        per_token += h / sp
+    if "core_attn" in mods:
+        if model.multi_latent_attention:
+            if not redo("mla_up_proj"):
+                per_token += n * (2 * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+                                  + model.v_head_dim) / tp
+        else:
+            per_token += (n + 2 * model.query_groups) * model.head_dim / tp
+    if "attn_proj" in mods:
+        per_token += n * (model.v_head_dim if model.multi_latent_attention
+                          else model.head_dim) / tp
+    routed = 0.0
+    if moe and not redo("moe"):
+        per_row = (m.etp * h if "expert_fc1" in mods else 0.0) + (
+            (2 if model.swiglu else 1) * model.expert_ffn if "moe_act" in mods else 0.0)
+        routed = T / tp * model.topk * expert_factor * per_row
+    return (T * per_token + routed) * act_bytes
+
+
+# Offloaded activations a rank still holds on the GPU at its peak, in layers: the last one's
+# (Megatron does not offload the last group of each module name, so its reload never blocks
+# the backward: `PipelineOffloadManager.post_warmup_callback`) and the one reloaded ahead of
+# its backward.
+OFFLOAD_RESIDENT_LAYERS = 2
+
+
 def inflight_chunks(m: Mapping, rank: int, num_microbatches: int) -> float:
     """Model chunks whose activations rank `rank` holds at its peak. With `moe_a2a_overlap`
     the forward of the next micro-batch runs beside the backward of the current one, so one
@@ -284,6 +341,7 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     plain = plain_mapping(m)
     full_rc = m if m.recompute_num_layers is None else \
         m.model_copy(update={"recompute_num_layers": None})
+    off_layers = off_max = 0.0  # of act_layers, what offloading sends to host memory
     for slot, count in enumerate(counts):
         if not count:
             continue
@@ -294,6 +352,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
         act_layers += count * activation_bytes_per_layer(
             model, training, mode, is_moe, act_bytes, expert_factor
         )
+        off = offloaded_bytes_per_layer(model, training, mode, is_moe, act_bytes, expert_factor)
+        off_layers, off_max = off_layers + count * off, max(off_max, off)
         if mode.recompute == "full" and not act_full:
             # While a recomputed layer runs its backward it holds its full activations: one
             # layer of the model's largest kind is allowed for.
@@ -308,7 +368,8 @@ def rank_memory(model: ModelSpec, training: TrainingSpec, m: Mapping, rank: int,
     weights, grads, optimizer = static_bytes(dense, expert, training.precision,
                                              optimizer_shards(m))
     chunks = inflight_chunks(m, rank, num_microbatches)
-    activations = act_layers / m.vpp * chunks
+    activations = (act_layers - off_layers) / m.vpp * chunks
+    activations += min(off_layers / m.vpp * chunks, OFFLOAD_RESIDENT_LAYERS * off_max)
     # With full recompute, the layer being recomputed holds its full activations.
     activations += act_full
     activations += edge_activation_bytes(model, training, m, first, last, act_bytes,

@@ -123,6 +123,28 @@ def _recompute_module_errors(model: ModelSpec, training: TrainingSpec, m: Mappin
                                          "needs an fp8_recipe other than 'delayed'")
 
 
+def _offload_errors(model: ModelSpec, cluster: ClusterSpec, m: Mapping, err: Err) -> None:
+    """transformer_config.py `__post_init__`, `if self.fine_grained_activation_offloading:`."""
+    mods = m.offload_modules
+    if not mods:
+        return
+    shown = f"offload_modules={_show(mods)}"
+    if "attn_proj" in mods and "core_attn" not in mods:
+        # 'attn_proj cannot be set to offload_modules alone without core_attn ...'
+        err("offload_modules", f"{shown}: 'attn_proj' needs 'core_attn' too (the projection's "
+                               "input is core attention's output, which its backward needs)")
+    if not model.is_moe:  # foldplan rule: MoE modules of a dense model offload nothing
+        for name in ("expert_fc1", "moe_act"):
+            if name in mods:
+                err("offload_modules", f"{shown}: '{name}' needs a MoE model (num_experts is 0)")
+    if len(set(mods)) != len(mods):
+        err("offload_modules", f"{shown}: a module is listed twice")
+    gpu = _gpu(cluster.gpu)
+    if gpu is not None and not gpu.host_GBps:
+        err("offload_modules", f"{shown} needs a GPU with a link to host memory ({gpu.name} "
+                               "has none: host_GBps is not set)")
+
+
 @lru_cache(maxsize=64)
 def _gpu(gpu: str | GPUSpec) -> GPUSpec | None:
     try:
@@ -169,5 +191,6 @@ def option_errors(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
     _a2a_overlap_errors(model, training, m, err)
     _dispatcher_errors(model, m, err)
     _recompute_module_errors(model, training, m, err)
+    _offload_errors(model, cluster, m, err)
     _fp8_errors(cluster, training, err)
     return errors

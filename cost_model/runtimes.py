@@ -50,6 +50,7 @@ FOLDPLAN_SUPPORT: dict[str, Support] = {
     "flex_backend": Support("mapping", _only("deepep"), "the flex dispatcher's HybridEP backend"),
     "moe_a2a_overlap": Support("mapping", _only(False), "the expert all-to-all overlap"),
     "pipeline_layout": Support("mapping", _only(None), "a custom pipeline layout"),
+    "offload_modules": Support("mapping", _only(()), "activation offloading"),
     "recompute_modules": Support("mapping", _only(DEFAULT_RECOMPUTE_MODULES),
                                  "selective recompute of modules other than core_attn"),
 }

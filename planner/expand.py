@@ -16,7 +16,7 @@ from .bounds import LayerConfig
 from .space import CONTRACT_FIELDS, pinned_split
 
 _STAGE_FIELDS = {"decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
-                 "recompute_num_layers", "pipeline_layout"}
+                 "recompute_num_layers", "pipeline_layout", "offload_modules"}
 
 
 def check_fixed(fixed: dict) -> dict:
@@ -74,6 +74,7 @@ def expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vp
                     account_for_embedding_in_pipeline_split=emb,
                     account_for_loss_in_pipeline_split=loss,
                     pipeline_layout=fixed.get("pipeline_layout"),
+                    offload_modules=fixed.get("offload_modules", ()),
                     recompute_num_layers=fixed.get("recompute_num_layers"),
                     sequence_parallel=fixed.get("sequence_parallel")))
                 errors, resolved = mapping_errors(model, cluster, training, m)

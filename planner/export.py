@@ -70,6 +70,14 @@ def _recompute_args(m: Mapping) -> list[str]:
     return []
 
 
+def _offload_args(m: Mapping) -> list[str]:
+    """TransformerConfig's `fine_grained_activation_offloading` and `offload_modules` as
+    Megatron-LM arguments."""
+    if not m.offload_modules:
+        return []
+    return ["--fine-grained-activation-offloading", "--offload-modules", *m.offload_modules]
+
+
 def _attention_args(model: ModelSpec) -> list[str]:
     a: list[str] = []
     if model.multi_latent_attention:
@@ -145,6 +153,7 @@ def megatron_args(model: ModelSpec, training: TrainingSpec, m: Mapping) -> list[
         a += ["--use-distributed-optimizer", "--overlap-param-gather"]
     a += ["--overlap-grad-reduce", "--accumulate-allreduce-grads-in-fp32"]
     a += _recompute_args(m)
+    a += _offload_args(m)
     a += [
         "--micro-batch-size", str(m.micro_batch_size),
         "--global-batch-size", str(training.global_batch_size),

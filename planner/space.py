@@ -68,6 +68,7 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         "moe_a2a_overlap": overlap,
         "order": list(ORDERS),
         "pipeline_layout": [None],  # a custom layout is only used where pinned
+        "offload_modules": [()],  # so is activation offloading
     }
     for key, value in fixed.items():
         if key in vals:

@@ -28,6 +28,10 @@ class GPUSpec(_Spec):
         "Blackwell); null = unknown (options that need an architecture are not checked)."
     )
     intra_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default NVLink GB/s.")
+    host_GBps: float | None = Field(
+        None, ge=1e-3, le=1e6, description="GPU <-> host memory GB/s per direction (PCIe or "
+        "NVLink-C2C), what activation offloading copies over; null = no host link to offload "
+        "over.")
     inter_node_GBps: float | None = Field(None, ge=1e-3, le=1e6, description="Default network GB/s.")
     gemm_efficiency: float | None = Field(
         None, ge=0.01, le=1, description="Sustained fraction of peak in large GEMMs."

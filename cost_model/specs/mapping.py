@@ -11,6 +11,9 @@ from .common import PositiveInt, _Spec
 RecomputeModule = Literal["core_attn", "layernorm", "moe_act", "mla_up_proj", "mlp", "moe",
                           "shared_experts"]
 DEFAULT_RECOMPUTE_MODULES: tuple[RecomputeModule, ...] = ("core_attn",)  # Megatron's default
+# Megatron-Core's `offload_modules` (transformer_config.py, fine-grained activation offloading).
+OffloadModule = Literal["attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm",
+                        "expert_fc1", "moe_act"]
 
 
 class Mapping(_Spec):
@@ -57,6 +60,11 @@ class Mapping(_Spec):
     account_for_loss_in_pipeline_split: bool = Field(
         False, description="The output layer and loss count as one layer when splitting the "
         "pipeline.")
+    offload_modules: tuple[OffloadModule, ...] = Field(
+        (), description="Fine-grained activation offloading (Megatron's "
+        "--fine-grained-activation-offloading --offload-modules): the modules whose input "
+        "activations go to host memory after the forward and come back for the backward, on "
+        "their own copy streams; empty = none.")
     pipeline_layout: str | None = Field(
         None, min_length=1, max_length=2000, description="Custom pipeline layout, Megatron's "
         "--pipeline-model-parallel-layout: pp*vpp stages separated by '|' in stage order "
