@@ -149,11 +149,12 @@ def overlapped_layer(comm_s: float, attn: tuple[float, float], experts: tuple[fl
     paired)."""
     a_f, a_b = attn
     m_f, m_b = experts
-    comp = comm = ab_prev = cf_prev = 0.0
-    ends = []
-    for _ in range(layers + 1):
-        cb = max(comm, ab_prev) + comm_s           # combine backward
-        af = max(comp, cf_prev) + a_f              # attention forward
+    ab = cf = 0.0  # the previous layer's attention backward and combine forward ends
+    ends: list[float] = []
+    state = None
+    for i in range(layers + 1):
+        cb = max(cf, ab) + comm_s                  # combine backward
+        af = max(ab, cf) + a_f                     # attention forward
         mbd = max(af, cb) + m_b / 2                # experts dgrad
         df = max(cb, af) + comm_s                  # dispatch forward
         mbw = mbd + m_b / 2                        # experts wgrad (delayed)
@@ -161,8 +162,14 @@ def overlapped_layer(comm_s: float, attn: tuple[float, float], experts: tuple[fl
         mf = max(mbw, df) + m_f                    # experts forward
         cf = max(db, mf) + comm_s                  # combine forward
         ab = max(mf, db) + a_b                     # attention backward
-        comp, comm, ab_prev, cf_prev = ab, cf, ab, cf
-        ends.append(max(ab, cf))
+        end = max(ab, cf)
+        ends.append(end)
+        # The next layer depends on (ab, cf) relative to the end only: once that repeats,
+        # every later layer takes the last one's time.
+        now = (ab - end, cf - end)
+        if now == state and i < layers:
+            return (end + (layers - i) * (end - ends[-2]) - ends[0]) / layers
+        state = now
     return (ends[-1] - ends[0]) / layers
 
 

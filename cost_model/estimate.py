@@ -337,13 +337,12 @@ def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], flo
     (an MTP module counts at its layer's floor)."""
     blocks = _blocks(ctx, cache)
     layers: dict[bool, float] = {}
-    joined: dict[bool, Cost] = {}  # attention + block, as `micro_batch_costs` joins them
-    for kind, name in ((True, "moe"), (False, "mlp")):
+    names = {True: "moe", False: "mlp"}
+    fb: dict[bool, tuple[float, float]] = {}  # a layer's forward and backward compute
+    for kind, name in names.items():
         if name in blocks:
             attn, block = blocks["attention"], blocks[name]
-            joined[kind] = c = Cost()
-            c.add(attn)
-            c.add(block)
+            fb[kind] = (attn.fwd_compute + block.fwd_compute, attn.bwd_compute + block.bwd_compute)
             comm = sum(c.parts[k] for c in (attn, block) for k in ("tp_comm", "cp_comm"))
             if kind and block.parts["ep_comm"]:
                 plain = block.parts["ep_comm"]
@@ -357,11 +356,14 @@ def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], flo
     output = blocks["output"].total * (1 + num)
     tail = blocks["output"]
     if num:
-        output += num * layers[mtp_last_kind(ctx.model)]
-        tail = with_mtp(ctx, tail, joined[mtp_last_kind(ctx.model)])
+        kind = mtp_last_kind(ctx.model)
+        output += num * layers[kind]
+        joined = Cost()  # the layer the MTP module repeats, as `micro_batch_costs` joins it
+        joined.add(blocks["attention"])
+        joined.add(blocks[names[kind]])
+        tail = with_mtp(ctx, tail, joined)
     head = blocks["embedding"]
-    windows = ((max(c.fwd_compute for c in joined.values()),
-                max(c.bwd_compute for c in joined.values())),
+    windows = ((max(f for f, _ in fb.values()), max(b for _, b in fb.values())),
                (head.fwd_compute, head.bwd_compute), (tail.fwd_compute, tail.bwd_compute))
     return layers, head.total, output, windows
 
