@@ -6,7 +6,10 @@ pipeline rank r holds one contiguous block; with `decoder_first_pipeline_num_lay
 `decoder_last_pipeline_num_layers` the first / last rank take that many layers and the other
 ranks split the rest evenly. With vpp > 1 virtual stages, the L layers form pp * vpp chunks of
 n = L / (pp * vpp) layers and rank r holds chunks r, r + pp, r + 2 pp, ...: chunk c of rank r
-is layers [(c*pp + r)*n, (c*pp + r + 1)*n).
+is layers [(c*pp + r)*n, (c*pp + r + 1)*n). With first / last counts and vpp > 1 each rank's
+count splits evenly over its vpp chunks (first, last and each middle rank's count must divide
+by vpp: transformer_config.py), and round c of the chunks holds, in rank order, first/vpp,
+the middle ranks' share and last/vpp layers.
 
 With `account_for_embedding_in_pipeline_split` (e = 1) and/or
 `account_for_loss_in_pipeline_split` (l = 1) the embedding and the output layer + loss count
@@ -82,9 +85,9 @@ def _uneven_counts(num_layers: int, pp: int, vpp: int, first: int | None, last: 
             f"{first if first is not None else last} (Megatron-Core refuses first/last stage "
             f"layer counts together with the embedding/loss in the pipeline split)",
             _EMBED if embedding else _LOSS, "pipeline")
-    if pp == 1 or vpp > 1:
-        raise StageSplitError("decoder_first/last_pipeline_num_layers need pp > 1 and vpp == 1",
-                              field, "pipeline")
+    if pp == 1:
+        raise StageSplitError("decoder_first/last_pipeline_num_layers need pp > 1", field,
+                              "pipeline")
     middle_stages = pp - (first is not None) - (last is not None)
     middle_layers = num_layers - (first or 0) - (last or 0)
     if middle_layers < 0 or (middle_stages == 0 and middle_layers) or (
@@ -98,6 +101,15 @@ def _uneven_counts(num_layers: int, pp: int, vpp: int, first: int | None, last: 
         counts[0] = first
     if last is not None:
         counts[-1] = last
+    if vpp > 1:  # transformer_config.py: "must be divisible by virtual pipeline parallel degree"
+        middle = middle_layers // middle_stages if middle_stages else None
+        for name, n, what in (
+                ("decoder_first_pipeline_num_layers", first, f"decoder_first_pipeline_num_layers={first}"),
+                ("decoder_last_pipeline_num_layers", last, f"decoder_last_pipeline_num_layers={last}"),
+                (field, middle, f"each middle stage's {middle} layers")):
+            if n is not None and n % vpp:
+                raise StageSplitError(f"{what} must divide by vpp={vpp} (each stage's layers "
+                                      f"split evenly over its virtual stages)", name)
     return counts
 
 
@@ -212,8 +224,10 @@ def stage_chunks(num_layers: int, pp: int, vpp: int = 1, first: int | None = Non
         return [[range(max(0, (c * pp + r) * n - e), min(num_layers, (c * pp + r + 1) * n - e))
                  for c in range(vpp)] for r in range(pp)]
     counts = _uneven_counts(num_layers, pp, vpp, first, last, embedding, loss)
-    starts = [sum(counts[:r]) for r in range(pp)]
-    return [[range(starts[r], starts[r] + counts[r])] for r in range(pp)]
+    per = [n // vpp for n in counts]  # each rank's layers in one virtual chunk
+    starts = [sum(per[:r]) for r in range(pp)]
+    return [[range(c * sum(per) + starts[r], c * sum(per) + starts[r] + per[r])
+             for c in range(vpp)] for r in range(pp)]
 
 
 def stage_layer_counts(num_layers: int, pp: int, vpp: int = 1, first: int | None = None,

@@ -242,7 +242,12 @@ def _dp_floor(model, cluster, training, values, lc: LayerConfig, pp: int, vpp: i
     overlap windows) under the longest windows (its most layers, each of the heavier kind,
     the embedding, and with pp = 1 the output layer), for the cheapest rank order and
     optimizer choice. The communication times depend on the sizes only: kept in `memo`."""
-    fewest, most = _first_stage_layers(model.num_layers, pp, vpp, values["pipeline_layout"][0])
+    first = values["decoder_first_pipeline_num_layers"][0]  # a pinned first stage
+    if first is not None and pp > 1:
+        fewest = most = first
+    else:
+        fewest, most = _first_stage_layers(model.num_layers, pp, vpp,
+                                           values["pipeline_layout"][0])
     key = (lc.tp, lc.cp, lc.ep, lc.etp, pp, fewest)
     times = memo.get(key)
     if times is None:
@@ -292,6 +297,10 @@ def pipeline_bounds(model, cluster, training, values, configs, counts: dict | No
     slots = [model.num_layers + extra for extra in (0, 1, 2)]
     vpps = {pp: [v for v in values["vpp"] if v == 1 or any(x % (pp * v) == 0 for x in slots)]
             if pp > 1 else [1] for pp in values["pp"]}
+    if any(values[f][0] is not None for f in ("decoder_first_pipeline_num_layers",
+                                              "decoder_last_pipeline_num_layers")):
+        # A pinned uneven split may interleave where the even one cannot (its rules apply).
+        vpps = {pp: list(values["vpp"]) if pp > 1 else [1] for pp in values["pp"]}
     layout = values["pipeline_layout"][0]
     if layout is not None:  # a pinned custom layout: its stage count gives vpp
         try:

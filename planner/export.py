@@ -40,8 +40,10 @@ def _pipeline_args(model: ModelSpec, m: Mapping) -> list[str]:
         # excludes every other split argument.
         return ["--pipeline-model-parallel-layout", m.pipeline_layout]
     split_flags = m.account_for_embedding_in_pipeline_split or m.account_for_loss_in_pipeline_split
+    uneven = (m.decoder_first_pipeline_num_layers is not None
+              or m.decoder_last_pipeline_num_layers is not None)
     if m.vpp > 1:
-        if split_flags:  # layers per virtual stage is not a whole number with the flags
+        if split_flags or uneven:  # layers per virtual stage differ between stages
             a += ["--num-virtual-stages-per-pipeline-rank", str(m.vpp)]
         else:
             a += ["--num-layers-per-virtual-pipeline-stage",

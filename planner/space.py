@@ -69,6 +69,8 @@ def candidate_values(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         "order": list(ORDERS),
         "pipeline_layout": [None],  # a custom layout is only used where pinned
         "offload_modules": [()],  # so is activation offloading
+        "decoder_first_pipeline_num_layers": [None],  # pinned, or the planner's (vpp == 1)
+        "decoder_last_pipeline_num_layers": [None],
     }
     for key, value in fixed.items():
         if key in vals:

@@ -170,3 +170,42 @@ def test_public_deepseek_v3_recipe_ranks_near_the_planners_best():
     assert best.estimate.step_time_s <= 1.1 * free
     plain = plan(DSV3, H100_1024, FP8, top_k=1, fixed=fixed).candidates[0]
     assert plain.estimate.step_time_s > 1.3 * free
+
+
+def test_uneven_first_and_last_stages_interleave_as_megatron_does():
+    """transformer_layer.py `get_transformer_layer_offset` with first/last counts and vpp:
+    12 layers, pp 4, vpp 2, first = last = 2: each round of chunks holds 1 + 2 + 2 + 1
+    layers in rank order."""
+    chunks = stage_chunks(12, 4, 2, 2, 2)
+    assert chunks == [[range(0, 1), range(6, 7)], [range(1, 3), range(7, 9)],
+                      [range(3, 5), range(9, 11)], [range(5, 6), range(11, 12)]]
+    for args, words in (((11, 3, 2, 3, None), "decoder_first_pipeline_num_layers=3 must divide"),
+                        ((11, 2, 2, None, 4), "each middle stage's 7 layers must divide")):
+        with pytest.raises(StageSplitError, match=words):
+            stage_chunks(*args)
+    m = Mapping(pp=4, vpp=2, decoder_first_pipeline_num_layers=2,
+                decoder_last_pipeline_num_layers=2)
+    from executor.pipeline import stage_layer_ranges  # the executor runs the same split
+    assert stage_layer_ranges(12, m) == chunks
+    args = megatron_args(SMALL.model_copy(update={"num_layers": 12}), FP8, m.model_copy(
+        update={"dp": 2, "edp": 2, "sequence_parallel": False}))
+    assert args[args.index("--num-virtual-stages-per-pipeline-rank") + 1] == "2"
+    assert "--num-layers-per-virtual-pipeline-stage" not in args
+
+
+def test_planner_with_a_pinned_uneven_interleaved_split_equals_exhaustive_enumeration():
+    from tests.planner.exhaustive import enumerate_mappings
+
+    model = SMALL.model_copy(update={"num_layers": 10})  # no even split over pp 2 x vpp 2
+    cluster = ClusterSpec(num_nodes=1, gpus_per_node=8)
+    training = TrainingSpec(seq_length=4096, global_batch_size=32)
+    fixed = {"ep": 1, "etp": 1, "pp": 2, "vpp": 2, "decoder_first_pipeline_num_layers": 4}
+    steps = [evaluate(model, cluster, training, m).step_time_s
+             for m in enumerate_mappings(model, cluster, training, fixed)
+             if evaluate(model, cluster, training, m).fits_memory]
+    assert steps
+    result = plan(model, cluster, training, top_k=1, fixed=fixed)
+    assert result.search.status == "OPTIMAL"
+    best = result.candidates[0]
+    assert best.mapping.vpp == 2 and best.mapping.decoder_first_pipeline_num_layers == 4
+    assert best.estimate.step_time_s == pytest.approx(min(steps), rel=1e-5)

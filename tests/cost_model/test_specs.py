@@ -88,7 +88,7 @@ def test_mapping_order_must_be_permutation():
          "cp"),
         (Mapping(tp=2, ep=4, pp=8, order="tp-cp-ep-pp-dp"), "needs edp == dp", "option", "order"),
         (Mapping(tp=2, ep=8, pp=1, decoder_first_pipeline_num_layers=4),
-         "need pp > 1 and vpp == 1", "pipeline", "decoder_first_pipeline_num_layers"),
+         "need pp > 1", "pipeline", "decoder_first_pipeline_num_layers"),
     ],
 )
 def test_mapping_validation_names_the_offending_values(mapping, message, kind, field):

@@ -88,8 +88,8 @@ def _inner(model, cluster, training, fixed, v, tp, cp, pp, dp, ep, etp, edp, gbs
             n = len(parse_layout(layout))
             vpps = [] if n % pp else [n // pp]
         for vpp in vpps:
-            if layout is None and vpp > 1 and all((model.num_layers + x) % (pp * vpp)
-                                                  for x in (0, 1, 2)):
+            if layout is None and vpp > 1 and _split_free(fixed) and all(
+                    (model.num_layers + x) % (pp * vpp) for x in (0, 1, 2)):
                 continue
             splits = all_splits(model, pp, fixed) if vpp == 1 and pp > 1 and layout is None \
                 else pinned_split(fixed)
