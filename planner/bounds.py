@@ -118,10 +118,19 @@ def layer_configs(model, cluster, training, values, cache: dict,
             return None
         dp, edp = data_parallel_sizes(world, tp, cp, ep, etp, 1)
         sizes = dict(tp=tp, cp=cp, ep=ep, etp=etp, pp=1, dp=dp, edp=edp)
+        checked: dict[str, tuple] = {}  # dispatcher -> (errors, probe) of its first group
         for (mbs, disp), members in by_group.items():
-            rep = dict(micro_batch_size=mbs, recompute="none", dispatcher=disp,
-                       moe_a2a_overlap=False)
-            errors, probe = mapping_errors(model, cluster, training, Mapping(**sizes, **rep))
+            if disp in checked:
+                # The micro-batch size changes only "batch" errors (not read here) and no
+                # resolved field: the dispatcher's first group's answer, with this size.
+                errors, first = checked[disp]
+                probe = first.model_copy(update={"micro_batch_size": mbs})
+            else:
+                rep = dict(micro_batch_size=mbs, recompute="none", dispatcher=disp,
+                           moe_a2a_overlap=False)
+                errors, probe = mapping_errors(model, cluster, training, Mapping(**sizes, **rep))
+                errors = [e for e in errors if e.kind != "batch"]
+                checked[disp] = (errors, probe)
             if any(e.kind == "layer" for e in errors):
                 break  # about the sizes alone: no option of any group makes them valid
             if any(e.kind == "option" for e in errors) or len(members) == 1:
