@@ -4,7 +4,7 @@
         [--megatron-path DIR]
 
 Same inputs for all: x_TD, top-k expert ids indices_TK, probabilities probs_TK (dropless).
-  ours      what the executor runs: counting sort into the static T*K-row buffer
+  ours      what the executor runs: a stable sort into the static T*K-row buffer
             (routing_index(..., static=True, dropless=True)) + permute + unpermute (torch
             kernels on CPU, Triton kernels with --backend triton on a GPU)
   baseline  argsort(indices) (stable) -> x[order // K] -> index_add of probs * y into tokens

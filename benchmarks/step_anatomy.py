@@ -267,6 +267,7 @@ def components(capacity: float | None) -> dict[str, int]:
     _, rope, mask = chunk.attention_context(64, dims.device)
     h_BSD = torch.randn(1, 64, chunk.spec.hidden_size, requires_grad=True)
     h_TD = h_BSD.detach().view(64, -1).requires_grad_()
+    h = h_TD if chunk.flat else h_BSD  # the layers' input as training passes it (model.py)
     routing = block.ffn.router(h_TD, dims, None)
     probs_TK = routing.probs_TK.detach().requires_grad_()
 
@@ -276,7 +277,7 @@ def components(capacity: float | None) -> dict[str, int]:
         block.ffn.dispatcher.combine(block.ffn.experts(x_MD, meta.rows), meta).sum().backward()
 
     def layer():
-        x, aux, _ = block(h_BSD, rope, mask)
+        x, aux, _ = block(h, rope, mask)
         (x.sum() + aux).backward()
 
     def router():
@@ -284,8 +285,8 @@ def components(capacity: float | None) -> dict[str, int]:
         (r.probs_TK.sum() + r.aux_loss).backward()
 
     pieces = {
-        "attention": lambda: block.attn(h_BSD, rope, mask).sum().backward(),
-        "rmsnorm": lambda: block.attn_norm(h_BSD).sum().backward(),
+        "attention": lambda: block.attn(h, rope, mask).sum().backward(),
+        "rmsnorm": lambda: block.attn_norm(h).sum().backward(),
         "router": router,
         "dispatch_experts": dispatch_experts,
         "layer": layer,

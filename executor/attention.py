@@ -40,6 +40,7 @@ from cost_model.specs import ModelSpec
 
 from .arch import ArchOptions, YarnRope
 from .comm import CommCounter, all_gather_v
+from .linear import accumulation_target, add_weight_grad, linear
 from .norm import RMSNorm
 from .parallel_dims import ParallelDims
 from .tensor_parallel import mark_tp
@@ -79,18 +80,70 @@ class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos_SDh, sin_SDh)
-        return (x * cos_SDh + _swap_pairs(x) * sin_SDh).to(x.dtype)
+        return _rotate(x, cos_SDh, sin_SDh)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        cos_SDh, sin_SDh = ctx.saved_tensors
-        return (g * cos_SDh + _swap_pairs(g * sin_SDh)).to(g.dtype), None, None
+        return _rotate_grad(g, *ctx.saved_tensors), None, None
+
+
+def _rotate(x: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """The rotation of `_RopeFunction` (tables from `rope_tables`)."""
+    return (x * cos_SDh + _swap_pairs(x) * sin_SDh).to(x.dtype)
+
+
+def _rotate_grad(g: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Its transpose: dx = g * cos + swap_pairs(g * sin)."""
+    return (g * cos_SDh + _swap_pairs(g * sin_SDh)).to(g.dtype)
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of each head by the position's angles: one
     autograd op with a hand-written backward (tables from `rope_tables`)."""
     return _RopeFunction.apply(x_BHSDh, cos_SDh, sin_SDh)
+
+
+class _CpuAttention(torch.autograd.Function):
+    """The whole attention of one layer on CPU (no cp, no q/k norm, no biases) as one op:
+        qkv = x W_qkv^T, rope on q and k, causal SDPA (its CPU flash kernel, GQA native),
+        out = o W_o^T
+    with a hand-written backward that calls the kernels autograd would call (the flash
+    kernel's own backward, the same GEMMs, the rotation of `_RopeFunction`), so the numbers are
+    those of the op-by-op path; 43 ops forward + backward where that path dispatches 57.
+    Layouts: the flash kernel returns o and takes/returns gradients in [B, S, H, Dh] memory
+    order, so every [B, S, .] <-> [B, H, S, Dh] change is a free transpose."""
+
+    @staticmethod
+    def forward(ctx, x, w_QD, wo_DQ, cos_SDh, sin_SDh, Hl: int, Gl: int, scale: float | None,
+                wgrads: tuple):
+        S, D = cos_SDh.shape[0], x.shape[-1]
+        B = x.shape[0] if x.dim() == 3 else x.shape[0] // S
+        x_ND = x if x.dim() == 2 else x.reshape(B * S, D)  # x_BSD or the flat x_ND
+        qkv = torch.mm(x_ND, w_QD.t()).view(B, S, Hl + 2 * Gl, -1)
+        qk_BSXDh, v_BSGDh = qkv.split([Hl + Gl, Gl], dim=2)
+        q, k = _rotate(qk_BSXDh.transpose(1, 2), cos_SDh, sin_SDh).split([Hl, Gl], dim=1)
+        v = v_BSGDh.transpose(1, 2)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        o_NQ = o.transpose(1, 2).reshape(B * S, -1)
+        ctx.save_for_backward(x_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ)
+        ctx.scale, ctx.wgrads = scale, wgrads  # gradient-accumulation targets (linear.py) or None
+        out_ND = torch.mm(o_NQ, wo_DQ.t())
+        return out_ND if x.dim() == 2 else out_ND.view(B, S, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ = ctx.saved_tensors
+        B, S, D = q.shape[0], q.shape[2], g.shape[-1]
+        g_ND = g if g.dim() == 2 else g.reshape(B * S, D)
+        g_wo = add_weight_grad(ctx.wgrads[1], g_ND, o_NQ)
+        g_o = torch.mm(g_ND, wo_DQ).view(B, S, q.shape[1], -1).transpose(1, 2)
+        g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g_o, q, k, v, o, lse, 0.0, True, scale=ctx.scale)
+        g_qk = _rotate_grad(torch.cat([g_q, g_k], dim=1), cos_SDh, sin_SDh)
+        g_qkv_NQ = torch.cat([g_qk.transpose(1, 2), g_v.transpose(1, 2)], dim=2).view(B * S, -1)
+        g_w = add_weight_grad(ctx.wgrads[0], g_qkv_NQ, x_ND)
+        g_x = torch.mm(g_qkv_NQ, w_QD)
+        return g_x if g.dim() == 2 else g_x.view(B, S, D), g_w, g_wo, None, None, None, None, None, None
 
 
 def cp_positions(seq_len: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -156,6 +209,13 @@ class Attention(nn.Module):
         factor = arch.softmax_scale_factor
         self.scale = None if factor == 1.0 else factor / Dh**0.5
 
+    def _fused(self, x_BSD: torch.Tensor) -> bool:
+        """Whether the layer runs as one `_CpuAttention` op: on CPU, without cp, q/k norms,
+        biases, selective recompute or autocast (those run op by op below)."""
+        return (x_BSD.device.type == "cpu" and self.cp_group.size == 1 and self.q_norm is None
+                and self.wq.bias is None and not self.selective_recompute
+                and not torch.is_autocast_enabled("cpu"))
+
     def _core(self, q, k, v, mask_SSk):
         return attention_core(q, k, v, mask_SSk, self.scale)
 
@@ -164,13 +224,20 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rope, mask_SSk: torch.Tensor | None) -> torch.Tensor:
         """Partial (row-parallel) output [B, S, D]; `rope` = (cos, sin) at the local positions,
-        `mask_SSk` the cp position mask (None without cp: plain causal)."""
-        B, S, _ = x_BSD.shape
+        `mask_SSk` the cp position mask (None without cp: plain causal). A flat x_ND (N = B*S
+        tokens, the model's residual stream without tp) gives a flat output."""
         cos_SDh, sin_SDh = rope
+        S = cos_SDh.shape[0]
+        B = x_BSD.shape[0] if x_BSD.dim() == 3 else x_BSD.shape[0] // S
         # One GEMM for q, k and v: the three weights (and biases) side by side.
         w_QD = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        if self._fused(x_BSD):
+            wgrads = (accumulation_target([self.wq.weight, self.wk.weight, self.wv.weight]),
+                      accumulation_target([self.wo.weight]))
+            return _CpuAttention.apply(x_BSD, w_QD, self.wo.weight, cos_SDh, sin_SDh, self.Hl, self.Gl,
+                                       self.scale, wgrads)
         b_Q = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
-        qkv = F.linear(x_BSD, w_QD, b_Q).view(B, S, self.Hl + 2 * self.Gl, self.Dh)
+        qkv = linear(x_BSD, w_QD, b_Q).view(B, S, self.Hl + 2 * self.Gl, self.Dh)
         qk_BSXDh, v = qkv.split([self.Hl + self.Gl, self.Gl], dim=2)  # X = Hl + Gl
         if self.q_norm is not None:
             q, k = qk_BSXDh.split([self.Hl, self.Gl], dim=2)
@@ -184,4 +251,5 @@ class Attention(nn.Module):
             o = checkpoint(self._core, q, k, v, mask_SSk, use_reentrant=False)
         else:
             o = self._core(q, k, v, mask_SSk)
-        return self.wo(o.transpose(1, 2).reshape(B, S, self.Hl * self.Dh))
+        lead = (B, S) if x_BSD.dim() == 3 else (B * S,)
+        return linear(o.transpose(1, 2).reshape(*lead, self.Hl * self.Dh), self.wo.weight)

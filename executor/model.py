@@ -10,18 +10,18 @@ RMSNorm, output layer (untied unless the spec ties it). Shared experts optionall
 sigmoid gate (`moe_shared_expert_gate`, Qwen2-MoE: sigmoid(x . w) * shared(x) per token).
 Value-only details (RoPE base, norm epsilons, router renormalisation) come from an
 `ArchOptions` (arch.py; a Hugging Face checkpoint's config sets them).
-Parallelism: TP + SP (tensor_parallel.py; between layers a rank holds x_BsD), CP (attention.py;
-the load-balanced chunks of the sequence), EP/ETP inside MoE layers, PP: one module holds a
-contiguous range of layers (a pipeline chunk, `layer_ids`), the embedding when `pre` and the
-final norm, output layer and loss when `post`. Parameter names are the same on every mapping
-("layers.<global id>. ...") so shards can be compared with the single-rank model.
+Parallelism: TP + SP (tensor_parallel.py; between layers a rank holds x_BsD, without tp the
+flat x_ND, N = B*S), CP (attention.py; the load-balanced chunks of the sequence), EP/ETP inside
+MoE layers, PP: one module holds a contiguous range of layers (a pipeline chunk, `layer_ids`),
+the embedding when `pre` and the final norm, output layer and loss when `post`. Parameter
+names are the same on every mapping ("layers.<global id>. ...") so shards can be compared with
+the single-rank model.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cost_model.specs import ModelSpec
@@ -30,6 +30,7 @@ from .arch import ArchOptions
 from .attention import Attention, cp_positions, rope_tables
 from .comm import CommCounter
 from .init import normal
+from .linear import linear
 from .mla import MultiLatentAttention
 from .mlp import MLP
 from .moe import MoELayer
@@ -85,8 +86,11 @@ class Block(nn.Module):
         if self.is_moe:
             out = self.ffn(h_BsD)
             return x_BsD + out.out_BsD, out.aux_loss, out.num_dropped
+        zero = x_BsD.new_zeros((), dtype=torch.float32)
+        if h_BsD.dim() == 2:  # the flat residual stream
+            return x_BsD + self.ffn(h_BsD), zero, 0
         B, s, D = h_BsD.shape
-        return x_BsD + self.ffn(h_BsD.reshape(B * s, D)).view(B, s, D), x_BsD.new_zeros((), dtype=torch.float32), 0
+        return x_BsD + self.ffn(h_BsD.reshape(B * s, D)).view(B, s, D), zero, 0
 
 
 class MoETransformer(nn.Module):
@@ -102,6 +106,10 @@ class MoETransformer(nn.Module):
         self.spec, self.dims, self.counter = spec, dims, counter
         self.recompute, self.recompute_num_layers = recompute, recompute_num_layers
         self.pre, self.post = pre, post
+        # Without tp (no sequence-parallel gathers) the residual stream between the layers is
+        # flat, x_ND with N = B*S tokens: no 3-D views around every linear and MoE block
+        # (issue 12). Multi-latent attention keeps [B, S, D].
+        self.flat = dims.group("tp").size == 1 and not spec.multi_latent_attention
         self._contexts: dict[tuple[int, str], tuple] = {}  # attention_context per (seq_len, device)
         tp = dims.group("tp")
         router_config = router_config or RouterConfig(expert_bias=spec.moe_router_enable_expert_bias)
@@ -178,20 +186,22 @@ class MoETransformer(nn.Module):
         return x_BSf if self.dims.group("cp").size == 1 else x_BSf[:, pos_S]
 
     def embed_tokens(self, tokens_BSf: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
-        """This rank's cp chunks, embedded and scattered over tp: x_BsD."""
-        return self.embed(self._local_chunks(tokens_BSf, pos_S))
+        """This rank's cp chunks, embedded and scattered over tp: x_BsD (flat: x_ND)."""
+        tokens_BS = self._local_chunks(tokens_BSf, pos_S)
+        return self.embed(tokens_BS.reshape(-1) if self.flat else tokens_BS)
 
     def run_layers(self, x_BsD, rope, mask_SSk):
         """Every layer of this module: (x, router loss share, dropped pairs)."""
-        aux = x_BsD.new_zeros((), dtype=torch.float32)
-        dropped = 0
+        aux, dropped = None, 0
         n_rc = len(self.layers) if self.recompute_num_layers is None else self.recompute_num_layers
         for i, layer in enumerate(self.layers.values()):
             if self.recompute == "full" and i < n_rc and torch.is_grad_enabled():
                 x_BsD, a, d = checkpoint(layer, x_BsD, rope, mask_SSk, use_reentrant=False)
             else:
                 x_BsD, a, d = layer(x_BsD, rope, mask_SSk)
-            aux, dropped = aux + a, dropped + d
+            aux, dropped = a if aux is None else aux + a, dropped + d
+        if aux is None:  # no layers
+            aux = x_BsD.new_zeros((), dtype=torch.float32)
         return x_BsD, aux, dropped
 
     def loss(self, x_BsD: torch.Tensor, targets_BSf: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
@@ -199,8 +209,8 @@ class MoETransformer(nn.Module):
         tp = self.dims.group("tp")
         x_BSD = sp_gather(self.norm(x_BsD), tp, self.counter)
         weight_VlD = self.output.weight if self.output is not None else self.embed.weight
-        logits_BSVl = F.linear(x_BSD, weight_VlD)
-        ce_T = vocab_parallel_cross_entropy(logits_BSVl.flatten(0, 1), self._local_chunks(targets_BSf, pos_S).flatten(), tp, self.counter)
+        logits_TVl = linear(x_BSD, weight_VlD).reshape(-1, weight_VlD.shape[0])  # a view when flat already
+        ce_T = vocab_parallel_cross_entropy(logits_TVl, self._local_chunks(targets_BSf, pos_S).reshape(-1), tp, self.counter)
         return ce_T.sum()
 
     def forward(self, tokens_BSf: torch.Tensor, targets_BSf: torch.Tensor):

@@ -51,13 +51,14 @@ class MoELayer(nn.Module):
                                           router_config.capacity_factor)
 
     def forward(self, x_BsD: torch.Tensor) -> MoEOutput:
-        """Route, dispatch, run local experts, combine; add shared experts."""
-        B, s, D = x_BsD.shape
-        x_TD = x_BsD.reshape(B * s, D)
+        """Route, dispatch, run local experts, combine; add shared experts. A flat x_TD (the
+        model's residual stream without tp) gives a flat output."""
+        x_TD = x_BsD if x_BsD.dim() == 2 else x_BsD.reshape(-1, x_BsD.shape[-1])
         routing = self.router(x_TD, self.dims, self.counter)
         expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
         expert_out_MD = self.experts(expert_in_MD, meta.rows)
         out_TD = self.dispatcher.combine(expert_out_MD, meta)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return MoEOutput(out_TD.view(B, s, D), routing.aux_loss, routing.num_dropped)
+        return MoEOutput(out_TD.view_as(x_BsD) if x_BsD.dim() == 3 else out_TD, routing.aux_loss,
+                         routing.num_dropped)

@@ -16,12 +16,19 @@ elementwise, so the result equals the plain optimizer's exactly up to summation 
 Both run torch's fused AdamW (`adamw`): one kernel for all shards, the step count kept on the
 device (the default single-tensor AdamW reads each parameter's step back to the host).
 
+Flat buffers (Megatron's contiguous parameter and gradient buffers, issue 12): each bucket's
+parameters are views of one flat tensor `params_N` and their gradients views of one fp32
+tensor `grads_N`, made once. Autograd accumulates every micro-batch into the views in place,
+the reduce-scatter takes `grads_N` as it is (with one rank in the group it IS the shard), the
+update is one copy into `params_N`, and zero_grad zeroes one tensor per bucket: no per-parameter
+op per step outside autograd's own accumulation.
+
 Mixed precision (Megatron-style, for bf16 runs): parameters and activations in bf16, every
-gradient accumulated into an fp32 `main_grad` beside its parameter (a post-accumulate hook adds
-the bf16 gradient of each backward into it and frees it, so micro-batches sum in fp32), fp32
-master shards and fp32 Adam moments here: 2 + 4 + 12 / n bytes per parameter, what
-`cost_model/memory.py` assumes. With fp32 parameters (CPU) nothing of this is used: gradients
-stay in `.grad` and the masters equal the parameters.
+gradient accumulated into an fp32 `main_grad` (the parameter's view of `grads_N`; a
+post-accumulate hook adds the bf16 gradient of each backward into it and frees it, so
+micro-batches sum in fp32), fp32 master shards and fp32 Adam moments here: 2 + 4 + 12 / n bytes
+per parameter, what `cost_model/memory.py` assumes. With fp32 parameters (CPU) the `.grad`
+itself is the view and the masters equal the parameters.
 """
 
 from __future__ import annotations
@@ -46,24 +53,9 @@ def adamw(params, lr, betas, eps, weight_decay) -> torch.optim.AdamW:
                              fused=fused or None)
 
 
-def main_grad(p: nn.Parameter) -> torch.Tensor:
-    """The gradient the optimizer sums: fp32 `main_grad` of a low-precision parameter, else
-    `.grad` (zeros when the parameter got none this step)."""
-    if hasattr(p, "main_grad"):
-        return p.main_grad
-    return p.grad if p.grad is not None else torch.zeros_like(p)
-
-
 def _accumulate_main_grad(p: nn.Parameter) -> None:
     p.main_grad.add_(p.grad)
     p.grad = None
-
-
-def _attach_main_grad(p: nn.Parameter) -> None:
-    """Give a low-precision parameter an fp32 gradient accumulator (see module docstring)."""
-    if not hasattr(p, "main_grad"):
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-        p.register_post_accumulate_grad_hook(_accumulate_main_grad)
 
 
 @dataclass
@@ -73,6 +65,9 @@ class _Bucket:
     key: str
     chunk: int  # C
     master: nn.Parameter  # this rank's fp32 shard of the flat parameters
+    params_N: torch.Tensor | None = None  # the parameters' storage: each parameter is a view
+    grads_N: torch.Tensor | None = None  # fp32 gradients: each .grad (main_grad) is a view
+    grad_views: list[torch.Tensor] | None = None  # the views, made once
 
     def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         flat_N = torch.cat([t.reshape(-1).float() for t in tensors])
@@ -81,17 +76,37 @@ class _Bucket:
     def mine(self, flat_N: torch.Tensor) -> torch.Tensor:
         return flat_N[self.group.index * self.chunk : (self.group.index + 1) * self.chunk]
 
-    def scatter_back(self, flat_N: torch.Tensor, attr: str | None) -> None:
-        """Copy flat_N into each parameter (attr None: one foreach copy, casting to the
-        parameter dtype) or its .grad (attr 'grad')."""
-        sizes = [p.numel() for p in self.params]
-        pieces = torch.split(flat_N[: sum(sizes)], sizes)
-        if attr is None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, [x.view_as(p) for x, p in zip(pieces, self.params)])
-            return
-        for p, x in zip(self.params, pieces):
-            p.grad = x.view_as(p).to(p.dtype).clone()
+    @torch.no_grad()
+    def bind(self) -> None:
+        """Move the parameters into one flat buffer and give them fp32 gradient views of a
+        second one (Megatron's contiguous grad buffer): autograd then accumulates every
+        micro-batch's gradient in place, and the reduce-scatter, the norm and the parameter
+        update work on one tensor per bucket instead of one per parameter. Each view is the
+        parameter's `main_grad`: an fp32 parameter's .grad as well (so linear.py's
+        gradient-accumulation fusion may add into it), a low-precision parameter's the
+        accumulator a post-accumulate hook adds its gradient into (module docstring)."""
+        N = self.chunk * self.group.size
+        dtype = self.params[0].dtype
+        assert all(p.dtype == dtype for p in self.params), "one dtype per bucket"
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.params_N = torch.nn.functional.pad(flat, (0, N - flat.numel()))
+        self.grads_N = torch.zeros(N, dtype=torch.float32, device=flat.device)
+        self.grad_views = []
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.data = self.params_N[offset : offset + n].view_as(p)
+            self.grad_views.append(self.grads_N[offset : offset + n].view_as(p))
+            p.main_grad = self.grad_views[-1]  # fp32: also its .grad (attach_grads)
+            if p.dtype != torch.float32:
+                p.register_post_accumulate_grad_hook(_accumulate_main_grad)
+            offset += n
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        """Point every fp32 parameter's .grad at its view (others: no .grad)."""
+        for p, grad in zip(self.params, self.grad_views):
+            p.grad = grad if p.dtype == torch.float32 else None
 
 
 class DistributedAdamW:
@@ -108,25 +123,25 @@ class DistributedAdamW:
             chunk = -(-total // group.size)
             b = _Bucket(params, group, key, chunk, nn.Parameter(torch.empty(0)))
             b.master = nn.Parameter(b.mine(b.flat([p.detach() for p in params])).clone())
+            b.bind()
             self.buckets.append(b)
-            for p in params:
-                if p.dtype != torch.float32:
-                    _attach_main_grad(p)
         self.inner = adamw([b.master for b in self.buckets], lr=lr, betas=betas, eps=eps,
                            weight_decay=weight_decay)
 
     def reduce_scatter_grads(self) -> None:
         """Sum each bucket's gradients over its group; keep this rank's shard in master.grad."""
         for b in self.buckets:
-            grads = [main_grad(p) for p in b.params]
-            flat_N = b.flat(grads)
-            b.master.grad = reduce_scatter_v(flat_N, [b.chunk] * b.group.size, b.group, self.counter, b.key)
+            # one group: the shard is the buffer itself (zeroed by zero_grad after the update)
+            b.master.grad = reduce_scatter_v(b.grads_N, [b.chunk] * b.group.size, b.group, self.counter, b.key)
 
     def gather_grads(self) -> None:
         """Write the full summed gradients back into p.grad (for tests; costs an all-gather)."""
         for b in self.buckets:
             flat_N = all_gather_v(b.master.grad, [b.chunk] * b.group.size, b.group, None, b.key)
-            b.scatter_back(flat_N, "grad")
+            b.grads_N.copy_(flat_N)
+            for p in b.params:
+                if p.dtype != torch.float32:
+                    p.grad = p.main_grad.to(p.dtype)
 
     def squared_norms(self) -> dict[str, torch.Tensor]:
         """Per bucket key: sum of squares of the whole bucket's summed gradient (over its group)."""
@@ -147,16 +162,14 @@ class DistributedAdamW:
         for b in self.buckets:
             flat_N = all_gather_v(b.master.detach(), [b.chunk] * b.group.size, b.group, self.counter,
                                   b.key + ".params")
-            b.scatter_back(flat_N, None)
+            b.params_N.copy_(flat_N)  # casts to the parameter dtype
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffers (their views stay the parameters' .grad)."""
         self.inner.zero_grad(set_to_none=set_to_none)
         for b in self.buckets:
-            for p in b.params:
-                p.grad = None
-            mains = [p.main_grad for p in b.params if hasattr(p, "main_grad")]
-            if mains:
-                torch._foreach_zero_(mains)
+            b.grads_N.zero_()
+            b.attach_grads()
 
     def param_moments(self) -> tuple[float, dict]:
         """(step, {param: (exp_avg, exp_avg_sq)}) at full local-parameter shape (all-gathers)."""

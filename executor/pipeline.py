@@ -116,13 +116,15 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
 
     `chunks[c]` is virtual chunk c of this stage (MoETransformer with its pre/post flags),
     `get_batch(m)` the (tokens, targets) of micro-batch m. Each micro-batch's objective is
-    ce_sum * loss_scale + router loss * aux_scale; returns float64 totals
+    ce_sum * loss_scale + router loss * aux_scale (not formed: the backward starts from both
+    terms with their weights as seeds, bit for bit the same gradients); returns float64 totals
     [ce sum of the last stage, router loss share, dropped pairs], on the device: nothing is
     read back per micro-batch (the trainer reads a step's numbers once).
     """
     dev = next(chunks[0].parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=dev)
+    parts: tuple[list, list, list] = ([], [], [])  # per forward: ce sum, router loss, dropped pairs
     saved: dict[tuple[int, int], tuple] = {}
+    seeds: dict[tuple[float, torch.dtype], torch.Tensor] = {}  # made once per step
     for kind, m, c in steps:
         chunk = chunks[c]
         if kind == "F":
@@ -136,26 +138,30 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
                     x_in = p2p.recv(act_shape, dev, -1, FWD).requires_grad_()
                     x = x_in.to(next(chunk.parameters()).dtype)  # bf16 parameters: bf16 activations
                 x, aux, dropped = chunk.run_layers(x, rope, mask)
-                obj = aux * aux_scale
+                objs = [(aux, aux_scale)]  # the objective's terms and their weights
                 if chunk.post:
                     ce = chunk.loss(x, targets, pos)
-                    obj = obj + ce * loss_scale
-                    totals[0] += ce.detach()
-            totals[1] += aux.detach()
-            totals[2] += dropped
+                    objs.append((ce, loss_scale))
+                    parts[0].append(ce.detach())
+            parts[1].append(aux.detach())
+            parts[2].append(dropped)
             if not chunk.post:
                 p2p.send(x, +1, FWD)
-            saved[(m, c)] = (x_in, None if chunk.post else x, obj)
+            saved[(m, c)] = (x_in, None if chunk.post else x, objs)
         else:
-            x_in, out, obj = saved.pop((m, c))
+            x_in, out, objs = saved.pop((m, c))
             outs, grads = [], []
             if out is not None:
                 g = p2p.recv(act_shape, dev, +1, BWD)
                 outs.append(out)
                 grads.append(g.to(out.dtype))
-            if obj.requires_grad:
-                outs.append(obj)
-                grads.append(torch.ones_like(obj))
+            for term, weight in objs:  # d objective / d term = its weight: the backward's seed
+                if term.requires_grad:
+                    key = (weight, term.dtype)
+                    if key not in seeds:
+                        seeds[key] = torch.full((), weight, dtype=term.dtype, device=dev)
+                    outs.append(term)
+                    grads.append(seeds[key])
             if outs:
                 torch.autograd.backward(outs, grads)
             if x_in is not None:
@@ -163,4 +169,12 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
     assert not saved, sorted(saved)
     if p2p is not None:
         p2p.flush()
-    return totals
+    return torch.stack([_device_sum(xs, dev) for xs in parts])
+
+
+def _device_sum(values: list, device) -> torch.Tensor:
+    """float64 sum of device scalars and Python numbers, on the device (no host read)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    total = torch.stack(tensors).double().sum() if tensors else torch.zeros((), dtype=torch.float64, device=device)
+    number = sum(v for v in values if not isinstance(v, torch.Tensor))
+    return total + number if number else total

@@ -34,14 +34,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cost_model.specs import ModelSpec, TrainingSpec
 
 from .arch import ArchOptions
 from .comm import CommCounter, all_reduce_
-from .kernels.index import expert_counts
+from .linear import linear
 from .parallel_dims import ParallelDims
 
 
@@ -111,15 +110,69 @@ def drop_by_capacity(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_exper
     T = probs_TK.shape[0]
     k = min(capacity, T)
     with torch.no_grad():
-        # Unrouted entries score -1, below every routed probability (>= 0); the keep mask is
+        # Unrouted entries score -1, below every routed probability (>= 0); the drop mask is
         # only read back at routed entries, so an unrouted entry in an expert's top k is harmless.
         scores_TE = torch.full((T, num_experts), -1.0, dtype=probs_TK.dtype, device=probs_TK.device)
         scores_TE.scatter_(1, indices_TK, probs_TK)
-        keep_TE = torch.zeros((T, num_experts), dtype=torch.bool, device=probs_TK.device)
+        drop_TE = torch.ones((T, num_experts), dtype=torch.bool, device=probs_TK.device)
         if k > 0:
-            keep_TE.scatter_(0, torch.topk(scores_TE, k, dim=0).indices, True)
-        drop_TK = ~keep_TE.gather(1, indices_TK)
+            drop_TE.scatter_(0, torch.topk(scores_TE, k, dim=0).indices, False)
+        drop_TK = drop_TE.gather(1, indices_TK)
     return probs_TK.masked_fill(drop_TK, 0.0), indices_TK.masked_fill(drop_TK, -1), drop_TK.sum()
+
+
+class _TopKSoftmaxLoss(torch.autograd.Function):
+    """The default routing (softmax over the K chosen logits) and its losses as one op with a
+    hand-written backward (issue 12: 11 backward ops where autograd's graph takes about 25).
+
+    Forward, the formulas of `Router.forward`:
+        probs_TK = softmax(logits_TK[chosen]) * topk scaling
+        aux = dot(sum_T softmax(logits_TE), tokens_E * aux_scale) + z_scale * dot(lse_T, lse_T)
+    Backward (s = softmax(logits_TE), p = the unscaled probs, ga = d aux):
+        dlogits_TE = softmax_bwd(ga * aux_scale * tokens_E, s)          load balancing
+                   + s * (2 * z_scale * ga * lse_T)                      z-loss
+                   + scatter of softmax_bwd(dprobs_TK * scaling, p)      the chosen logits
+    """
+
+    @staticmethod
+    def forward(ctx, logits_TE, indices_TK, tokens_E, aux_scale: float, z_scale: float,
+                prob_scale: float | None):
+        probs_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
+        scores_TE = torch.softmax(logits_TE, dim=-1) if aux_scale or z_scale else None
+        aux = lse_T = weight_E = None
+        if aux_scale:
+            weight_E = tokens_E * aux_scale  # d aux / d sum_T scores
+            aux = torch.dot(scores_TE.sum(0), weight_E)
+        if z_scale:
+            lse_T = torch.logsumexp(logits_TE, -1)
+            z = torch.dot(lse_T, lse_T) * z_scale
+            aux = z if aux is None else aux + z
+        if aux is None:
+            aux = logits_TE.new_zeros(())
+        ctx.save_for_backward(probs_TK, indices_TK, scores_TE, lse_T, weight_E)
+        ctx.scales, ctx.shape_TE = (aux_scale, z_scale, prob_scale), logits_TE.shape
+        ctx.mark_non_differentiable(indices_TK)
+        return (probs_TK if prob_scale is None else probs_TK * prob_scale), aux
+
+    @staticmethod
+    def backward(ctx, g_probs_TK, g_aux):
+        probs_TK, indices_TK, scores_TE, lse_T, weight_E = ctx.saved_tensors
+        aux_scale, z_scale, prob_scale = ctx.scales
+        g_TE = None
+        if aux_scale:
+            g_E = weight_E * g_aux
+            g_TE = torch._softmax_backward_data(g_E.expand_as(scores_TE), scores_TE, -1, scores_TE.dtype)
+        if z_scale:
+            g_z_TE = scores_TE * (lse_T * (g_aux * (2.0 * z_scale)))[:, None]
+            g_TE = g_z_TE if g_TE is None else g_TE.add_(g_z_TE)
+        if g_TE is None:
+            g_TE = probs_TK.new_zeros(ctx.shape_TE)
+        if g_probs_TK is not None:
+            if prob_scale is not None:
+                g_probs_TK = g_probs_TK * prob_scale
+            g_top_TK = torch._softmax_backward_data(g_probs_TK, probs_TK, -1, probs_TK.dtype)
+            g_TE = g_TE.scatter_add_(1, indices_TK, g_top_TK)
+        return g_TE, None, None, None, None, None
 
 
 class Router(nn.Module):
@@ -168,57 +221,71 @@ class Router(nn.Module):
         ratio_M = tokens_ME.amax(-1) / tokens_ME.mean(-1).clamp_min(1e-9)
         return ratio_M.sum(), len(loads)
 
-    def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
-        """Route the local tokens; statistics for the losses are summed over tp_cp_dp.
+    def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """Scores the choice is made on (sigmoid, or softmax before the top-k)."""
+        if self.config.score_function == "sigmoid":
+            return torch.sigmoid(logits_TE)
+        return torch.softmax(logits_TE, dim=-1)
 
-        Few ops by design (issue 12): the choice runs without autograd, T_g is a Python number
-        (every rank of the token group holds the same number T of the micro-batch's tokens:
-        equal sequence-parallel shards, cp chunks and micro-batches), so the loss scales are
-        Python floats, and each loss is one dot product."""
-        cfg, E, K = self.config, self.num_experts, self.topk
-        T = x_TD.shape[0]
-        logits_TE = F.linear(x_TD, self.weight_ED).float()
+    def _probs_and_loss(self, logits_TE, scores_TE, indices_TK, tokens_E, aux_scale: float, z_scale: float):
+        """(probs_TK, aux loss) through autograd for the score functions other than the
+        default (sigmoid, softmax before the top-k)."""
+        cfg, K = self.config, self.topk
+        top_TK = scores_TE.gather(1, indices_TK)
         if cfg.score_function == "sigmoid":
-            scores_TE = torch.sigmoid(logits_TE)
-            with torch.no_grad():
-                indices_TK = self._choose(scores_TE)
-            top_TK = scores_TE.gather(1, indices_TK)
             normalize = K > 1 and cfg.sigmoid_normalize
             probs_TK = top_TK / top_TK.sum(-1, keepdim=True) if normalize else top_TK
             aux_scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True) if cfg.aux_loss_coeff else None
-        elif cfg.pre_softmax:
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-            with torch.no_grad():
-                indices_TK = self._choose(scores_TE)
-            probs_TK = scores_TE.gather(1, indices_TK)
-            aux_scores_TE = scores_TE
         else:
-            with torch.no_grad():
-                indices_TK = self._choose(logits_TE)
-            probs_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
-            aux_scores_TE = torch.softmax(logits_TE, dim=-1) if cfg.aux_loss_coeff else None
+            probs_TK, aux_scores_TE = top_TK, scores_TE
         if cfg.topk_scaling_factor is not None:
             probs_TK = probs_TK * cfg.topk_scaling_factor
+        aux = None
+        if cfg.aux_loss_coeff:
+            aux = torch.dot(aux_scores_TE.sum(0), tokens_E * aux_scale)
+        if cfg.z_loss_coeff:
+            lse_T = torch.logsumexp(logits_TE, -1)
+            z = torch.dot(lse_T, lse_T) * z_scale
+            aux = z if aux is None else aux + z
+        if aux is None:
+            aux = logits_TE.new_zeros(())
+        return probs_TK, aux
 
-        # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
+    def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
+        """Route the local tokens; statistics for the losses are summed over tp_cp_dp.
+
+        Few ops by design (issue 12): the gate is `linear.linear`, the choice runs without
+        autograd, T_g is a Python number (every rank of the token group holds the same number
+        T of the micro-batch's tokens: equal sequence-parallel shards, cp chunks and
+        micro-batches), so the loss scales are Python floats, each loss is one dot product,
+        and the default route (softmax after the top-k) computes probabilities and losses in
+        one Function with a hand-written backward (`_TopKSoftmaxLoss`); the other score
+        functions go through autograd (`_probs_and_loss`)."""
+        cfg, E, K = self.config, self.num_experts, self.topk
+        T = x_TD.shape[0]
         token_group = dims.group("tp_cp_dp")
-        tokens_per_expert_E = expert_counts(indices_TK.reshape(-1), E, with_dropped=False).float()  # static shape, unlike bincount
-        all_reduce_(tokens_per_expert_E, token_group, counter, "tp_cp_dp.router")
         num_global = T * token_group.size
+        aux_scale = cfg.aux_loss_coeff * E / (num_global * num_global * K)
+        z_scale = cfg.z_loss_coeff / num_global
+        logits_TE = linear(x_TD, self.weight_ED).float()
+        fused = cfg.score_function == "softmax" and not cfg.pre_softmax
+        scores_TE = None if fused else self._scores(logits_TE)
+        with torch.no_grad():
+            indices_TK = self._choose(logits_TE if fused else scores_TE)
+        # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
+        # histc: float counts with a static shape (unlike bincount), exact below 2^24 pairs
+        tokens_per_expert_E = torch.histc(indices_TK.float(), bins=E, min=0, max=E)
+        all_reduce_(tokens_per_expert_E, token_group, counter, "tp_cp_dp.router")
         if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
             if cfg.expert_bias:
                 self._tokens_E = tokens_per_expert_E if self._tokens_E is None else self._tokens_E + tokens_per_expert_E
             self._loads.append(tokens_per_expert_E)
-        aux = None
-        if cfg.aux_loss_coeff:
-            scale = cfg.aux_loss_coeff * E / (num_global * num_global * K)
-            aux = torch.dot(aux_scores_TE.sum(0), tokens_per_expert_E * scale)
-        if cfg.z_loss_coeff:
-            lse_T = torch.logsumexp(logits_TE, -1)
-            z = torch.dot(lse_T, lse_T) * (cfg.z_loss_coeff / num_global)
-            aux = z if aux is None else aux + z
-        if aux is None:
-            aux = x_TD.new_zeros((), dtype=torch.float32)
+        if fused:  # the default: one op with its own backward
+            probs_TK, aux = _TopKSoftmaxLoss.apply(logits_TE, indices_TK, tokens_per_expert_E, aux_scale,
+                                                   z_scale, cfg.topk_scaling_factor)
+        else:
+            probs_TK, aux = self._probs_and_loss(logits_TE, scores_TE, indices_TK, tokens_per_expert_E,
+                                                 aux_scale, z_scale)
 
         num_dropped = 0
         if cfg.capacity_factor is not None:

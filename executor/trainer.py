@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from cost_model.specs import ModelSpec, TrainingSpec
 
@@ -218,6 +219,8 @@ class Trainer:
             return self.order.micro_batch(step, micro, self.mbs, d.dp, d.dp_rank)
 
         act_shape = (self.mbs, S // (d.cp * d.tp), self.spec.hidden_size)
+        if self.chunks[0].flat:  # the flat residual stream (model.py)
+            act_shape = (self.mbs * act_shape[1], act_shape[2])
         totals = run_schedule(self.chunks, self.schedule, self.p2p, get_batch, act_shape,
                               1.0 / (G * S), 1.0 / self.num_micro, self.autocast_dtype).to(dev)
         self.sync_tied_embedding()
@@ -269,9 +272,11 @@ class Trainer:
         """[sum, count] (float32, on the device) of the busiest-over-mean expert load of this
         step over this stage's MoE layers and micro-batches (count 0 without MoE layers);
         summed over pp, sum / count is StepStats.expert_load_imbalance."""
-        acc = torch.zeros(2, dtype=torch.float32, device=self.dims.device)
-        for total, count in (r.take_load() for r in self.routers()):
-            if count:
-                acc[0] += total
-                acc[1] += count
-        return acc
+        totals, count = [], 0
+        for total, n in (r.take_load() for r in self.routers()):
+            if n:
+                totals.append(total)
+                count += n
+        if not totals:
+            return torch.zeros(2, dtype=torch.float32, device=self.dims.device)
+        return F.pad(torch.stack(totals).sum().reshape(1), (0, 1), value=float(count))

@@ -1,16 +1,21 @@
-"""Counting sort of (token, k) pairs by expert: no comparison sort, no host read.
+"""Stable sort of (token, k) pairs by expert: a handful of ops, no host read.
 
 Legend: T tokens, K top-k, E experts, P = T*K pairs, N kept pairs, R rows of the permuted
 buffer (R >= N).
 
-With a flattened index idx_P (P = T*K, token-major so the sort is stable by token) the row of
-pair p in the expert-sorted order is
-    dest[p] = offset[idx[p]] + #{q < p : idx[q] == idx[p]}
-where offset = exclusive cumsum of the per-expert counts. The second term is a running count,
-taken from a cumsum over the one-hot matrix (E x P; fine for the E of one rank: above
-COUNTING_LIMIT entries a stable sort of the keys is used instead).
-Worked example: idx = [1, 0, 1, 1] (T=2, K=2), E=2: counts [1, 3], offset [0, 1],
-running [0, 0, 1, 2] -> dest = [1, 0, 2, 3].
+The pairs idx_P (P = T*K, token-major) are sorted by expert with a stable sort (dropped pairs,
+index -1, sort last under the key E), so within an expert the pairs keep their token order:
+    order_P   the pair at each sorted position (the sort's permutation)
+    ends_E    end of each expert's block in the sorted order: one `searchsorted` of the
+              expert ids in the sorted keys (int32, what the grouped GEMM takes)
+The sorted order is the permuted buffer itself (row i holds pair order_P[i]), so a dropless
+index costs five ops (view, sort, arange, searchsorted, floor-divide for the token of each
+row) where the counting sort it replaces (a cumsum over an E x P one-hot) took twenty; torchtitan
+sorts the same way (argsort + offsets on the device). The inverse map `dest_TK` (row of each
+pair) and the counts per expert are computed only when asked for (the Triton kernels, the
+all-to-all dispatcher and tests ask).
+Worked example: idx = [1, 0, 1, 1] (T=2, K=2), E=2: sorted keys [0, 1, 1, 1], order
+[1, 0, 2, 3], ends [1, 4] -> dest = [1, 0, 2, 3].
 
 Buffer layouts (R rows; a row no pair fills is a *padding row*: its pair is the sentinel P,
 its token T-1, its probability zero, see torch_ops.py; the Triton kernels leave it zero):
@@ -24,6 +29,7 @@ no op has a data-dependent output shape.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,30 +39,39 @@ import torch
 class RoutingIndex:
     """Where each (token, k) pair goes in the expert-sorted buffer."""
 
-    dest_TK: torch.Tensor  # int64, row in the permuted buffer, -1 when dropped
-    tokens_per_expert_E: torch.Tensor  # int64 counts of kept pairs per expert (device)
     offsets_E: torch.Tensor  # int32 end row of each expert's block: what the grouped GEMM takes
     num_rows: int  # R, rows of the permuted buffer
     src_pair_N: torch.Tensor  # flat pair index t * K + k of each row; P for a padding row
     src_token_N: torch.Tensor  # token of each row; T - 1 for a padding row
+    num_tokens: int  # T
+    sorted_key_P: torch.Tensor  # expert of each sorted pair, E for a dropped one
+    order_P: torch.Tensor  # pair at each sorted position
     capacity: int | None = None  # rows per expert in the capacity layout, else None
     padded: bool = False  # whether the buffer may hold padding rows
 
+    @functools.cached_property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        """int64 counts of kept pairs per expert (device; computed on first use): the ends
+        minus the starts of each expert's keys in the sorted order (dropped pairs, key E,
+        fall in no expert)."""
+        experts_E = torch.arange(self.offsets_E.shape[0], device=self.sorted_key_P.device)
+        ends_E = torch.searchsorted(self.sorted_key_P, experts_E, right=True)
+        return ends_E - torch.searchsorted(self.sorted_key_P, experts_E)
 
-# Above this many one-hot entries (pairs x experts) a stable sort is cheaper than counting.
-COUNTING_LIMIT = 1 << 21
-
-
-def expert_counts(idx_P: torch.Tensor, num_experts: int, *, with_dropped: bool = True) -> torch.Tensor:
-    """Pairs per expert (int64, length E), ignoring -1: a scatter-add with a static shape
-    (unlike bincount, whose length depends on the largest value). `with_dropped=False`
-    promises no -1 (a router's choice before capacity dropping) and skips the extra slot."""
-    if not with_dropped:
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=idx_P.device)
-        return counts.scatter_add_(0, idx_P, torch.ones_like(idx_P))
-    slot_P = torch.where(idx_P >= 0, idx_P, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx_P.device)
-    return counts.scatter_add_(0, slot_P, torch.ones_like(slot_P))[:num_experts]
+    @functools.cached_property
+    def dest_TK(self) -> torch.Tensor:
+        """int64 row of each pair in the permuted buffer, -1 when dropped (computed on first
+        use): the inverse of `src_pair_N`."""
+        P, R = self.order_P.shape[0], self.num_rows
+        if self.capacity is None and not self.padded and R == P:  # dropless: row = position
+            row_P = torch.arange(P, device=self.order_P.device)
+        else:
+            # Rows hold their pair (padding rows the sentinel P, which lands in slot P).
+            dest = torch.full((P + 1,), -1, dtype=torch.int64, device=self.order_P.device)
+            dest.scatter_(0, self.src_pair_N, torch.arange(R, device=self.order_P.device))
+            return dest[:P].view(self.num_tokens, -1)
+        dest = torch.empty_like(row_P).scatter_(0, self.order_P, row_P)
+        return dest.view(self.num_tokens, -1)
 
 
 def routing_index(indices_TK: torch.Tensor, num_experts: int, *, static: bool = False,
@@ -65,50 +80,36 @@ def routing_index(indices_TK: torch.Tensor, num_experts: int, *, static: bool = 
 
     Layout (module docstring): exact by default, `static=True` for R = T*K rows, `capacity=C`
     for E*C rows. `dropless=True` promises that no pair is -1, so a static buffer has no
-    padding rows and the permute kernels skip the zero row. Counting sort (cumsum over
-    one-hot rows) when 0 < P * E <= COUNTING_LIMIT, else a stable sort of the keys; both
-    give the same `dest_TK`.
+    padding rows and the permute kernels skip the zero row.
     """
-    idx_P = indices_TK.reshape(-1).long()
+    T, K = indices_TK.shape
+    idx_P = indices_TK.reshape(-1)
     P, E, dev = idx_P.numel(), num_experts, idx_P.device
-    counting = 0 < P * E <= COUNTING_LIMIT
-    if counting:
-        # E x P one-hot (a -1 matches no expert); its running count along each expert's row
-        # is the rank of a pair within its expert, and the last column the expert's count.
-        running_EP = torch.cumsum(idx_P[None, :] == torch.arange(E, device=dev)[:, None], 1)
-        tokens_per_expert_E = running_EP[:, -1]
+    key_P = idx_P if dropless else idx_P.remainder(E + 1)  # -1 -> E: dropped pairs sort last
+    sorted_P, order_P = torch.sort(key_P, stable=True)
+    if capacity is None:
+        ends_E = torch.searchsorted(sorted_P, torch.arange(E, device=dev), right=True, out_int32=True)
+        R = P if static else int(ends_E[-1]) if E else 0
+        if dropless:
+            src_pair_N = order_P
+        elif static:  # rows past the kept pairs hold dropped pairs: make them padding rows
+            src_pair_N = torch.where(sorted_P < E, order_P, P)
+        else:
+            src_pair_N = order_P[:R]
+        offsets_E = ends_E
     else:
-        tokens_per_expert_E = expert_counts(idx_P, E)
-    # end row of each expert's block; its first row minus one (the running count starts at 1)
-    if capacity is not None:
+        # Expert e's j-th kept pair (sorted position starts_e + j) goes to row e*C + j:
+        # row = position + shift[e] with shift[e] = e*C - starts_e; dropped pairs (e = E) go
+        # to the extra slot R, which is cut off.
         R = E * capacity
-        offsets_E = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * capacity
-        base_E = offsets_E - (capacity + 1)
-    else:
-        offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        R = P if static else int(offsets_E[-1])
-        base_E = offsets_E - tokens_per_expert_E - 1
-    safe_P = idx_P if dropless else idx_P.clamp(min=0)
-    if counting:
-        dest_P = (running_EP + base_E[:, None]).gather(0, safe_P[None, :]).squeeze(0)
-    else:
-        key_P = torch.where(idx_P >= 0, idx_P, E)
-        order_P = torch.sort(key_P, stable=True).indices
-        rank_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(P, device=dev))
-        first_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E  # in sorted order
-        dest_P = rank_P - first_E[safe_P] + base_E[safe_P] + 1
-    pairs_P = torch.arange(P, device=dev)
-    if dropless and capacity is None:  # every pair kept: rows = pairs, a plain inverse
-        src_pair_N = torch.empty(R, dtype=torch.int64, device=dev).scatter_(0, dest_P, pairs_P)
-    else:
-        dest_P = torch.where(idx_P >= 0, dest_P, -1)
-        # Inverse map: row -> pair; dropped pairs land in the extra slot R, which is cut off.
-        slot_P = torch.where(idx_P >= 0, dest_P, R)
+        first_row_E1 = torch.arange(0, R + 1, capacity, device=dev, dtype=torch.int32)  # e*C, e = 0..E
+        shift_E1 = first_row_E1 - torch.searchsorted(sorted_P, torch.arange(E + 1, device=dev))
+        row_P = torch.arange(P, device=dev) + shift_E1[sorted_P]
         src_pair_N = torch.full((R + 1,), P, dtype=torch.int64, device=dev)
-        src_pair_N = src_pair_N.scatter_(0, slot_P, pairs_P)[:R]
+        src_pair_N = src_pair_N.scatter_(0, row_P.clamp_(max=R), order_P)[:R]
+        offsets_E = first_row_E1[1:]
     padded = capacity is not None or (static and not dropless)
-    src_token_N = src_pair_N // indices_TK.shape[1]
+    src_token_N = src_pair_N // K
     if padded:  # padding rows (sentinel pair P -> token T) read the last real token instead
-        src_token_N = src_token_N.clamp_(max=max(indices_TK.shape[0] - 1, 0))
-    return RoutingIndex(dest_P.view(indices_TK.shape), tokens_per_expert_E, offsets_E, R, src_pair_N,
-                        src_token_N, capacity, padded)
+        src_token_N = src_token_N.clamp_(max=max(T - 1, 0))
+    return RoutingIndex(offsets_E, R, src_pair_N, src_token_N, T, sorted_P, order_P, capacity, padded)

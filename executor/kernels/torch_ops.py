@@ -28,7 +28,7 @@ class _Permute(torch.autograd.Function):
         ctx.shape = (T, K, padded)
         probs_P = probs_TK.reshape(-1)
         if padded:  # the sentinel pair P has probability zero
-            probs_P = torch.cat([probs_P, probs_P.new_zeros(1)])
+            probs_P = torch.nn.functional.pad(probs_P, (0, 1))
         return x_TD.index_select(0, tok_N), probs_P.index_select(0, src_pair_N)
 
     @staticmethod
@@ -66,4 +66,4 @@ def permute(x_TD: torch.Tensor, probs_TK: torch.Tensor, index: RoutingIndex):
 
 def unpermute(y_ND: torch.Tensor, w_N: torch.Tensor, index: RoutingIndex):
     """Weighted scatter-add of expert outputs back to token order: out_TD."""
-    return _Unpermute.apply(y_ND, w_N, index.src_token_N, index.dest_TK.shape[0])
+    return _Unpermute.apply(y_ND, w_N, index.src_token_N, index.num_tokens)

@@ -153,4 +153,4 @@ def permute(x_TD, probs_TK, index):
 
 def unpermute(y_ND, w_N, index):
     """Triton twin of `torch_ops.unpermute` (uses index.dest_TK)."""
-    return _Unpermute.apply(y_ND, w_N, index.dest_TK, index.dest_TK.shape[0])
+    return _Unpermute.apply(y_ND, w_N, index.dest_TK, index.num_tokens)

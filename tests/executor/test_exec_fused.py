@@ -152,7 +152,9 @@ def _ops(fn) -> int:
 
 def test_dense_parts_stay_few_ops():
     """Forward + backward op counts (ops/step is issue 12's target); before the fusion:
-    RMSNorm 29, attention 142, router 82 (benchmarks/step_anatomy.py --components)."""
+    RMSNorm 29, attention 142, router 82 (benchmarks/step_anatomy.py --components); with
+    the linear layers, the CPU attention and the router's probabilities and losses as
+    Functions with their own backward: attention 66 -> 54, router 54 -> 36."""
     spec = preset_model("tiny-moe")
     dims = ParallelDims.single(Mapping(micro_batch_size=1))
     attn, norm = Attention(spec, dims), RMSNorm(spec.hidden_size)
@@ -167,5 +169,5 @@ def test_dense_parts_stay_few_ops():
         (r.probs_TK.sum() + r.aux_loss).backward()
 
     assert _ops(lambda: norm(x_BSD).sum().backward()) <= 18
-    assert _ops(lambda: attn(x_BSD, rope, None).sum().backward()) <= 66
-    assert _ops(route) <= 54
+    assert _ops(lambda: attn(x_BSD, rope, None).sum().backward()) <= 54
+    assert _ops(route) <= 36

@@ -137,17 +137,26 @@ def test_triton_matches_torch_on_gpu():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_sort_fallback_matches_counting(monkeypatch):
-    import executor.kernels.index as index_mod
-
+def test_routing_index_matches_a_loop_over_experts():
+    """Every layout against a plain loop: expert e's kept pairs in token order."""
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(-1, 16, (300, 4), generator=g)
-    counting = routing_index(idx, 16)
-    monkeypatch.setattr(index_mod, "COUNTING_LIMIT", 0)
-    sorted_ = index_mod.routing_index(idx, 16)
-    assert torch.equal(counting.dest_TK, sorted_.dest_TK)
-    assert torch.equal(counting.src_pair_N, sorted_.src_pair_N)
-    assert torch.equal(counting.tokens_per_expert_E, sorted_.tokens_per_expert_E)
+    P, E = idx.numel(), 16
+    flat = idx.reshape(-1).tolist()
+    kept_E = [[p for p in range(P) if flat[p] == e] for e in range(E)]
+    kept = [p for pairs in kept_E for p in pairs]
+    C = max(len(pairs) for pairs in kept_E)
+    exact, static = routing_index(idx, E), routing_index(idx, E, static=True)
+    cap = routing_index(idx, E, capacity=C)
+    assert exact.src_pair_N.tolist() == kept
+    assert static.src_pair_N.tolist() == kept + [P] * (P - len(kept))
+    assert cap.src_pair_N.tolist() == [p for pairs in kept_E for p in pairs + [P] * (C - len(pairs))]
+    assert exact.tokens_per_expert_E.tolist() == [len(pairs) for pairs in kept_E]
+    dest = [-1] * P
+    for row, p in enumerate(kept):
+        dest[p] = row
+    assert exact.dest_TK.reshape(-1).tolist() == dest == static.dest_TK.reshape(-1).tolist()
+    assert torch.equal(exact.src_token_N, exact.src_pair_N // 4)
 
 
 @pytest.mark.timeout(300)

@@ -32,7 +32,6 @@ from executor import trainer as trainer_mod
 from executor.data import bundled_corpus_tokens
 from executor.experts import ExpertRows, GroupedExperts
 from executor.kernels import get_ops, routing_index
-from executor.kernels import index as index_mod
 from executor.parallel_dims import ParallelDims, build_parallel_dims
 from executor.trainer import Trainer
 
@@ -44,10 +43,7 @@ def _routing(T=40, K=2, E=8, drop=0.25, seed=0):
     return idx, dropped
 
 
-@pytest.mark.parametrize("counting", [True, False])
-def test_static_layouts_put_kept_pairs_where_the_exact_layout_does(monkeypatch, counting):
-    if not counting:
-        monkeypatch.setattr(index_mod, "COUNTING_LIMIT", 0)
+def test_static_layouts_put_kept_pairs_where_the_exact_layout_does():
     E, C = 8, 12
     idx, dropped = _routing(E=E)
     exact = routing_index(dropped, E)
