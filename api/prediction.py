@@ -1,7 +1,9 @@
 """The prediction a run is measured against: the plan's estimate, or one for the profiled run
 machines of this server (FOLDPLAN_RUN_PROFILE).
 
-A run's `predicted` is the cost model's estimate (`step_time_s`, `mfu`, `model_flops_per_step`,
+A run's `predicted` is the cost model's estimate with `training.runtime: foldplan` (the run is
+foldplan's executor; equal to the plan's estimate when the profile has no executor
+measurements) (`step_time_s`, `mfu`, `model_flops_per_step`,
 `breakdown`, `memory`, ...) plus `machine` (which machine it is for), `num_gpus` and
 `peak_flops_per_gpu` (the GPUs and the per-GPU peak its MFU is counted against:
 `Hardware.mfu_peak_flops` at the plan's precision), so the measured MFU uses the same FLOPs
@@ -38,9 +40,18 @@ def machine_prediction(plan: dict[str, Any], candidate: int, profile: dict[str, 
     the profile's numbers."""
     cl = plan["cluster"]
     training = TrainingSpec.model_validate(plan["training"])
+    # A run is foldplan's executor: predicted with runtime foldplan, which uses the executor
+    # measurements of the profile (cost_model/foldplan_runtime.py) and otherwise equals the
+    # plan's own estimate.
+    ours = training.model_copy(update={"runtime": "foldplan"})
+    mapping = Mapping.model_validate(plan["candidates"][candidate]["mapping"])
+    model = ModelSpec.model_validate(plan["model"])
     if profile is None:
         cluster = ClusterSpec.model_validate(cl)
-        est = dict(plan["candidates"][candidate]["estimate"])
+        if cluster.profile is not None and cluster.profile.executor is not None:
+            est = estimate(model, cluster, ours, mapping).model_dump(mode="json")
+        else:
+            est = dict(plan["candidates"][candidate]["estimate"])
         gpu = cl.get("gpu")
         gpu_name = gpu if isinstance(gpu, str) else (gpu or {}).get("name", "custom GPU")
         est["machine"] = (f"the plan's cluster: {cl['num_nodes']} x {cl['gpus_per_node']} "
@@ -50,9 +61,7 @@ def machine_prediction(plan: dict[str, Any], candidate: int, profile: dict[str, 
                   or not profile.get("machine", {}).get("cuda_devices"))
         cluster = ClusterSpec.model_validate(  # a CPU profile: CPU ranks, whatever the plan's GPU
             {**cl, "profile": profile, **({"gpu": "cpu"} if on_cpu else {})})
-        mapping = Mapping.model_validate(plan["candidates"][candidate]["mapping"])
-        est = estimate(ModelSpec.model_validate(plan["model"]), cluster, training,
-                       mapping).model_dump(mode="json")
+        est = estimate(model, cluster, ours, mapping).model_dump(mode="json")
         est["machine"] = f"this server's run machines, profiled in {profile_path}"
     est["num_gpus"] = cluster.world_size
     est["peak_flops_per_gpu"] = hardware(cluster).mfu_peak_flops(training.precision)

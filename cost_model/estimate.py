@@ -19,6 +19,8 @@ from functools import lru_cache
 from pydantic import BaseModel, Field
 
 from .flops import mfu, model_flops_per_step, tflops_per_gpu
+from .foldplan_runtime import executor_blocks, with_executor
+from .foldplan_runtime import step_time as executor_step_time
 from .dispatch import overlapped_comm
 from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
@@ -119,7 +121,7 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                  hw: Hardware) -> Context:
     load, kept = _expert_load(model, training, m)
     b, s = m.micro_batch_size, training.seq_length
-    return Context(
+    ctx = Context(
         model=model, training=training, mapping=m, hw=hw,
         prec=fp8_gemm_key(training.fp8_recipe) if training.precision == "fp8"
         else training.precision,
@@ -129,6 +131,9 @@ def make_context(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         expert_load=load, capacity_scale=kept,
         place=_placements(cluster, hw, m),
     )
+    if training.runtime == "foldplan":  # runtime 'foldplan': foldplan_runtime.py
+        ctx = with_executor(ctx, cluster.profile)
+    return ctx
 
 
 def _rank_cost(ctx: Context, slot_costs: list, rank: int,
@@ -280,6 +285,8 @@ def _blocks(ctx: Context, cache: dict) -> dict[str, Cost]:
         out["mlp"] = part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size))
     out["output"] = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
     out["embedding"] = part("embedding", (), lambda: embedding_cost(ctx))
+    if ctx.training.runtime == "foldplan":  # runtime 'foldplan': foldplan_runtime.py
+        out = executor_blocks(ctx, out)
     return out
 
 
@@ -419,6 +426,8 @@ def evaluate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     dp_exposed, opt, dp_sent = _dp_comm(ctx, *windows)
     breakdown["dp_comm"] = dp_exposed
     breakdown["optimizer"] = opt
+    if training.runtime == "foldplan":  # runtime 'foldplan': foldplan_runtime.py
+        breakdown["optimizer"] = executor_step_time(ctx, opt)
     traffic = {k: num_mb * v for k, v in ranks[slow].sent.items() if v} | {
         k: v for k, v in dp_sent.items() if v}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import model_validator
 
 PROFILE_VERSION = 1
 MEASURED_MIN, MEASURED_MAX = 1e-6, 1e9
@@ -37,6 +38,92 @@ Measured = Annotated[float, Field(strict=True, json_schema_extra={
 def _check_measured(name: str, x: float) -> None:
     if not MEASURED_MIN <= x < MEASURED_MAX:  # NaN fails every comparison
         raise ValueError(f"profile.{name}={x!r} must be a number in [1e-6, 1e9)")
+
+
+Count = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class GemmShapeLaw(BaseModel):
+    """rate(m, n, k) = tflops * m/(m + m_half) * n/(n + n_half) * k/(k + k_half): one GEMM
+    of (m x k) @ (k x n) of the executor's precision, fitted to a grid of small shapes
+    (raw.small_gemm); cost_model/foldplan_runtime.py `gemm_shape_rate`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tflops: Measured = Field(..., description="Rate of a GEMM large in every dimension, "
+                             "TFLOP/s of one rank.")
+    m_half: Count = Field(..., description="Rows at which the rate halves (for m alone).")
+    n_half: Count = Field(..., description="Output columns at which the rate halves.")
+    k_half: Count = Field(..., description="Inner dimension at which the rate halves.")
+
+
+class ExecutorProfile(BaseModel):
+    """What foldplan's own executor does on this machine, measured by `foldplan profile` on
+    tiny instances of its real modules (executor/profile/executor_ops.py); read by
+    `training.runtime: foldplan` (cost_model/foldplan_runtime.py). Counts are per rank."""
+
+    model_config = ConfigDict(frozen=True)
+
+    us_per_op: Measured = Field(..., description="Wall time of one dispatched op of the "
+                                "executor's own mix (autograd, Python, dispatch, allocation), "
+                                "microseconds: a tiny model's micro-batch over its op count.")
+    edge_ops: Count = Field(..., description="Ops per micro-batch outside the decoder layers: "
+                            "embedding, output layer, loss and the schedule, forward + backward.")
+    dense_layer_ops: Count = Field(..., description="Ops of one dense layer per micro-batch, "
+                                   "forward + backward.")
+    moe_layer_ops: dict[str, Count] = Field(..., description="Ops of one MoE layer per "
+                                            "micro-batch, forward + backward, by expert layout "
+                                            "(foldplan_runtime.moe_layer_ops_key: local, "
+                                            "alltoall_ep, allgather_ep, alltoall_etp, "
+                                            "alltoall_ep_etp; _capacity with token dropping).")
+    moe_layer_collectives: dict[str, dict[str, Count]] = Field(
+        default_factory=dict, description="Collective calls of one MoE layer per micro-batch "
+        "by expert layout (keys as moe_layer_ops), then by kind (all_reduce, all_to_all, "
+        "all_gather, reduce_scatter; the executor builds uneven gathers on all_to_all).")
+    step_collectives: dict[str, Count] = Field(
+        default_factory=dict, description="Collective calls per step outside the "
+        "micro-batches by kind, measured with every rank in the expert layout ep = world.")
+    step_ops: Count = Field(..., description="Ops per step outside the micro-batches (gradient "
+                            "reduction, norm, clipping, optimizer), besides the per-layer ones.")
+    step_ops_per_layer: Count = Field(..., description="Ops per step outside the micro-batches "
+                                      "for each decoder layer.")
+    weight_bytes_per_param: dict[str, Count] = Field(..., description="Bytes that non-GEMM ops "
+                                                     "move per parameter per micro-batch "
+                                                     "(main-gradient accumulation, weight "
+                                                     "copies), by part: moe_layer, "
+                                                     "dense_layer, edge.")
+    row_passes: dict[str, Count] = Field(..., description="Bytes that non-GEMM ops move per "
+                                         "token per micro-batch, in h-wide rows of 4 bytes "
+                                         "(moe_layer, dense_layer) or V-wide logit rows (edge).")
+    optimizer_ns_per_param: Measured = Field(..., description="AdamW step (the executor's "
+                                             "optimizer on its shard), nanoseconds per "
+                                             "parameter of the shard.")
+    step_rest_ns_per_param: Count = Field(..., description="The rest of the step outside the "
+                                          "micro-batches (gradient flattening, norm, "
+                                          "clipping, zeroing), nanoseconds per parameter of "
+                                          "the rank, less its ops' fixed cost.")
+    gemm: GemmShapeLaw = Field(..., description="GEMM rate by shape (small m, n, k).")
+    sdpa_tflops: Measured = Field(..., description="Causal attention forward + backward, "
+                                  "TFLOP/s as the cost model counts its FLOPs.")
+    traffic_GBps: dict[str, Measured] = Field(..., description="{bytes of an h-wide "
+                                              "activation (tokens x h x 4): GB/s} at which "
+                                              "the executor's non-GEMM ops move data inside a "
+                                              "real training step of a model of that row "
+                                              "size (cold caches, fresh allocations).")
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> ExecutorProfile:
+        for name in ("us_per_op", "optimizer_ns_per_param", "sdpa_tflops"):
+            _check_measured(f"executor.{name}", getattr(self, name))
+        _check_measured("executor.gemm.tflops", self.gemm.tflops)
+        for size, x in self.traffic_GBps.items():
+            _check_measured(f"executor.traffic_GBps.{size}", x)
+            if not size.isdigit():
+                raise ValueError(f"profile.executor.traffic_GBps key {size!r} must be a "
+                                 "size in bytes")
+        if not self.traffic_GBps:
+            raise ValueError("profile.executor.traffic_GBps must hold at least one size")
+        return self
 
 
 class Profile(BaseModel):
@@ -77,6 +164,11 @@ class Profile(BaseModel):
         None, description="Every measurement behind the numbers above (executor/profile).")
     machine: dict[str, Any] | None = Field(
         None, description="Host, CPU, memory, torch version and CUDA devices profiled.")
+    executor: ExecutorProfile | None = Field(
+        None, description="foldplan's own executor on this machine (ops, per-op cost, GEMM "
+        "rate by shape, bandwidth by size, optimizer per parameter): what `training.runtime: "
+        "foldplan` predicts with. Null: not measured (runtime foldplan then predicts with "
+        "the numbers above, as megatron does).")
     step_time_scale: float | None = Field(
         None, strict=True, json_schema_extra={"minimum": STEP_SCALE_MIN,
                                               "maximum": STEP_SCALE_MAX},

@@ -6,7 +6,11 @@ bounds, are documented there), which `ClusterSpec.profile` carries and
 cost_model/hardware.py reads in place of datasheet numbers; `raw` keeps every measurement and
 `machine` the host. Modules:
 
-  measure.py  what one rank measures (GEMM, k sweep, memory, op overhead, collectives), torch
+  measure.py  what one rank measures (GEMM, k sweep, memory, op overhead, collectives, small
+              GEMMs, elementwise rates, SDPA), torch
+  executor_ops.py  what foldplan's own executor does (ops, bytes, per-op time, in-place
+              traffic, optimizer per parameter) on tiny instances of its Trainer: the
+              profile's `executor`, read by `training.runtime: foldplan`
   fit.py      the ranks' numbers -> a Profile: medians, the short-k fit, and the latency and
               bandwidth fit with bytes and steps counted by
               `cost_model.kernels.collective_bytes_and_steps`, as the cost model prices them

@@ -5,6 +5,10 @@ laws. Pure functions (numpy, no torch), testable on synthetic numbers.
   median over shapes. The k sweep is fitted to the cost model's short-k law
   rate(k) = R k / (k + k_half) (`fit_k_half`).
 - Memory and op overhead: the median over ranks.
+- The executor (`executor` of the profile, read by `training.runtime: foldplan`): medians over
+  ranks of the per-op time, the op counts and bytes turned into per-layer, per-token and
+  per-parameter numbers (`executor_profile`), the small-GEMM grid fitted to
+  `cost_model.foldplan_runtime.gemm_shape_rate` (`fit_gemm_shape_law`).
 - Collectives: a call ends when its slowest rank does, so each call counts as the slowest
   rank's time, and each (op, size) point as the median over calls. Bytes sent per rank and
   latency steps are `cost_model.kernels.collective_bytes_and_steps`, the convention the cost
@@ -20,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from cost_model.kernels import collective_bytes_and_steps
-from cost_model.profile_model import Profile
+from cost_model.profile_model import ExecutorProfile, GemmShapeLaw, Profile
+
+HALF_GRID = np.concatenate([[0.0], np.geomspace(1, 4096, 25)])
 
 
 def fit_latency_bandwidth(points: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -47,6 +53,108 @@ def fit_k_half(tflops_by_k: dict[str, float]) -> tuple[float, float]:
     if icpt <= 0:
         return float(1.0 / inv.min()), 0.0
     return float(1.0 / icpt), float(max(0.0, slope / icpt))
+
+
+def fit_gemm_shape_law(tflops_by_shape: dict[str, float]) -> GemmShapeLaw:
+    """Fit rate(m, n, k) = R * m/(m+m_half) * n/(n+n_half) * k/(k+k_half) to {"mxnxk":
+    TFLOP/s}: least squares in log(rate) over a grid of halves (0 and 1..4096), R in closed
+    form (the mean log residual) for each."""
+    shapes = np.array([[float(x) for x in key.split("x")] for key in tflops_by_shape])
+    log_rate = np.log(np.array(list(tflops_by_shape.values())))
+    # log efficiency of each dimension for each half value: [half, point]
+    eff = [np.log(shapes[:, i][None, :] / (shapes[:, i][None, :] + HALF_GRID[:, None]))
+           for i in range(3)]
+    total = eff[0][:, None, None, :] + eff[1][None, :, None, :] + eff[2][None, None, :, :]
+    resid = log_rate - total
+    log_r = resid.mean(-1)
+    err = ((resid - log_r[..., None]) ** 2).sum(-1)
+    i, j, k = np.unravel_index(np.argmin(err), err.shape)
+    return GemmShapeLaw(tflops=float(np.exp(log_r[i, j, k])), m_half=float(HALF_GRID[i]),
+                        n_half=float(HALF_GRID[j]), k_half=float(HALF_GRID[k]))
+
+
+def executor_profile(ranks: list[dict]) -> tuple[ExecutorProfile, dict[str, Any]]:
+    """The `executor` section (`ExecutorProfile`) and its raw numbers from the ranks'
+    measurements (measure.py, executor_ops.py): medians over ranks; per layer = the 2-layer
+    model less the 1-layer one; per token = the difference between sequence lengths SEQ and
+    2 * SEQ over SEQ tokens, in rows of 4 * width bytes (h for layers, V for the edge); the
+    rest of a part's bytes over its parameters."""
+    med = statistics.median
+    ex = [r["executor"] for r in ranks]
+    seq = ex[0]["seq"]
+
+    def count(layout: str, run: str, key: str) -> float:
+        return med(e["counts"][layout][run][key] for e in ex)
+
+    moe_ops = {layout: count(layout, "moe2", "sched_ops") - count(layout, "moe1", "sched_ops")
+               for layout in ex[0]["counts"]}
+
+    def per_part(bigger: str, smaller: str, width: float) -> tuple[float, float, float]:
+        """(bytes, row passes, params) of the part that `bigger` adds to `smaller`."""
+        at = {s: count("local", bigger + s, "sched_bytes")
+              - (count("local", smaller + s, "sched_bytes") if smaller else 0.0)
+              for s in ("", "_2s")}
+        params = count("local", bigger, "params") - (
+            count("local", smaller, "params") if smaller else 0.0)
+        per_token = max(0.0, (at["_2s"] - at[""]) / seq)
+        return max(0.0, at[""] - per_token * seq), per_token / (4 * width), params
+
+    h, vocab = ex[0]["hidden"], ex[0]["vocab"]  # the tiny model's widths
+    moe_w, moe_rows, moe_p = per_part("moe2", "moe1", h)
+    dense_w, dense_rows, dense_p = per_part("dense", "moe1", h)
+    one_w, one_rows_h, one_p = per_part("moe1", "", h)
+    edge_w = max(0.0, one_w - moe_w)
+    edge_rows = max(0.0, one_rows_h * 4 * h - moe_rows * 4 * h) / (4 * vocab)
+    edge_p = one_p - moe_p
+    step = {k: med(e["step_time"][k] for e in ex) for k in ex[0]["step_time"]}
+    moe1_rest, moe2_rest = count("local", "moe1", "rest_ops"), count("local", "moe2", "rest_ops")
+    gemm_points = {s: med(r["small_gemm"]["tflops"][s] for r in ranks)
+                   for s in ranks[0]["small_gemm"]["tflops"]}
+    law = fit_gemm_shape_law(gemm_points)
+    # In place the non-GEMM ops cannot move data faster than the same op on hot buffers: the
+    # in-place rate (a residual of two timings on a shared machine) is capped by the best
+    # elementwise rate measured.
+    hot = max(med(r["elementwise_GBps"][s] for r in ranks) for s in ranks[0]["elementwise_GBps"])
+    traffic = {str(t["row_bytes"]): min(hot, med(e["traffic"][i]["GBps"] for e in ex))
+               for i, t in enumerate(ex[0]["traffic"])}
+    def calls(layout: str, run: str, key: str) -> dict[str, float]:
+        kinds = set().union(*(e["counts"][layout][run].get(key, {}) for e in ex))
+        return {k: med(e["counts"][layout][run].get(key, {}).get(k, 0) for e in ex)
+                for k in sorted(kinds)}
+
+    layer_calls = {}
+    for layout in ex[0]["counts"]:
+        two, one = calls(layout, "moe2", "sched_collectives"), calls(layout, "moe1",
+                                                                   "sched_collectives")
+        layer_calls[layout] = {k: max(0.0, two.get(k, 0) - one.get(k, 0)) for k in two}
+    multi = [k for k in ex[0]["counts"] if k.startswith(("alltoall_ep", "allgather_ep"))]
+    step_calls = calls(multi[0], "moe1", "rest_collectives") if multi else {}
+    out = ExecutorProfile(
+        moe_layer_collectives=layer_calls,
+        step_collectives=step_calls,
+        us_per_op=med(e["op_time"]["us_per_op"] for e in ex),
+        edge_ops=count("local", "moe1", "sched_ops") - moe_ops["local"],
+        dense_layer_ops=count("local", "dense", "sched_ops") - count("local", "moe1", "sched_ops"),
+        moe_layer_ops=moe_ops,
+        step_ops=max(0.0, 2 * moe1_rest - moe2_rest),
+        step_ops_per_layer=max(0.0, moe2_rest - moe1_rest),
+        weight_bytes_per_param={"moe_layer": moe_w / moe_p, "dense_layer": dense_w / dense_p,
+                                "edge": edge_w / edge_p},
+        row_passes={"moe_layer": moe_rows, "dense_layer": dense_rows, "edge": edge_rows},
+        optimizer_ns_per_param=max(1e-6, step["optimizer_s_per_param"] * 1e9),
+        step_rest_ns_per_param=step["rest_s_per_param"] * 1e9,
+        gemm=law,
+        sdpa_tflops=med(r["sdpa"]["tflops"] for r in ranks),
+        traffic_GBps=traffic,
+    )
+    raw = {"small_gemm": {"precision": ranks[0]["small_gemm"]["precision"],
+                          "tflops": gemm_points},
+           "elementwise_GBps": {s: med(r["elementwise_GBps"][s] for r in ranks)
+                                for s in ranks[0]["elementwise_GBps"]},
+           "sdpa": {"shape_bhsd": ranks[0]["sdpa"]["shape_bhsd"],
+                    "tflops_per_rank": [r["sdpa"]["tflops"] for r in ranks]},
+           "executor": ex}
+    return out, raw
 
 
 def _gemm(ranks: list[dict]) -> tuple[dict[str, float], dict[str, Any], float]:
@@ -111,6 +219,10 @@ def profile_from_ranks(ranks: list[dict], elapsed_s: float, machine: dict[str, A
                            "memory": {"buffer_bytes": ranks[0]["memory"]["buffer_bytes"],
                                       "GBps_per_rank": mem},
                            "overhead_us_per_op": ovh, "wall_s": elapsed_s}
+    executor = None
+    if "executor" in ranks[0]:  # measured by this version of measure.py
+        executor, raw_executor = executor_profile(ranks)
+        raw.update(raw_executor)
     links: dict[str, float | None] = {}
     if world == 1:
         notes = "nproc=1: no collectives measured; link keys are null (preset values apply)"
@@ -131,6 +243,7 @@ def profile_from_ranks(ranks: list[dict], elapsed_s: float, machine: dict[str, A
         kernel_overhead_us=ovh["add"],
         gemm_k_half=k_half,
         **links,
+        executor=executor,
         nproc=world,
         threads_per_rank=ranks[0]["threads"],
         backend=ranks[0]["backend"],

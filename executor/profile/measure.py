@@ -15,6 +15,13 @@ host of `nproc` ranks (profile with --nproc = gpus_per_node).
 - Collectives with the real backend (gloo on CPU over 127.0.0.1, NCCL on GPUs): all_reduce,
   all_gather and all_to_all_single at several sizes; each timed call starts after a barrier;
   every rank reports its seconds per call (fit.py takes the slowest rank of each call).
+- For `training.runtime: foldplan` (cost_model/foldplan_runtime.py): GEMMs over a grid of
+  small shapes (`SMALL_GEMM_GRID`: the rate falls with small m, n and k; fit.py fits
+  `cost_model.foldplan_runtime.gemm_shape_rate` to them), an elementwise op (out-of-place
+  multiply, output allocated as the executor's ops do) at tensor sizes from 64 KiB to 64 MiB
+  (the rate at a size: caches, page faults of fresh allocations), causal SDPA forward +
+  backward at one shape, and what the executor itself does per micro-batch and per step
+  (executor_ops.py).
 
 `measure_rank` returns one rank's numbers as a JSON-ready dict; fit.py reduces the ranks'
 dicts to a `Profile`.
@@ -48,6 +55,14 @@ COLL_OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "all_to_all")
 # Short-k sweep: (m = n, k values). The rate of a GEMM falls with its inner dimension k.
 K_SWEEP_CPU = (512, (64, 128, 256, 512, 1024))
 K_SWEEP_GPU = (8192, (128, 256, 512, 1024, 4096))
+# Small GEMMs (m tokens of one expert, n and k widths): (m values, n values, k values).
+SMALL_GEMM_GRID = ((16, 64, 256, 1024), (64, 256, 1024), (32, 128, 512))
+SMALL_GEMM_GRID_QUICK = ((16, 256, 1024), (64, 1024), (32, 512))
+# Elementwise op sizes, bytes per tensor.
+ELEMENTWISE_BYTES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+ELEMENTWISE_BYTES_QUICK = [64 << 10, 1 << 20, 16 << 20]
+# Causal attention measured: (batch, heads, sequence, head dim).
+SDPA_SHAPE = (1, 4, 256, 32)
 
 
 class _Timer:
@@ -149,6 +164,48 @@ def _overhead(torch, timer: _Timer, device, seconds: float) -> dict:
     return res
 
 
+def _small_gemm(torch, timer: _Timer, device, dtype, grid, seconds: float) -> dict:
+    """{"m x n x k": TFLOP/s} over the grid (median of 3 windows each)."""
+    res = {}
+    for m in grid[0]:
+        for n in grid[1]:
+            for k in grid[2]:
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                r = timer.rates(lambda a=a, b=b: torch.mm(a, b), 2.0 * m * n * k / 1e12,
+                                seconds, windows=3)
+                res[f"{m}x{n}x{k}"] = statistics.median(r)
+    return res
+
+
+def _elementwise(torch, timer: _Timer, device, sizes, seconds: float) -> dict:
+    """{bytes per tensor: GB/s} of `torch.mul(x, y)` (two read, one written and allocated)."""
+    res = {}
+    for size in sizes:
+        x = torch.ones(size // 4, device=device)
+        y = torch.ones(size // 4, device=device)
+        r = timer.rates(lambda x=x, y=y: torch.mul(x, y), 3.0 * size / 1e9, seconds, windows=3)
+        res[str(size)] = statistics.median(r)
+    return res
+
+
+def _sdpa(torch, timer: _Timer, device, dtype, shape, seconds: float) -> dict:
+    """Causal SDPA forward + backward; TFLOP/s counted as the cost model counts attention:
+    forward 2 * b * (s^2 / 2) * heads * (2 * head dim), backward 2.5x that."""
+    import torch.nn.functional as F
+
+    b, h, s, d = shape
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+
+    def fn():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    flops = 3.5 * 2.0 * b * (s * s / 2) * h * (2 * d)
+    r = timer.rates(fn, flops / 1e12, seconds, windows=3)
+    return {"shape_bhsd": list(shape), "tflops": statistics.median(r)}
+
+
 def _collectives(torch, dist, device, world: int, sizes, iters: int) -> dict:
     """{op: {buffer bytes: this rank's seconds of each timed call}}."""
     res: dict[str, dict[str, list[float]]] = {}
@@ -234,6 +291,19 @@ def measure_rank(rank: int, world: int, local_rank: int, local_world: int, init_
     out["memory"] = _memory(torch, timer, device, nbytes, 2.0 * scale)
     dist.barrier()
     out["overhead"] = _overhead(torch, timer, device, 2.0 * scale)
+    dist.barrier()
+    out["small_gemm"] = {"precision": "bf16" if use_cuda else "fp32", "tflops": _small_gemm(
+        torch, timer, device, dtype, SMALL_GEMM_GRID_QUICK if quick else SMALL_GEMM_GRID,
+        0.06 * scale)}
+    dist.barrier()
+    out["elementwise_GBps"] = _elementwise(
+        torch, timer, device, ELEMENTWISE_BYTES_QUICK if quick else ELEMENTWISE_BYTES, 0.3 * scale)
+    dist.barrier()
+    out["sdpa"] = _sdpa(torch, timer, device, dtype, SDPA_SHAPE, 0.3 * scale)
+    dist.barrier()
+    from .executor_ops import measure_executor
+
+    out["executor"] = measure_executor(dist, world, device, quick)
     dist.barrier()
     if world > 1:
         sizes = COLL_SIZES_QUICK if quick else COLL_SIZES

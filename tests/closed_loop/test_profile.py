@@ -59,6 +59,34 @@ def test_profile_feeds_the_cost_model(quick_profile):
     assert est.breakdown["ep_comm"] > 0
 
 
+def test_profile_measures_the_executor(quick_profile):
+    import torch
+
+    from executor.profile.executor_ops import _counts, _Layouts
+
+    ex = quick_profile.executor
+    assert ex is not None and 0.1 < ex.us_per_op < 1000
+    assert {"local", "local_capacity", "local_dp", "alltoall_ep", "allgather_ep",
+            "alltoall_etp"} <= set(ex.moe_layer_ops)
+    assert all(v > 0 for v in ex.moe_layer_ops.values()) and ex.dense_layer_ops > 0
+    # ep 2 moves tokens: dispatch and combine all-to-alls forward and backward at least.
+    assert ex.moe_layer_ops["alltoall_ep"] > ex.moe_layer_ops["local"]
+    assert ex.moe_layer_collectives["alltoall_ep"]["all_to_all"] >= 4
+    assert ex.row_passes["moe_layer"] > 0 and ex.weight_bytes_per_param["moe_layer"] > 0
+    assert ex.gemm.tflops > 0 and ex.sdpa_tflops > 0 and len(ex.traffic_GBps) == 1 and ex.traffic_GBps["98304"] > 0
+    # The counts are what the executor does now, not constants: counted again here, the same.
+    again = _counts(_Layouts(None, 1, torch.device("cpu")), {}, None, full=False)
+    assert ex.moe_layer_ops["local"] == again["moe2"]["sched_ops"] - again["moe1"]["sched_ops"]
+    # runtime foldplan predicts with it: another number than runtime megatron.
+    cluster = ClusterSpec(num_nodes=1, gpus_per_node=2, gpu="cpu", profile=quick_profile)
+    training = TrainingSpec(seq_length=256, global_batch_size=8, precision="fp32")
+    m = Mapping(ep=2, micro_batch_size=2)
+    ours = estimate(preset_model("tiny-moe"), cluster,
+                    training.model_copy(update={"runtime": "foldplan"}), m)
+    theirs = estimate(preset_model("tiny-moe"), cluster, training, m)
+    assert 0 < ours.step_time_s < 1000 and ours.step_time_s != theirs.step_time_s
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="nproc=0"):
         run_profile(tmp_path / "p.json", nproc=0)

@@ -85,3 +85,78 @@ def test_one_rank_has_no_links():
     del one["collectives"]
     prof = profile_from_ranks([one], 1.0, {})
     assert prof.intra_node_GBps is None and "collectives" not in prof.raw
+
+
+def test_gemm_shape_law_fit_recovers_the_law():
+    from cost_model.foldplan_runtime import gemm_shape_rate
+    from cost_model.profile_model import GemmShapeLaw
+    from executor.profile.fit import fit_gemm_shape_law
+
+    law = GemmShapeLaw(tflops=0.05, m_half=16, n_half=64, k_half=8)  # halves on the fit's grid
+    grid = {f"{m}x{n}x{k}": gemm_shape_rate(law, m, n, k) / 1e12
+            for m in (16, 64, 256, 1024) for n in (64, 256, 1024) for k in (32, 128, 512)}
+    got = fit_gemm_shape_law(grid)
+    assert (got.m_half, got.n_half, got.k_half) == pytest.approx((16, 64, 8), rel=1e-9)
+    assert got.tflops == pytest.approx(0.05, rel=1e-9)
+
+
+def _executor_rank(us: float) -> dict:
+    """One rank's executor measurements (executor_ops.measure_executor's format), made from
+    a known layer: 100 ops and 12 B/param + 1000 B/token per MoE layer, a dense layer 60 ops
+    and 8 B/param + 600 B/token, the edge 40 ops, 4 B/param and 2048 B/token."""
+    seq, h, vocab = 16, 32, 256
+
+    def run(moe: int, dense: int, s: int, extra_rest: int = 0) -> dict:
+        params = {"moe": 5000, "dense": 2000, "edge": 1000}
+        p = moe * params["moe"] + dense * params["dense"] + params["edge"]
+        b = (moe * (12 * params["moe"] + 1000 * s) + dense * (8 * params["dense"] + 600 * s)
+             + 4 * params["edge"] + 2048 * s)
+        return {"sched_ops": 40 + 100 * moe + 60 * dense, "sched_bytes": float(b),
+                "rest_ops": 30 + 7 * (moe + dense) + extra_rest, "params": p}
+
+    counts = {"local": {"moe1": run(1, 0, seq), "moe2": run(2, 0, seq), "dense": run(1, 1, seq),
+                        "moe1_2s": run(1, 0, 2 * seq), "moe2_2s": run(2, 0, 2 * seq),
+                        "dense_2s": run(1, 1, 2 * seq)},
+              "alltoall_ep": {"moe1": run(1, 0, seq) | {"sched_ops": 40 + 130},
+                              "moe2": run(2, 0, seq) | {"sched_ops": 40 + 260}}}
+    return {"seq": seq, "hidden": h, "vocab": vocab, "counts": counts,
+            "op_time": {"us_per_op": us},
+            "traffic": [{"row_bytes": 98304, "GBps": 3.0 + us / 2},
+                        {"row_bytes": 393216, "GBps": 100.0}],
+            "step_time": {"optimizer_s_per_param": 2e-9, "rest_s_per_param": 3e-9}}
+
+
+def test_executor_numbers_from_the_ranks_counts():
+    from executor.profile.fit import executor_profile
+
+    ranks = []
+    for r, us in enumerate((10.0, 14.0)):
+        rank = _rank(r, 2, 1.0)
+        grid = {f"{m}x{n}x{k}": 0.04 for m in (16, 256) for n in (64, 1024) for k in (32, 512)}
+        rank |= {"executor": _executor_rank(us),
+                 "sdpa": {"shape_bhsd": [1, 4, 256, 32], "tflops": 0.01},
+                 "elementwise_GBps": {"65536": 20.0 + r, "1048576": 8.0},
+                 "small_gemm": {"precision": "fp32", "tflops": grid}}
+        ranks.append(rank)
+    ex, raw = executor_profile(ranks)
+    assert ex.us_per_op == 12.0  # median over ranks
+    assert ex.moe_layer_ops == {"local": 100, "alltoall_ep": 130}
+    assert (ex.dense_layer_ops, ex.edge_ops) == (60, 40)
+    assert (ex.step_ops, ex.step_ops_per_layer) == (30, 7)
+    # per token: 1000 B over 4 * 32 B rows, 600 B likewise; the edge's 2048 B over 4 * 256.
+    assert ex.row_passes == {"moe_layer": pytest.approx(1000 / 128),
+                             "dense_layer": pytest.approx(600 / 128),
+                             "edge": pytest.approx(2048 / 1024)}
+    assert ex.weight_bytes_per_param == {"moe_layer": pytest.approx(12),
+                                         "dense_layer": pytest.approx(8),
+                                         "edge": pytest.approx(4)}
+    assert ex.optimizer_ns_per_param == pytest.approx(2)
+    assert ex.step_rest_ns_per_param == pytest.approx(3)
+    # median of 8 and 10; a rate above the hot-buffer elementwise one (20.5) is capped at it
+    assert ex.traffic_GBps == {"98304": 9.0, "393216": 20.5}
+    assert raw["elementwise_GBps"] == {"65536": 20.5, "1048576": 8.0}
+    assert ex.gemm.tflops == pytest.approx(0.04) and ex.gemm.m_half == 0
+    assert len(raw["executor"]) == 2
+    # The whole profile carries it; ranks without executor measurements give none.
+    assert profile_from_ranks(ranks, 1.0, {}).executor == ex
+    assert profile_from_ranks([_rank(0, 2, 1.0), _rank(1, 2, 1.0)], 1.0, {}).executor is None
