@@ -279,8 +279,11 @@ def _blocks(ctx: Context, cache: dict) -> dict[str, Cost]:
     rc = recompute_key(m)
     out = {"attention": part("attention", (rc,), lambda: attention_cost(ctx))}
     if model.num_moe_layers:
+        # The shared experts do not depend on the expert layout: one cost per recompute.
+        shared = part("shared", (rc,), lambda: dense_mlp_cost(
+            ctx, model.shared_ffn, "shared_experts")) if model.shared_ffn else None
         out["moe"] = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend),
-                          lambda: moe_cost(ctx))
+                          lambda: moe_cost(ctx, shared))
     if model.num_layers - model.num_moe_layers:
         out["mlp"] = part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size))
     out["output"] = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))

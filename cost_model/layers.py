@@ -44,8 +44,10 @@ class Cost:
     sent: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:
+        parts = self.parts
         for k, v in other.parts.items():
-            self.parts[k] += v * times
+            if v:  # most parts of most blocks are zero
+                parts[k] += v * times
         self.fwd_compute += other.fwd_compute * times
         self.bwd_compute += other.bwd_compute * times
         self.launches += other.launches * times
@@ -246,8 +248,9 @@ def dense_mlp_cost(ctx: Context, ffn: int, module: str = "mlp") -> Cost:
     return c
 
 
-def moe_cost(ctx: Context) -> Cost:
-    """Router, dispatcher, local experts, combine; plus shared experts if the model has them."""
+def moe_cost(ctx: Context, shared: Cost | None = None) -> Cost:
+    """Router, dispatcher, local experts, combine; plus shared experts if the model has them
+    (`shared`: their `dense_mlp_cost`, when the caller has it)."""
     md, m, hw, p = ctx.model, ctx.mapping, ctx.hw, ctx.prec
     h, E, k = md.hidden_size, md.num_experts, md.topk
     Te = ctx.tokens_moe
@@ -292,7 +295,8 @@ def moe_cost(ctx: Context) -> Cost:
         c.sent[kind] = passes * sent
 
     if md.shared_ffn:
-        c.add(dense_mlp_cost(ctx, md.shared_ffn, "shared_experts"))
+        c.add(shared if shared is not None else dense_mlp_cost(ctx, md.shared_ffn,
+                                                                "shared_experts"))
     return c
 
 

@@ -206,7 +206,12 @@ class ModelSpec(_Spec):
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.moe_layer_pattern())
+        return _num_moe(self.moe_layer_pattern())
+
+
+@lru_cache(maxsize=4096)
+def _num_moe(pattern: tuple[int, ...]) -> int:
+    return sum(pattern)
 
 
 @lru_cache(maxsize=4096)
