@@ -21,13 +21,15 @@ ep1-dropless, ep1-cap1 (one rank), ep2-dropless, ep2-cap1 (two ranks, ep 2 x dp 
                   output_size): each forces a device sync on a GPU and defeats CUDA graphs
   new_shapes      distinct output shapes first seen after step 1, per step: 0 means every step
                   has the same shapes (what a CUDA graph needs)
-  comm_s          wall time inside torch.distributed calls (gloo runs them blocking, so this
-                  is the communication the step exposes), and step_s the step's wall time:
+  comm_s          wall time inside torch.distributed calls and in Work.wait() (gloo runs the
+                  calls blocking, an async one blocks in its wait, so this is the
+                  communication the step exposes), and step_s the step's wall time:
                   medians over the 5-step run's steps after the first
 Per-op counts (`top_ops`) come with the JSON to show where the ops go; `--components` counts
 the ops of one forward + backward of each piece of a layer (attention, RMSNorm, router,
 dispatch + experts) and of the step outside the micro-batches.
 The dispatch mode slows the run: step_s is for comparison between configurations only.
+The all-to-all overlap (issue 12 item 5) is measured by benchmarks/a2a_overlap.py.
 """
 
 from __future__ import annotations
@@ -129,19 +131,29 @@ def count_host_methods(mode: Anatomy):
 
 
 def _wrap_comm(timer: dict[str, float]) -> None:
-    """Time spent inside torch.distributed calls (blocking on gloo) and in Work.wait()."""
-    for fname in COMM_FUNCS:
-        orig = getattr(dist, fname)
+    """Time spent inside torch.distributed calls (blocking on gloo) and in Work.wait() of
+    async ones (a blocking call waits inside the call: counted once)."""
+    inside = [0]
+    orig_wait = dist.Work.wait
 
+    def timed(orig):
         @functools.wraps(orig)
-        def wrapped(*a, __orig=orig, **k):
+        def wrapped(*a, **k):
+            outer = inside[0] == 0
+            inside[0] += 1
             t0 = time.perf_counter()
             try:
-                return __orig(*a, **k)
+                return orig(*a, **k)
             finally:
-                timer["comm_s"] += time.perf_counter() - t0
+                inside[0] -= 1
+                if outer:
+                    timer["comm_s"] += time.perf_counter() - t0
 
-        setattr(dist, fname, wrapped)
+        return wrapped
+
+    dist.Work.wait = timed(orig_wait)
+    for fname in COMM_FUNCS:
+        setattr(dist, fname, timed(getattr(dist, fname)))
 
 
 def _rank_main(rank: int, world: int, port: int, plan_file: str, steps: int, out_dir: str,
@@ -191,26 +203,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, args_of_rank, files: list[Path], timeout_s: float = 600) -> list[dict]:
+    """Run `target(rank, world, port, *args_of_rank(rank), result_file)` in one spawned process
+    per rank (gloo on loopback); each writes its JSON to its file, returned in rank order."""
+    world = len(files)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args_of_rank(r), str(files[r])))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    codes = [p.exitcode for p in procs]
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"ranks exited with {codes}")
+    return [json.loads(f.read_text()) for f in files]
+
+
 def run_once(ep: int, capacity: float | None, steps: int, work: Path) -> list[dict]:
     """Every rank's counts for one run of `steps` steps."""
     world = ep
     (work / "run").mkdir(parents=True, exist_ok=True)
     plan_file = work / "plan.json"
     plan_file.write_text(json.dumps(plan_for(ep, capacity, world)))
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    files = [work / f"rank{r}.json" for r in range(world)]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(plan_file), steps,
-                                                  str(work / "run"), str(files[r])))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
-    codes = [p.exitcode for p in procs]
-    if any(c != 0 for c in codes):
-        raise RuntimeError(f"ranks exited with {codes}")
-    return [json.loads(f.read_text()) for f in files]
+    return spawn_ranks(_rank_main, lambda r: (str(plan_file), steps, str(work / "run")),
+                       [work / f"rank{r}.json" for r in range(world)])
 
 
 def per_step(long: dict, short: dict) -> dict:

@@ -11,11 +11,23 @@ Keys are "<group kind>.<op>", e.g. "ep.all_to_all", "etp.all_gather", "edp.all_r
 line up with the cost model's per-group communication.
 Uneven all-gather and reduce-scatter are built on all_to_all_single (gloo and NCCL support
 uneven splits there).
+
+Overlap (issue 12): `all_to_all_v_start` launches the all-to-all asynchronously and returns a
+`PendingAllToAll`; the caller computes what does not need the received rows, then `wait()`s.
+Autograd sees two nodes, start and wait. The engine runs the backward in reverse creation
+order, so wait's backward launches the reverse all-to-all of the gradient, the engine then
+runs every ready node created between start and wait in the forward (the work that overlapped
+the forward all-to-all: its backward overlaps the gradient's all-to-all), and start's backward
+waits. Pure data movement: the rows and gradients are bit-identical to `all_to_all_v`.
+`CommCounter.blocked_s` adds up the seconds the host spent blocked in each key's
+all-to-alls (launch + wait), forward and backward apart.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +42,9 @@ class CommCounter:
 
     current: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_step: list[dict[str, int]] = field(default_factory=list)
+    # seconds the host was blocked in the all-to-alls of "<key>.forward" / "<key>.backward"
+    # since construction (not reset by end_step: callers take differences)
+    blocked_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def add(self, key: str, nbytes: int) -> None:
         self.current[key] += int(nbytes)
@@ -62,18 +77,31 @@ def _sent_bytes(x: torch.Tensor, in_splits: list[int], me: int) -> int:
     return (sum(in_splits) - in_splits[me]) * row
 
 
+@contextmanager
+def _blocked(counter: CommCounter | None, key: str):
+    """Add the wall time of the block to counter.blocked_s[key]."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if counter is not None:
+            counter.blocked_s[key] += time.perf_counter() - t0
+
+
 class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, counter, key):
         ctx.args = (out_splits, in_splits, group, counter, key)
         _count(counter, key, _sent_bytes(x, in_splits, group.index))
-        return _a2a(x, out_splits, in_splits, group)
+        with _blocked(counter, key + ".forward"):
+            return _a2a(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits, group, counter, key = ctx.args
         _count(counter, key, _sent_bytes(g, out_splits, group.index))
-        return _a2a(g, in_splits, out_splits, group), None, None, None, None, None
+        with _blocked(counter, key + ".backward"):
+            return _a2a(g, in_splits, out_splits, group), None, None, None, None, None
 
 
 def all_to_all_v(x, out_splits, in_splits, group: Group, counter=None, key="all_to_all"):
@@ -81,6 +109,102 @@ def all_to_all_v(x, out_splits, in_splits, group: Group, counter=None, key="all_
     if group.size == 1:
         return x
     return _AllToAllV.apply(x, list(out_splits), list(in_splits), group, counter, key)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One asynchronous all-to-all, shared by its start and wait autograd nodes: the splits,
+    the work of the forward exchange and, during the backward, of the gradient's."""
+
+    out_splits: list[int]
+    in_splits: list[int]
+    group: Group
+    counter: CommCounter | None
+    key: str
+    work: object | None = None  # dist.Work of the forward exchange until it is waited for
+    sent: torch.Tensor | None = None  # the send buffer, alive until the exchange is done
+    grad_work: object | None = None  # dist.Work of the gradient's exchange (backward)
+    grad_sent: torch.Tensor | None = None
+    grad_received: torch.Tensor | None = None  # x's gradient, being received
+
+
+def _a2a_launch(x, out_splits, in_splits, group, counter, key):
+    """Start all_to_all_single: (received buffer, work, contiguous send buffer)."""
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    with _blocked(counter, key):
+        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group.pg, async_op=True)
+    return out, work, x
+
+
+def _a2a_wait(work, counter, key) -> None:
+    with _blocked(counter, key):
+        work.wait()
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Forward: launch the exchange, return the buffer being received into (not readable
+    before the wait). Backward: wait for the gradient's exchange that wait's backward launched
+    and return what it received."""
+
+    @staticmethod
+    def forward(ctx, x, flight):
+        ctx.flight = flight
+        _count(flight.counter, flight.key, _sent_bytes(x, flight.in_splits, flight.group.index))
+        out, flight.work, flight.sent = _a2a_launch(x, flight.out_splits, flight.in_splits, flight.group,
+                                                    flight.counter, flight.key + ".forward")
+        return out
+
+    @staticmethod
+    def backward(ctx, _g_received):  # the same values wait's backward launched
+        f = ctx.flight
+        assert f.grad_work is not None, "the gradient must come through PendingAllToAll.wait()"
+        _a2a_wait(f.grad_work, f.counter, f.key + ".backward")
+        g_x = f.grad_received
+        f.grad_work = f.grad_sent = f.grad_received = None
+        return g_x, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Forward: wait for the exchange. Backward: launch the gradient's reverse exchange and
+    pass the gradient on unchanged; start's backward waits and returns what arrived."""
+
+    @staticmethod
+    def forward(ctx, received, flight):
+        ctx.flight = flight
+        _a2a_wait(flight.work, flight.counter, flight.key + ".forward")
+        flight.work = flight.sent = None
+        return received
+
+    @staticmethod
+    def backward(ctx, g):
+        f = ctx.flight
+        _count(f.counter, f.key, _sent_bytes(g, f.out_splits, f.group.index))
+        f.grad_received, f.grad_work, f.grad_sent = _a2a_launch(
+            g, f.in_splits, f.out_splits, f.group, f.counter, f.key + ".backward")
+        return g, None
+
+
+@dataclass(frozen=True)
+class PendingAllToAll:
+    """An all-to-all in flight (`all_to_all_v_start`); `wait()` returns the rows received."""
+
+    received: torch.Tensor  # being written by the exchange: read it only through wait()
+    flight: _InFlight | None  # None: nothing to exchange (group of one rank)
+
+    def wait(self) -> torch.Tensor:
+        if self.flight is None:
+            return self.received
+        return _AllToAllWait.apply(self.received, self.flight)
+
+
+def all_to_all_v_start(x, out_splits, in_splits, group: Group, counter=None, key="all_to_all") -> PendingAllToAll:
+    """`all_to_all_v` started asynchronously: compute what does not need the received rows,
+    then call `wait()` once (see the module docstring for what overlaps in the backward)."""
+    if group.size == 1:
+        return PendingAllToAll(x, None)
+    flight = _InFlight(list(out_splits), list(in_splits), group, counter, key)
+    return PendingAllToAll(_AllToAllStart.apply(x, flight), flight)
 
 
 def _gather(x, sizes, group, counter, key):

@@ -11,6 +11,10 @@ One interface:
     out_TD = dispatcher.combine(expert_out_MD, meta)
 `meta` is a frozen value; nothing is kept on `self` between the two calls. Expert input rows
 are sorted by local expert and `meta.rows` (experts.ExpertRows) says which rows each owns.
+`dispatch_start(x_TD, routing)` then `dispatch_finish(started)` is the same dispatch with the
+tokens in flight in between (`InFlightDispatch`): the caller runs work that does not need them
+(the shared experts, moe.py). Only AllToAllDispatcher has something in flight there
+(`overlaps_dispatch`); the others finish in `dispatch_start`.
 
 LocalDispatcher      ep = etp = 1: permute -> experts -> unpermute. Reads nothing back: the
                      buffer has T*K rows (dropless) or E*C rows (capacity C, Megatron's
@@ -34,6 +38,12 @@ budget with an overflow flag checked once per step (Megatron's sync-free mode), 
 all-to-all as large as the budget and must re-run or fail a step that overflows; with
 dropless training that budget is the worst case (every token to one rank), so the exchange
 would grow by up to ep times. One small read per layer costs less on both CPU and GPU.
+
+Overlap (issue 12): AllToAllDispatcher.dispatch_start returns with the token all-to-all over
+EP in flight (comm.all_to_all_v_start) and the whole meta (splits, chunk permutation, expert
+rows) already computed from the counts, so dispatch_finish only waits, gathers over ETP and
+sorts by expert. The combine's all-to-all stays blocking: nothing of the layer is left that
+does not need its rows.
 """
 
 from __future__ import annotations
@@ -45,9 +55,11 @@ import torch.nn.functional as F
 
 from .comm import (
     CommCounter,
+    PendingAllToAll,
     all_gather_sizes,
     all_gather_v,
     all_to_all_v,
+    all_to_all_v_start,
     reduce_scatter_v,
 )
 from .experts import ExpertRows
@@ -134,8 +146,26 @@ class AllGatherMeta:
     rows: ExpertRows
 
 
+@dataclass(frozen=True)
+class InFlightDispatch:
+    """A started dispatch: `rows` is the finished expert input x_MD (local, all-gather) or, for
+    the all-to-all dispatcher, the rows received over EP (x_RD) or their exchange still in
+    flight; `meta` is complete either way."""
+
+    rows: torch.Tensor | PendingAllToAll
+    meta: LocalMeta | AllToAllMeta | AllGatherMeta
+
+
 class LocalDispatcher:
     """All experts on this rank: the simplest dispatcher; nothing is read back."""
+
+    overlaps_dispatch = False  # nothing in flight between dispatch_start and dispatch_finish
+
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing) -> InFlightDispatch:
+        return InFlightDispatch(*self.dispatch(x_TD, routing))
+
+    def dispatch_finish(self, started: InFlightDispatch):
+        return started.rows, started.meta
 
     def __init__(self, num_experts: int, backend: str = "torch", capacity_factor: float | None = None):
         self.num_experts, self.capacity_factor = num_experts, capacity_factor
@@ -157,6 +187,8 @@ class LocalDispatcher:
 class AllToAllDispatcher:
     """EP all-to-all plus ETP all-gather (Megatron's `MoEAlltoAllTokenDispatcher`)."""
 
+    overlaps_dispatch = True  # the token all-to-all is in flight after dispatch_start
+
     def __init__(self, num_experts: int, dims: ParallelDims, counter: CommCounter | None, backend="torch",
                  capacity_factor: float | None = None):
         self.num_experts, self.dims, self.counter = num_experts, dims, counter
@@ -166,6 +198,11 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         """Send pairs to the EP rank owning their expert, gather over ETP: (x_MD, meta)."""
+        return self.dispatch_finish(self.dispatch_start(x_TD, routing, in_flight=False))
+
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, in_flight: bool = True) -> InFlightDispatch:
+        """Exchange the counts, permute, launch the token all-to-all over EP and build the
+        meta; returns with the tokens in flight (`in_flight=False`: exchanged, blocking)."""
         ep, etp, El, E = self.dims.group("ep"), self.dims.group("etp"), self.num_local, self.num_experts
         # Static buffer of T*K rows, kept pairs first: those go out, their number read below.
         index = routing_index(routing.indices_TK, E, static=True, dropless=self.dropless)
@@ -186,15 +223,23 @@ class AllToAllDispatcher:
         recv = chunk_rows[etp.index * ep.size:(etp.index + 1) * ep.size]
         tpe = tuple(sum(chunks[c * El + e] for c in range(etp.size * ep.size)) for e in range(El))
         n_send = sum(send)
-        x_RD = all_to_all_v(x_ND[:n_send], recv, send, ep, self.counter, "ep.all_to_all")
-        x_GD = all_gather_v(x_RD, etp_sizes, etp, self.counter, "etp")
+        a2a = all_to_all_v_start if in_flight else all_to_all_v
+        x_RD = a2a(x_ND[:n_send], recv, send, ep, self.counter, "ep.all_to_all")
+        # While the tokens travel: the index maps and expert rows come from the counts alone.
         to_expert, to_chunk = chunk_permutation(counts_CE, sum(etp_sizes))
         rows = ExpertRows(torch.cumsum(counts_CE.sum(0), 0, dtype=torch.int32), None, tpe)
         meta = AllToAllMeta(
             index, probs_N, x_TD.shape[0], rows, tuple(send), tuple(recv), tuple(etp_sizes),
             to_expert, to_chunk,
         )
-        return x_GD[to_expert], meta
+        return InFlightDispatch(x_RD, meta)
+
+    def dispatch_finish(self, started: InFlightDispatch):
+        """Wait for the tokens, gather over ETP, sort by local expert: (x_MD, meta)."""
+        meta = started.meta
+        x_RD = started.rows.wait() if isinstance(started.rows, PendingAllToAll) else started.rows
+        x_GD = all_gather_v(x_RD, meta.etp_sizes, self.dims.group("etp"), self.counter, "etp")
+        return x_GD[meta.to_expert], meta
 
     def combine(self, y_MD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         """Reduce-scatter over ETP, return rows over EP, unpermute: out_TD."""
@@ -208,6 +253,9 @@ class AllToAllDispatcher:
 
 class AllGatherDispatcher:
     """Gather every token of the ETP x EP group, compute the local experts' share, scatter back."""
+
+    overlaps_dispatch = False  # the gathers are blocking (not overlapped)
+    dispatch_start, dispatch_finish = LocalDispatcher.dispatch_start, LocalDispatcher.dispatch_finish
 
     def __init__(self, num_experts: int, dims: ParallelDims, counter: CommCounter | None, backend="torch"):
         self.num_experts, self.dims, self.counter = num_experts, dims, counter

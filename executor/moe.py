@@ -5,6 +5,24 @@ D model dim, M expert rows.
 With TP the layer takes the sequence-parallel shard x_BsD as it is: the dispatcher moves
 those tokens over ep / etp of the folded layout, and the shared experts (tensor-parallel MLP)
 gather and reduce-scatter their own tokens over tp.
+
+Overlap (issue 12, `overlap_a2a`, on by default since it cannot change a number): with the
+all-to-all dispatcher, ep > 1 and shared experts, the shared experts run while the routed
+tokens travel over EP (dispatcher.dispatch_start .. dispatch_finish; the dispatch's index maps
+too), and in the backward their gradient runs while the tokens' gradient travels back
+(comm.all_to_all_v_start). It moves work, not numbers: the same ops on the same inputs, and
+the backward accumulates the gradient of x_TD in the same order as without it (shared
+experts, then the dispatch, then the router: autograd runs ready nodes newest first).
+tests/executor/test_exec_overlap.py checks bit-identical losses, gradients and parameters
+(dropless, capacity, full recompute, tp 2 x ep 2, etp 2 x ep 2) and the order of events.
+Everywhere else (ep = 1, the all-gather dispatcher, no shared experts) the switch changes
+nothing: the layer runs the blocking path. Not overlapped: the combine's all-to-all (nothing
+of the layer is left that does not need its rows; splitting the shared MLP's up and down
+projections across dispatch and combine, as Megatron-Core's shared-expert overlap does, would
+cover it, but needs an MLP split in mlp.py), the count exchange, the ETP gather and
+reduce-scatter, the all-gather dispatcher, and one micro-batch's all-to-all against another
+micro-batch's compute (Megatron's 1F1B all-to-all overlap needs a schedule that runs the
+forward of one micro-batch inside the backward of another, layer by layer).
 """
 
 from __future__ import annotations
@@ -34,7 +52,10 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    """Routed experts sharded over ETP x EP, a replicated router and optional shared experts."""
+    """Routed experts sharded over ETP x EP, a replicated router and optional shared experts.
+    `overlap_a2a` (default True): run the shared experts while the tokens are dispatched."""
+
+    overlap_a2a = True
 
     def __init__(self, spec: ModelSpec, dims: ParallelDims, counter: CommCounter | None,
                  router_config: RouterConfig, dispatcher: str, kernel_backend: str = "torch"):
@@ -55,10 +76,25 @@ class MoELayer(nn.Module):
         model's residual stream without tp) gives a flat output."""
         x_TD = x_BsD if x_BsD.dim() == 2 else x_BsD.reshape(-1, x_BsD.shape[-1])
         routing = self.router(x_TD, self.dims, self.counter)
-        expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
+        overlap = self.overlap_a2a and self.shared is not None and self.dispatcher.overlaps_dispatch
+        if overlap:
+            started = self.dispatcher.dispatch_start(x_TD, routing)
+            shared_TD = self.shared(x_TD)  # while the tokens travel
+            expert_in_MD, meta = self.dispatcher.dispatch_finish(started)
+        else:
+            expert_in_MD, meta = self.dispatcher.dispatch(x_TD, routing)
         expert_out_MD = self.experts(expert_in_MD, meta.rows)
         out_TD = self.dispatcher.combine(expert_out_MD, meta)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            out_TD = out_TD + (shared_TD if overlap else self.shared(x_TD))
         return MoEOutput(out_TD.view_as(x_BsD) if x_BsD.dim() == 3 else out_TD, routing.aux_loss,
                          routing.num_dropped)
+
+
+def set_a2a_overlap(modules, on: bool) -> int:
+    """Turn the all-to-all overlap of every MoELayer inside `modules` (an iterable of
+    nn.Module) on or off; returns the number of layers. Safe between steps."""
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.overlap_a2a = on
+    return len(layers)

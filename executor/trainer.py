@@ -33,6 +33,7 @@ from .arch import ArchOptions
 from .comm import CommCounter, all_reduce_
 from .data import BatchOrder
 from .model import MoETransformer
+from .moe import set_a2a_overlap
 from .optimizer import DistributedAdamW, adamw
 from .parallel_dims import ParallelDims
 from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
@@ -90,9 +91,11 @@ class Trainer:
                  seed: int = 0, counter: CommCounter | None = None,
                  router_config: RouterConfig | None = None, optim: OptimConfig | None = None,
                  kernel_backend: str = "torch", autocast_dtype: torch.dtype | None = None,
-                 arch: ArchOptions | None = None, init_hf=None):
+                 arch: ArchOptions | None = None, init_hf=None, a2a_overlap: bool = True):
         """`init_hf`: an `hf_checkpoint.HFCheckpoint` to start from (this rank's slices are
-        read) instead of the seeded random init; `arch` its options (`RunSpec.arch`)."""
+        read) instead of the seeded random init; `arch` its options (`RunSpec.arch`).
+        `a2a_overlap`: shared experts run while the tokens are dispatched over EP (moe.py;
+        bit-identical either way; `moe.set_a2a_overlap` flips it between steps)."""
         m = dims.mapping
         self.spec, self.training, self.dims, self.counter = spec, training, dims, counter
         self.optim_config = optim or OptimConfig()
@@ -106,6 +109,7 @@ class Trainer:
                            recompute_num_layers=m.recompute_num_layers, arch=arch).to(dims.device)
             for v, r in enumerate(ranges)
         ]
+        set_a2a_overlap(self.chunks, a2a_overlap)
         if init_hf is not None:  # before the optimizer copies the parameters
             from .hf_checkpoint import load_into
 
