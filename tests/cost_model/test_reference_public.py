@@ -65,3 +65,18 @@ def test_planner_returns_the_public_run_when_it_is_pinned(points):
     args = got.megatron_args
     assert args[args.index("--moe-token-dispatcher-type") + 1] == "flex"
     assert "--account-for-embedding-in-pipeline-split" in args
+
+
+def test_public_qwen3_235b_sizes_rank_near_the_planners_best(points):
+    """The issue's acceptance on the public Qwen3-235B TP2 PP8 VPP4 EP32 run: with its sizes
+    and dispatcher pinned, the planner picks its recompute modules (layernorm, moe_act) and
+    the all-to-all overlap Megatron-Core's later runs of it switched on, within 10% of the
+    best mapping of the whole space."""
+    p = points["mz-qwen3-235b-tp2ep32pp8vpp4"]
+    model, cluster, training, mapping = _specs(p)
+    best = plan(model, cluster, training, top_k=1).candidates[0].estimate.step_time_s
+    fixed = mapping.model_dump(include={"tp", "pp", "vpp", "ep", "etp", "cp",
+                                        "micro_batch_size", "dispatcher"})
+    public = plan(model, cluster, training, top_k=1, fixed=fixed).candidates[0]
+    assert public.mapping.recompute_modules == ("layernorm", "moe_act")
+    assert public.estimate.step_time_s <= 1.1 * best
