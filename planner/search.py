@@ -10,7 +10,9 @@ most of it is never evaluated. The jobs, one module each:
    pipeline configuration (layer configuration, pp, vpp).
 2. Pass 1 (`expand.expand`): the pipeline configurations in increasing bound with their even
    stage split, every rank order and optimizer choice; it stops where the bound reaches the
-   k-th best configuration found (and the best classic, unfolded one).
+   k-th best configuration found and the best classic, unfolded one (a folded configuration
+   is left as soon as its bound reaches the k-th best: only unfolded ones can still change
+   the best unfolded mapping the answer reports).
 3. Pass 2 (`stages.py`): every remaining candidate configuration with pp >= 2 and no
    interleaving goes to the CP-SAT stage solver (layers of the first and last stage and the
    recompute depth, jointly, under a memory limit per stage); its answer is evaluated by the
