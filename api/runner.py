@@ -60,6 +60,20 @@ from .run_progress import (
 log = logging.getLogger("foldplan.runs")
 
 
+def run_passes(tick, stop: threading.Event, wake: threading.Event, poll_s: float,
+               logger: logging.Logger, what: str) -> None:
+    """A service thread's body: `tick()` every `poll_s` seconds, or at once when `wake` is
+    set, until `stop` is; a pass that fails is logged and the next one runs (the thread must
+    outlive a bad row or a database blip)."""
+    while not stop.is_set():
+        try:
+            tick()
+        except Exception:
+            logger.exception("%s pass failed", what)
+        wake.wait(poll_s)
+        wake.clear()
+
+
 class RunManager:
     """Owns the scheduler thread; every state change goes through the database."""
 
@@ -172,13 +186,7 @@ class RunManager:
     # --- the scheduler ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # the scheduler must outlive a bad row or a database blip
-                log.exception("run scheduler pass failed")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+        run_passes(self.tick, self._stop, self._wake, self.poll_s, log, "run scheduler")
 
     def _poll(self, r: RunRow) -> bool:
         """Bring one started run up to date; return True when it is over."""

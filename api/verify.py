@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from cost_model.profile_model import Profile, step_time_scale
 
 from .db import Database, PlanRow, VerificationRow, get_run, iso, utcnow
-from .runner import RunManager
+from .runner import RunManager, run_passes
 from .schemas import VerificationAnswer, VerifyRequest
 from .settings import Settings
 
@@ -209,13 +209,7 @@ class Verifier:
         return True
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # the thread must outlive a bad row or a database blip
-                log.exception("verification pass failed")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+        run_passes(self.tick, self._stop, self._wake, self.poll_s, log, "verification")
 
     def tick(self) -> None:
         """One pass over the unfinished verifications (the thread calls this; tests may too)."""

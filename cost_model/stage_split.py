@@ -96,17 +96,18 @@ def _uneven_counts(num_layers: int, pp: int, vpp: int, first: int | None, last: 
         raise StageSplitError(
             f"num_layers={num_layers} minus first={first} and last={last} stage layers does "
             f"not split evenly over the other {middle_stages} stages", field)
-    counts = [middle_layers // middle_stages if middle_stages else 0] * pp
+    middle = middle_layers // middle_stages if middle_stages else 0  # each middle stage's
+    counts = [middle] * pp
     if first is not None:
         counts[0] = first
     if last is not None:
         counts[-1] = last
     if vpp > 1:  # transformer_config.py: "must be divisible by virtual pipeline parallel degree"
-        middle = middle_layers // middle_stages if middle_stages else None
-        for name, n, what in (
-                ("decoder_first_pipeline_num_layers", first, f"decoder_first_pipeline_num_layers={first}"),
-                ("decoder_last_pipeline_num_layers", last, f"decoder_last_pipeline_num_layers={last}"),
-                (field, middle, f"each middle stage's {middle} layers")):
+        first_f, last_f = "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"
+        for name, n, what in ((first_f, first, f"{first_f}={first}"),
+                              (last_f, last, f"{last_f}={last}"),
+                              (field, middle if middle_stages else None,
+                               f"each middle stage's {middle} layers")):
             if n is not None and n % vpp:
                 raise StageSplitError(f"{what} must divide by vpp={vpp} (each stage's layers "
                                       f"split evenly over its virtual stages)", name)

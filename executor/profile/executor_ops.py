@@ -220,19 +220,26 @@ def _counts(layouts: _Layouts, layout: dict, capacity: float | None, full: bool)
     return out
 
 
+def _timed_steps(tr, repeats: int) -> tuple[list[float], dict]:
+    """Wall time of `repeats` steps of `tr` (steps 2, 3, ...), and what `_schedule_probe`
+    recorded of them (`sched_s`: the micro-batch schedule's seconds per step)."""
+    rec: dict = {}
+    steps = []
+    with _schedule_probe(rec):
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            tr.step(2 + i)
+            steps.append(time.perf_counter() - t0)
+    return steps, rec
+
+
 def _op_seconds(layouts: _Layouts, repeats: int) -> dict:
     """Wall time per op of the 2-MoE-layer tiny model's micro-batch, and per op of the
     rest of its step."""
     tr = layouts.trainer(tiny_spec(2), {}, None)
     tr.step(0)
     counts = _count_step(tr)
-    rec: dict = {}
-    steps = []
-    with _schedule_probe(rec):
-        for s in range(repeats):
-            t0 = time.perf_counter()
-            tr.step(2 + s)
-            steps.append(time.perf_counter() - t0)
+    steps, rec = _timed_steps(tr, repeats)
     sched = statistics.median(rec["sched_s"])
     rest = statistics.median(a - b for a, b in zip(steps, rec["sched_s"]))
     ops = counts["all_sched_ops"]  # the timed schedule runs every micro-batch
@@ -257,13 +264,7 @@ def _step_seconds(layouts: _Layouts, us_per_op: float, repeats: int) -> dict:
         opt_s.append(time.perf_counter() - t0)
 
     tr.optimizer.step = timed_step
-    rec: dict = {}
-    steps = []
-    with _schedule_probe(rec):
-        for s in range(repeats):
-            t0 = time.perf_counter()
-            tr.step(2 + s)
-            steps.append(time.perf_counter() - t0)
+    steps, rec = _timed_steps(tr, repeats)
     params = sum(p.numel() for p in tr.model.parameters())
     rest = [a - b - c for a, b, c in zip(steps, rec["sched_s"], opt_s)]
     fixed = counts["rest_ops"] * us_per_op * 1e-6

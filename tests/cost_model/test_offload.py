@@ -13,7 +13,6 @@ from cost_model.memory import (OFFLOAD_RESIDENT_LAYERS, activation_bytes_per_lay
 from cost_model.presets import preset_model
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors, resolve_mapping
-from planner.export import megatron_args
 from planner.search import plan
 
 MOE = ModelSpec(name="moe", num_layers=8, hidden_size=1024, num_attention_heads=16,
