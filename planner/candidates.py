@@ -34,7 +34,12 @@ class Row:
 
 def is_classic(m: Mapping) -> bool:
     """The unfolded Megatron mapping: expert TP equals attention TP, EP carved out of DP x CP."""
-    return m.etp == m.tp and (m.dp * m.cp) % m.ep == 0
+    return sizes_classic(m.tp, m.cp, m.ep, m.etp, m.dp)
+
+
+def sizes_classic(tp: int, cp: int, ep: int, etp: int, dp: int) -> bool:
+    """`is_classic` of every mapping with these sizes."""
+    return etp == tp and (dp * cp) % ep == 0
 
 
 def tie_key(m: Mapping) -> tuple:

@@ -42,7 +42,7 @@ from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors
 
 from .bounds import PipelineBound, group_members, layer_configs, pipeline_bounds, split_bound
-from .candidates import Row, class_key, is_classic, super_key, tie_key
+from .candidates import Row, class_key, is_classic, sizes_classic, super_key, tie_key
 from .expand import check_fixed, expand, stage_bases, stages_free
 from .export import megatron_args, sbatch_script, torchrun_script
 from .reasons import infeasible_reasons
@@ -131,7 +131,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
         """Whether (b.lc, b.pp)'s mappings are unfolded (`candidates.is_classic`)."""
         lc = b.lc
         dp = cluster.world_size // (lc.tp * lc.cp * b.pp)
-        return lc.etp == lc.tp and (dp * lc.cp) % lc.ep == 0
+        return sizes_classic(lc.tp, lc.cp, lc.ep, lc.etp, dp)
 
     def cutoff_of(b: PipelineBound) -> float:
         return state.cutoff_for(classic(b))
@@ -142,7 +142,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     def next_bound() -> PipelineBound | None:
         """The smallest bound left, once the groups below it are costed: a group's members
         are costed when its floor comes first, and their bounds (never below it) queued."""
-        nonlocal skipped_min, past_kth
+        nonlocal skipped_min
         while queue:
             b = queue[0][2]
             if not b.lc.is_group or (b.step_s >= state.cutoff() and id(b.lc) not in costed):
