@@ -25,8 +25,8 @@ from .dispatch import overlapped_comm
 from .hardware import Hardware, fp8_gemm_key, hardware
 from .kernels import memory_time, p2p_time, ring_time
 from .layers import COMPONENTS, Context, Cost, attention_cost, dense_mlp_cost, embedding_cost
-from .layers import (host_bound, logits_cost, moe_cost, moe_layer_cost, mtp_block, mtp_logits,
-                     with_mtp, with_offload)
+from .layers import (host_bound, logits_cost, moe_cost, moe_gemms, moe_layer_cost, mtp_block,
+                     mtp_compute, mtp_logits, with_mtp, with_offload)
 from .layout import GroupPlacement, group_placement
 from .memory import ADAM_STEP_BYTES, GIB, GRAD_BYTES, RankMemory, activation_element_bytes
 from .memory import (inflight_chunks, mtp_rank, pipeline_send_bytes, plain_mapping,
@@ -282,8 +282,10 @@ def _blocks(ctx: Context, cache: dict) -> dict[str, Cost]:
         # The shared experts do not depend on the expert layout: one cost per recompute.
         shared = part("shared", (rc,), lambda: dense_mlp_cost(
             ctx, model.shared_ffn, "shared_experts")) if model.shared_ffn else None
+        # Nor do the experts' GEMMs on the dispatcher or recompute: once per expert layout.
+        gemms = part("moe_gemms", (m.ep, m.etp), lambda: moe_gemms(ctx))
         out["moe"] = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend),
-                          lambda: moe_cost(ctx, shared))
+                          lambda: moe_cost(ctx, shared, gemms))
     if model.num_layers - model.num_moe_layers:
         out["mlp"] = part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size))
     out["output"] = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
@@ -363,18 +365,16 @@ def micro_batch_floor(ctx: Context, cache: dict) -> tuple[dict[bool, float], flo
             layers[kind] = max(attn.parts["compute"] + block.parts["compute"] + comm,
                                (attn.launches + block.launches) * ctx.hw.host_launch_s)
     num = ctx.model.mtp_num_layers or 0
-    output = blocks["output"].total * (1 + num)
     tail = blocks["output"]
+    output = tail.total * (1 + num)
+    tail_fb = (tail.fwd_compute, tail.bwd_compute)
     if num:
         kind = mtp_last_kind(ctx.model)
         output += num * layers[kind]
-        joined = Cost()  # the layer the MTP module repeats, as `micro_batch_costs` joins it
-        joined.add(blocks["attention"])
-        joined.add(blocks[names[kind]])
-        tail = with_mtp(ctx, tail, joined)
+        tail_fb = mtp_compute(ctx, tail, fb[kind])  # the layer the MTP modules repeat
     head = blocks["embedding"]
     windows = ((max(f for f, _ in fb.values()), max(b for _, b in fb.values())),
-               (head.fwd_compute, head.bwd_compute), (tail.fwd_compute, tail.bwd_compute))
+               (head.fwd_compute, head.bwd_compute), tail_fb)
     return layers, head.total, output, windows
 
 

@@ -44,7 +44,7 @@ class Cost:
     sent: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: Cost, times: float = 1.0) -> None:
-        parts = self.parts
+        parts, sent = self.parts, self.sent
         for k, v in other.parts.items():
             if v:  # most parts of most blocks are zero
                 parts[k] += v * times
@@ -52,7 +52,7 @@ class Cost:
         self.bwd_compute += other.bwd_compute * times
         self.launches += other.launches * times
         for k, v in other.sent.items():
-            self.sent[k] = self.sent.get(k, 0.0) + v * times
+            sent[k] = sent.get(k, 0.0) + v * times
 
     @property
     def total(self) -> float:
@@ -248,20 +248,16 @@ def dense_mlp_cost(ctx: Context, ffn: int, module: str = "mlp") -> Cost:
     return c
 
 
-def moe_cost(ctx: Context, shared: Cost | None = None) -> Cost:
+def moe_cost(ctx: Context, shared: Cost | None = None,
+             gemms: tuple[float, float] | None = None) -> Cost:
     """Router, dispatcher, local experts, combine; plus shared experts if the model has them
-    (`shared`: their `dense_mlp_cost`, when the caller has it)."""
-    md, m, hw, p = ctx.model, ctx.mapping, ctx.hw, ctx.prec
-    h, E, k = md.hidden_size, md.num_experts, md.topk
+    (`shared`: their `dense_mlp_cost`, and `gemms`: `moe_gemms`, when the caller has them)."""
+    md, m, hw = ctx.model, ctx.mapping, ctx.hw
+    h, E = md.hidden_size, md.num_experts
     Te = ctx.tokens_moe
     local_experts = E // m.ep
-    # Routed assignments per rank after dispatch (and the etp gather), busiest rank.
-    assigned = Te * k * ctx.capacity_scale * m.etp * ctx.expert_load
-    per_expert = assigned / local_experts
-    fwd, bwd = _mlp_gemms(ctx, per_expert, md.expert_ffn / m.etp, groups=local_experts)
-    # Router GEMM (replicated weights, fp32 logits in Megatron: small) and its softmax/top-k.
-    rf, rb = linear_time(hw, "bf16" if p != "fp32" else "fp32", Te, h, E)
-    fwd, bwd = fwd + rf, bwd + rb
+    assigned = _assigned(ctx)
+    fwd, bwd = gemms if gemms is not None else moe_gemms(ctx)
     # Data movement of dispatch and combine (`dispatch.routed_traffic`), the same rows again
     # backward; fp32 router scores: softmax/sigmoid, top-k, aux loss, about 8 passes of T x E.
     tokens_in = Te * m.tp * m.ep if m.dispatcher == "allgather" else Te
@@ -298,6 +294,25 @@ def moe_cost(ctx: Context, shared: Cost | None = None) -> Cost:
         c.add(shared if shared is not None else dense_mlp_cost(ctx, md.shared_ffn,
                                                                 "shared_experts"))
     return c
+
+
+def _assigned(ctx: Context) -> float:
+    """Routed assignments per rank after dispatch (and the etp gather), busiest rank."""
+    md, m = ctx.model, ctx.mapping
+    return md.topk * ctx.tokens_moe * ctx.capacity_scale * m.etp * ctx.expert_load
+
+
+def moe_gemms(ctx: Context) -> tuple[float, float]:
+    """Forward and backward seconds of the local experts' GEMMs (with their activation) and
+    the router's: the part of `moe_cost` that no dispatcher changes."""
+    md, m, p = ctx.model, ctx.mapping, ctx.prec
+    local_experts = md.num_experts // m.ep
+    per_expert = _assigned(ctx) / local_experts
+    fwd, bwd = _mlp_gemms(ctx, per_expert, md.expert_ffn / m.etp, groups=local_experts)
+    # Router GEMM (replicated weights, fp32 logits in Megatron: small) and its softmax/top-k.
+    rf, rb = linear_time(ctx.hw, "bf16" if p != "fp32" else "fp32", ctx.tokens_moe,
+                         md.hidden_size, md.num_experts)
+    return fwd + rf, bwd + rb
 
 
 def recomputes(m: Mapping, module: str) -> bool:
@@ -370,12 +385,27 @@ def mtp_block(ctx: Context, layer: Cost) -> Cost:
     c = Cost()
     if num:
         c.add(layer, num)
-        h = ctx.model.hidden_size
-        f, b = linear_time(ctx.hw, ctx.prec, ctx.tokens_attn, 2 * h, h / ctx.mapping.tp)
+        f, b = mtp_projection(ctx)
         c.parts["compute"] += num * (f + b)
         c.fwd_compute += num * f
         c.bwd_compute += num * b
     return c
+
+
+def mtp_projection(ctx: Context) -> tuple[float, float]:
+    """Forward and backward seconds of one MTP module's 2h -> h projection (split by tp)."""
+    h = ctx.model.hidden_size
+    return linear_time(ctx.hw, ctx.prec, ctx.tokens_attn, 2 * h, h / ctx.mapping.tp)
+
+
+def mtp_compute(ctx: Context, output: Cost, layer: tuple[float, float]) -> tuple[float, float]:
+    """The forward and backward compute of `with_mtp(ctx, output, L)` alone, for a layer L of
+    forward and backward compute `layer`, without building its costs (the same sums in the
+    same order)."""
+    num = ctx.model.mtp_num_layers or 0
+    f, b = mtp_projection(ctx)
+    return (output.fwd_compute * (1 + num) + (layer[0] * num + num * f),
+            output.bwd_compute * (1 + num) + (layer[1] * num + num * b))
 
 
 def logits_cost(ctx: Context) -> Cost:

@@ -37,7 +37,7 @@ from cost_model.option_rules import option_errors
 from cost_model.validate import data_parallel_sizes, mapping_errors
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by use; not frozen: the search makes thousands
 class LayerConfig:
     tp: int
     cp: int
@@ -69,7 +69,7 @@ class LayerConfig:
         return self.options is not None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by use (as LayerConfig)
 class PipelineBound:
     """A pipeline configuration and the floor on the step time of all its mappings."""
 
@@ -135,7 +135,7 @@ def layer_configs(model, cluster, training, values, cache: dict,
                 break  # about the sizes alone: no option of any group makes them valid
             if any(e.kind == "option" for e in errors) or len(members) == 1:
                 # No floor to stand for the group: cost its members now.
-                out += _costed(model, cluster, training, sizes, members, hw, cache)
+                out += _costed(model, cluster, training, probe, members, hw, cache)
                 continue
             out.append(_group_floor(model, cluster, training, probe, tuple(members), hw, cache))
     return out
@@ -143,27 +143,29 @@ def layer_configs(model, cluster, training, values, cache: dict,
 
 def group_members(model, cluster, training, group: LayerConfig, cache: dict) -> list[LayerConfig]:
     """The costed configurations a group stands for (the valid ones)."""
-    p = group.probe
-    sizes = dict(tp=p.tp, cp=p.cp, ep=p.ep, etp=p.etp, pp=1, dp=p.dp, edp=p.edp)
-    return _costed(model, cluster, training, sizes, group.options, hardware(cluster), cache)
+    return _costed(model, cluster, training, group.probe, group.options, hardware(cluster),
+                   cache)
 
 
-def _valid_probe(model, cluster, training, sizes: dict, opts: dict) -> Mapping | None:
-    """The resolved pp=1 mapping of these sizes and options; None when an error about the
-    layer or its options disqualifies it (the pipeline and batch are not chosen yet: rules
-    on pp / vpp are kind "pipeline")."""
-    errors, probe = mapping_errors(model, cluster, training, Mapping(**sizes, **opts))
-    if any(e.kind in ("layer", "option") for e in errors):
+def _valid_probe(model, cluster, training, probe: Mapping, opts: dict) -> Mapping | None:
+    """`probe` (a resolved pp=1 mapping whose sizes have no error of kind "layer") with the
+    options `opts`; None when Megatron's rules on options refuse them (kind "option"; the
+    pipeline and batch are not chosen yet: rules on pp / vpp are kind "pipeline"). What
+    `mapping_errors` would answer: its other rules read the sizes alone, the option rules
+    no derived field; recompute modules sorted as `Mapping` validates them."""
+    opts = opts | {"recompute_modules": tuple(sorted(opts["recompute_modules"]))}
+    m = probe.model_copy(update=opts)
+    if any(e.kind == "option" for e in option_errors(model, cluster, training, m)):
         return None
-    return probe
+    return m
 
 
-def _costed(model, cluster, training, sizes: dict, members, hw, cache) -> list[LayerConfig]:
+def _costed(model, cluster, training, probe: Mapping, members, hw, cache) -> list[LayerConfig]:
     out = []
     for opts in members:
-        probe = _valid_probe(model, cluster, training, sizes, opts)
-        if probe is not None:
-            out.append(_layer_config(model, cluster, training, probe, hw, cache))
+        m = _valid_probe(model, cluster, training, probe, opts)
+        if m is not None:
+            out.append(_layer_config(model, cluster, training, m, hw, cache))
     return out
 
 
@@ -187,9 +189,17 @@ def _group_floor(model, cluster, training, probe: Mapping, members: tuple, hw,
                              for kind, t in layers.items())
     return LayerConfig(
         probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe, work, work,
-        stacked_layer_params(model, probe), head, tail, min(layers.values()),
+        _stacked_params(model, probe, cache), head, tail, min(layers.values()),
         tuple(layers.get(k, 0.0) for k in (False, True)),
         pipeline_send_bytes(model, training, probe), *windows, options=members)
+
+
+def _stacked_params(model, probe: Mapping, cache: dict) -> tuple[float, float]:
+    """`stacked_layer_params`, kept in `cache`: it reads tp, ep and etp only."""
+    key = ("stacked_layer_params", probe.tp, probe.ep, probe.etp)
+    if key not in cache:
+        cache[key] = stacked_layer_params(model, probe)
+    return cache[key]
 
 
 def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> LayerConfig:
@@ -202,7 +212,7 @@ def _layer_config(model, cluster, training, probe: Mapping, hw, cache: dict) -> 
     layers, head, tail = floor_costs
     return LayerConfig(
         probe.tp, probe.cp, probe.ep, probe.etp, probe.micro_batch_size, probe,
-        work_of(model, *costs), work_of(model, *floor_costs), stacked_layer_params(model, probe),
+        work_of(model, *costs), work_of(model, *floor_costs), _stacked_params(model, probe, cache),
         head.total, tail.total, min(c.total for c in layers.values()),
         tuple(layers[k].total if k in layers else 0.0 for k in (False, True)),
         pipeline_send_bytes(model, training, probe), *_windows(costs))
@@ -275,6 +285,11 @@ def _dp_floor(model, cluster, training, values, lc: LayerConfig, pp: int, vpp: i
             for distributed in values["distributed_optimizer"]:
                 times.append((distributed, *dp_comm_times(hw, pd, pe, dense, expert,
                                                           param_bytes, distributed)[:3]))
+        # `dp_exposed` is non-decreasing in the reduction and gather times: a choice no
+        # faster in any of the three than another with the same optimizer never gives the min.
+        times = [t for i, t in enumerate(times) if not any(
+            u[0] == t[0] and all(a <= b for a, b in zip(u[1:], t[1:])) and (u != t or j < i)
+            for j, u in enumerate(times) if j != i)]
         memo[key] = times
     fwd = most * lc.layer_window_s[0] + lc.head_window_s[0]
     bwd = most * lc.layer_window_s[1] + lc.head_window_s[1]
