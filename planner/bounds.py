@@ -13,13 +13,17 @@ configuration (l, pp, vpp):
   layers, middle stages, output + last-stage layers, each layer at its kind's cost without
   recompute (`split_bound`).
 None depends on the rank order or, beyond the choice offered, the optimizer sharding.
+Layer configurations that share sizes, micro-batch and dispatcher start as one group at a
+floor over all of them (`layer_configs`); when the search reaches it, the members without
+recompute are costed and the others wait as a group at the smallest of their bounds
+(`without_recompute`): recompute only adds time.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import product
 
@@ -145,6 +149,32 @@ def group_members(model, cluster, training, group: LayerConfig, cache: dict) -> 
     """The costed configurations a group stands for (the valid ones)."""
     return _costed(model, cluster, training, group.probe, group.options, hardware(cluster),
                    cache)
+
+
+def without_recompute(group: LayerConfig) -> tuple[LayerConfig, LayerConfig | None]:
+    """(the group's members without recompute, the others) as two groups; (group, None) when
+    one of them would be empty. Why the others can wait (`recompute_bounds`): recompute only
+    adds time to a layer (its forward again, and with full recompute its gathers and
+    dispatches again), and a member with recompute is valid and allowed with a pipeline
+    wherever the same member without it is (no rule of kind "pipeline" reads recompute;
+    those of kind "option" only refuse more with it)."""
+    base = tuple(o for o in group.options if o["recompute"] == "none")
+    rest = tuple(o for o in group.options if o["recompute"] != "none")
+    if not base or not rest:
+        return group, None
+    return replace(group, options=base), replace(group, options=rest)
+
+
+def recompute_bounds(rest: LayerConfig, base_bounds: list[PipelineBound]) -> list[PipelineBound]:
+    """`rest` (`without_recompute`'s second group) at the smallest bound of the members
+    without recompute, per (pp, vpp): no member of `rest` has a smaller one. Of partial
+    recompute's floor (pp >= 2, vpp = 1) too: the same mapping without recompute."""
+    best: dict[tuple[int, int], float] = {}
+    for b in base_bounds:
+        key = (b.pp, b.vpp)
+        best[key] = min(best.get(key, math.inf), b.step_s)
+    # A recompute that adds nothing sums the same costs in another order: allow for rounding.
+    return [PipelineBound(s * (1 - 1e-12), rest, pp, vpp) for (pp, vpp), s in best.items()]
 
 
 def _valid_probe(model, cluster, training, probe: Mapping, opts: dict) -> Mapping | None:

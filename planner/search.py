@@ -41,7 +41,8 @@ from cost_model.profile_model import step_time_scale
 from cost_model.specs import ClusterSpec, Mapping, ModelSpec, TrainingSpec
 from cost_model.validate import mapping_errors
 
-from .bounds import PipelineBound, group_members, layer_configs, pipeline_bounds, split_bound
+from .bounds import PipelineBound, group_members, layer_configs, pipeline_bounds
+from .bounds import recompute_bounds, split_bound, without_recompute
 from .candidates import Row, class_key, is_classic, sizes_classic, super_key, tie_key
 from .expand import check_fixed, expand, stage_bases, stages_free
 from .export import megatron_args, sbatch_script, torchrun_script
@@ -120,6 +121,7 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
                        limit, t0, True, 0, 0)
     counts = {"groups_costed": 0, "layer_configs_costed": sum(not c.is_group for c in configs),
               "pruned_by_memory_bound": 0}
+    rests: list = []  # groups' members with recompute, queued apart (`without_recompute`)
     memo: dict = {}
     bounds, closest = pipeline_bounds(model, cluster, training, values, configs, counts, memo)
     tie = itertools.count()
@@ -154,10 +156,18 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
             if id(b.lc) in costed:  # its members' own bounds are queued
                 continue
             costed.add(id(b.lc))
-            members = group_members(model, cluster, training, b.lc, cache)
+            # The members without recompute first; the others queued as a group of their own
+            # at the smallest of those bounds (never below it: `bounds.without_recompute`).
+            group, rest = without_recompute(b.lc)
+            members = group_members(model, cluster, training, group, cache)
             counts["groups_costed"] += 1
             counts["layer_configs_costed"] += len(members)
-            for nb in pipeline_bounds(model, cluster, training, values, members, None, memo)[0]:
+            costed_bounds = pipeline_bounds(model, cluster, training, values, members, None,
+                                            memo)[0]
+            if rest is not None:
+                rests.append(rest)
+                costed_bounds += recompute_bounds(rest, costed_bounds)
+            for nb in costed_bounds:
                 heapq.heappush(queue, (nb.step_s, next(tie), nb))
         return None
 
@@ -220,7 +230,8 @@ def plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, top_k: 
     left = [b for _, _, b in queue if not (b.lc.is_group and id(b.lc) in costed)]
     counts |= {"pipeline_configs_pruned_by_step_bound": len(left),
                "layer_configs_skipped_by_floor": sum(
-                   len(c.options) for c in configs if c.is_group and id(c) not in costed),
+                   len(c.options) for c in configs + rests
+                   if c.is_group and id(c) not in costed),
                "stage_solves_skipped_by_split_bound": skipped,
                "folded_configs_past_kth_best": past_kth}
     return _answer(model, cluster, training, state, configs, next_b, closest, fixed, limit, t0,

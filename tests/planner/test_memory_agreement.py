@@ -13,7 +13,7 @@ from cost_model.hardware import hardware
 from cost_model.specs import ClusterSpec, GPUSpec, Mapping, ModelSpec, TrainingSpec
 from exhaustive import enumerate_mappings
 from planner.bounds import (group_members, layer_configs, memory_lower_bound, pipeline_bounds,
-                            split_bound)
+                            recompute_bounds, split_bound, without_recompute)
 from planner.search import plan
 from planner.space import CONTRACT_FIELDS, OPTION_FIELDS, candidate_values
 
@@ -114,6 +114,34 @@ def _group_key(m: Mapping) -> tuple:
 def _layer_key(m: Mapping) -> tuple:
     return (m.tp, m.cp, m.ep, m.etp, m.micro_batch_size, m.recompute, m.dispatcher,
             m.recompute_modules, m.flex_backend, m.moe_a2a_overlap)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_members_with_recompute_never_bound_below_their_group_without(precision):
+    """The search costs a group's members without recompute first and queues the others at
+    the smallest of their bounds (`without_recompute`): every member with recompute has a
+    bound at least that, at every (pp, vpp) it has one."""
+    model = _small_moe(False)
+    cluster = ClusterSpec(num_nodes=2, gpus_per_node=4)
+    training = TrainingSpec(seq_length=4096, global_batch_size=16, precision=precision)
+    values = candidate_values(model, cluster, training, {})
+    cache: dict = {}
+    checked = 0
+    for group in [c for c in layer_configs(model, cluster, training, values, cache)
+                  if c.is_group]:
+        base, rest = without_recompute(group)
+        if rest is None:
+            continue
+        assert {o["recompute"] for o in base.options} == {"none"}
+        assert len(base.options) + len(rest.options) == len(group.options)
+        first = pipeline_bounds(model, cluster, training, values,
+                                group_members(model, cluster, training, base, cache))[0]
+        floor = {(b.pp, b.vpp): b.step_s for b in recompute_bounds(rest, first)}
+        for b in pipeline_bounds(model, cluster, training, values,
+                                 group_members(model, cluster, training, rest, cache))[0]:
+            assert floor[(b.pp, b.vpp)] <= b.step_s, (b.lc.probe, b.pp, b.vpp)
+            checked += 1
+    assert checked > 100
 
 
 def test_a_bound_that_beats_every_row_gives_feasible_not_a_crash():
