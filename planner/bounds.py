@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import product
 
+import numpy as np
+
 from cost_model.estimate import dp_comm_times, dp_exposed, make_context, micro_batch_costs
 from cost_model.estimate import micro_batch_floor, work_of
 from cost_model.hardware import hardware
@@ -473,22 +475,24 @@ def _homogeneous_split(L: int, pp: int, t: float, head: float, tail: float) -> f
 def _mixed_split(pattern, pp: int, kind_s: tuple[float, float], head: float,
                  tail: float) -> float:
     """The smallest slowest-stage time over every split (n_f, k, n_l) of dense and MoE layers
-    in `pattern` order (exhaustive: the layer at each position is known)."""
+    in `pattern` order (exhaustive: the layer at each position is known; every first-stage
+    size n_f of one middle-stage size k at once)."""
     L = len(pattern)
     prefix = [0.0]
     for x in pattern:
         prefix.append(prefix[-1] + kind_s[x])
+    P = np.array(prefix)
     best = math.inf
     for k in range(0 if pp == 2 else 1, L + 1):
         rest = L - (pp - 2) * k
         if rest < 2 or (pp == 2 and k):
             break
-        window = [prefix[i + k] - prefix[i] for i in range(L - k + 1)]  # layers [i, i + k)
-        for n_f in range(1, rest):
-            end = L - (rest - n_f)  # the last stage starts here
-            t = max(head + prefix[n_f], tail + prefix[L] - prefix[end])
-            if k:
-                t = max(t, max(window[n_f:end:k]))
-            best = min(best, t)
+        n_f = np.arange(1, rest)
+        end = n_f + (pp - 2) * k  # where the last stage starts
+        t = np.maximum(head + P[n_f], (tail + prefix[L]) - P[end])
+        if k:
+            window = P[k:] - P[:-k]  # layers [i, i + k)
+            t = np.maximum(t, window[n_f[:, None] + k * np.arange(pp - 2)].max(axis=1))
+        best = min(best, float(t.min()))
     # The estimate adds the same layer costs in another order: allow for float rounding.
     return best * (1 - 1e-12)
