@@ -31,6 +31,8 @@ hold only two K/V blocks at a time, which matters at 100K+ tokens and is left fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +42,14 @@ from cost_model.specs import ModelSpec
 
 from .arch import ArchOptions, YarnRope
 from .comm import CommCounter, all_gather_v
-from .linear import accumulation_target, add_weight_grad, linear
-from .norm import RMSNorm
+from .linear import (
+    accumulation_target,
+    add_weight_grad,
+    linear,
+    stacked_view,
+    transposed,
+)
+from .norm import RMSNorm, rms_norm_backward, rms_norm_forward
 from .parallel_dims import ParallelDims
 from .tensor_parallel import mark_tp
 
@@ -88,13 +96,14 @@ class _RopeFunction(torch.autograd.Function):
 
 
 def _rotate(x: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-    """The rotation of `_RopeFunction` (tables from `rope_tables`)."""
-    return (x * cos_SDh + _swap_pairs(x) * sin_SDh).to(x.dtype)
+    """The rotation of `_RopeFunction` (tables from `rope_tables`): x * cos, then the swapped
+    pairs times sin added by one `addcmul` (the same two roundings as a mul and an add)."""
+    return torch.addcmul(x * cos_SDh, _swap_pairs(x), sin_SDh).to(x.dtype)
 
 
 def _rotate_grad(g: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
     """Its transpose: dx = g * cos + swap_pairs(g * sin)."""
-    return (g * cos_SDh + _swap_pairs(g * sin_SDh)).to(g.dtype)
+    return torch.addcmul(_swap_pairs(g * sin_SDh), g, cos_SDh).to(g.dtype)
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
@@ -103,47 +112,101 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tens
     return _RopeFunction.apply(x_BHSDh, cos_SDh, sin_SDh)
 
 
+def _heads(x_NQ: torch.Tensor, B: int, Dh: int, first: int, num: int) -> torch.Tensor:
+    """Heads [first, first + num) of the rows x_NQ (contiguous, N = B*S tokens, Q = heads x
+    Dh) as [B, num, S, Dh]: one strided view where a view, a split and a transpose take three."""
+    N, Q = x_NQ.shape
+    S = N // B
+    return x_NQ.as_strided((B, num, S, Dh), (S * Q, Dh, Q, 1), x_NQ.storage_offset() + first * Dh)
+
+
+def _rows(o_BHSDh: torch.Tensor) -> torch.Tensor:
+    """The flash kernel's output [B, H, S, Dh] (memory order [B, S, H, Dh]) as rows [B*S, H*Dh]:
+    one view (a transpose and a view otherwise)."""
+    B, H, S, Dh = o_BHSDh.shape
+    if o_BHSDh.stride() != (S * H * Dh, Dh, H * Dh, 1):
+        return o_BHSDh.transpose(1, 2).reshape(B * S, H * Dh)
+    return o_BHSDh.as_strided((B * S, H * Dh), (H * Dh, 1))
+
+
+@dataclass(frozen=True)
+class _CpuAttentionArgs:
+    """The non-tensor arguments of `_CpuAttention`."""
+
+    num_heads: int  # Hl
+    num_groups: int  # Gl
+    scale: float | None
+    wgrads: tuple  # gradient-accumulation targets (linear.py) of [wq; wk; wv] and wo, or None
+    w_DQ: torch.Tensor  # [wq; wk; wv]^T (a view made once where the weights lie side by side)
+    wo_QD: torch.Tensor  # wo^T (a view made once)
+    norm_eps: tuple | None = None  # the block's two RMSNorms' eps (0-d tensors; with `norms`)
+
+
 class _CpuAttention(torch.autograd.Function):
     """The whole attention of one layer on CPU (no cp, no q/k norm, no biases) as one op:
         qkv = x W_qkv^T, rope on q and k, causal SDPA (its CPU flash kernel, GQA native),
         out = o W_o^T
     with a hand-written backward that calls the kernels autograd would call (the flash
     kernel's own backward, the same GEMMs, the rotation of `_RopeFunction`), so the numbers are
-    those of the op-by-op path; 43 ops forward + backward where that path dispatches 57.
-    Layouts: the flash kernel returns o and takes/returns gradients in [B, S, H, Dh] memory
-    order, so every [B, S, .] <-> [B, H, S, Dh] change is a free transpose."""
+    those of the op-by-op path. Layouts: the flash kernel returns o and takes/returns
+    gradients in [B, S, H, Dh] memory order, so every [B, S, .] <-> [B, H, S, Dh] change is a
+    free transpose.
+    With the block's two RMSNorm weights (`Attention.block`) it is the layer's whole attention
+    half: h = norm1(x), x1 = x + attention(h) (the residual added by the output GEMM, one
+    `addmm`), h2 = norm2(x1), returning (x1, h2); its backward adds the residual stream's
+    gradient inside the norms' last op (`norm.rms_norm_backward`), where autograd would add
+    the two branches' gradients with one more op per residual (issue 12)."""
 
     @staticmethod
-    def forward(ctx, x, w_QD, wo_DQ, cos_SDh, sin_SDh, Hl: int, Gl: int, scale: float | None,
-                wgrads: tuple):
+    def forward(ctx, x, w_QD, wo_DQ, norm1_D, norm2_D, cos_SDh, sin_SDh, args: _CpuAttentionArgs):
         S, D = cos_SDh.shape[0], x.shape[-1]
         B = x.shape[0] if x.dim() == 3 else x.shape[0] // S
+        Hl, Gl = args.num_heads, args.num_groups
         x_ND = x if x.dim() == 2 else x.reshape(B * S, D)  # x_BSD or the flat x_ND
-        qkv = torch.mm(x_ND, w_QD.t()).view(B, S, Hl + 2 * Gl, -1)
-        qk_BSXDh, v_BSGDh = qkv.split([Hl + Gl, Gl], dim=2)
-        q, k = _rotate(qk_BSXDh.transpose(1, 2), cos_SDh, sin_SDh).split([Hl, Gl], dim=1)
-        v = v_BSGDh.transpose(1, 2)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        o_NQ = o.transpose(1, 2).reshape(B * S, -1)
-        ctx.save_for_backward(x_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ)
-        ctx.scale, ctx.wgrads = scale, wgrads  # gradient-accumulation targets (linear.py) or None
-        out_ND = torch.mm(o_NQ, wo_DQ.t())
-        return out_ND if x.dim() == 2 else out_ND.view(B, S, D)
+        block = norm1_D is not None
+        h_ND, xhat1_ND, rstd1_N1 = rms_norm_forward(x_ND, norm1_D, args.norm_eps[0]) if block else (x_ND, None, None)
+        qkv_NQ = torch.mm(h_ND, args.w_DQ)
+        q, k = _rotate(_heads(qkv_NQ, B, cos_SDh.shape[1], 0, Hl + Gl), cos_SDh, sin_SDh).split([Hl, Gl], dim=1)
+        v = _heads(qkv_NQ, B, cos_SDh.shape[1], Hl + Gl, Gl)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=args.scale)
+        o_NQ = _rows(o)
+        ctx.args = args
+        if not block:
+            ctx.save_for_backward(h_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ)
+            out_ND = torch.mm(o_NQ, args.wo_QD)
+            return out_ND if x.dim() == 2 else out_ND.view(B, S, D)
+        x1_ND = torch.addmm(x_ND, o_NQ, args.wo_QD)
+        h2_ND, xhat2_ND, rstd2_N1 = rms_norm_forward(x1_ND, norm2_D, args.norm_eps[1])
+        ctx.save_for_backward(h_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ,
+                              norm1_D, xhat1_ND, rstd1_N1, norm2_D, xhat2_ND, rstd2_N1)
+        if x.dim() == 2:
+            return x1_ND, h2_ND
+        return x1_ND.view(B, S, D), h2_ND.view(B, S, D)
 
     @staticmethod
-    def backward(ctx, g):
-        x_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ = ctx.saved_tensors
+    def backward(ctx, g, g_h2=None):
+        h_ND, w_QD, wo_DQ, cos_SDh, sin_SDh, q, k, v, o, lse, o_NQ, *norms = ctx.saved_tensors
+        args, needs = ctx.args, ctx.needs_input_grad
         B, S, D = q.shape[0], q.shape[2], g.shape[-1]
         g_ND = g if g.dim() == 2 else g.reshape(B * S, D)
-        g_wo = add_weight_grad(ctx.wgrads[1], g_ND, o_NQ)
-        g_o = torch.mm(g_ND, wo_DQ).view(B, S, q.shape[1], -1).transpose(1, 2)
+        g_norm2 = None
+        if norms:  # g_ND: the gradient of x1 from both branches
+            norm1_D, xhat1_ND, rstd1_N1, norm2_D, xhat2_ND, rstd2_N1 = norms
+            g_h2_ND = g_h2 if g_h2.dim() == 2 else g_h2.reshape(B * S, D)
+            g_ND, g_norm2 = rms_norm_backward(g_h2_ND, xhat2_ND, rstd2_N1, norm2_D, need_w=needs[4],
+                                              residual_ND=g_ND)
+        g_wo = add_weight_grad(args.wgrads[1], g_ND, o_NQ)
+        g_o = _heads(torch.mm(g_ND, wo_DQ), B, q.shape[3], 0, q.shape[1])
         g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g_o, q, k, v, o, lse, 0.0, True, scale=ctx.scale)
+            g_o, q, k, v, o, lse, 0.0, True, scale=args.scale)
         g_qk = _rotate_grad(torch.cat([g_q, g_k], dim=1), cos_SDh, sin_SDh)
         g_qkv_NQ = torch.cat([g_qk.transpose(1, 2), g_v.transpose(1, 2)], dim=2).view(B * S, -1)
-        g_w = add_weight_grad(ctx.wgrads[0], g_qkv_NQ, x_ND)
+        g_w = add_weight_grad(args.wgrads[0], g_qkv_NQ, h_ND)
         g_x = torch.mm(g_qkv_NQ, w_QD)
-        return g_x if g.dim() == 2 else g_x.view(B, S, D), g_w, g_wo, None, None, None, None, None, None
+        g_norm1 = None
+        if norms:  # the residual: x's gradient is x1's plus the norm's
+            g_x, g_norm1 = rms_norm_backward(g_x, xhat1_ND, rstd1_N1, norm1_D, need_w=needs[3], residual_ND=g_ND)
+        return g_x if g.dim() == 2 else g_x.view(B, S, D), g_w, g_wo, g_norm1, g_norm2, None, None, None
 
 
 def cp_positions(seq_len: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -216,6 +279,27 @@ class Attention(nn.Module):
                 and self.wq.bias is None and not self.selective_recompute
                 and not torch.is_autocast_enabled("cpu"))
 
+    def _fused_args(self, norm_eps: tuple | None = None):
+        """(w_QD, wo_DQ, args) of `_CpuAttention`. With the weights' gradients accumulated in
+        the optimizer's buffer and wq, wk, wv side by side in its flat parameter buffer
+        (optimizer.py), w_QD is their view there, made once; else one cat per call."""
+        weights = [self.wq.weight, self.wk.weight, self.wv.weight]
+        wgrads = (accumulation_target(weights), accumulation_target([self.wo.weight]))
+        w_QD = stacked_view(weights) if wgrads[0] is not None else None
+        if w_QD is None:
+            w_QD = torch.cat(weights)
+        return w_QD, self.wo.weight, _CpuAttentionArgs(self.Hl, self.Gl, self.scale, wgrads, transposed(w_QD),
+                                                       transposed(self.wo.weight), norm_eps)
+
+    def block(self, x: torch.Tensor, norm1: RMSNorm, norm2: RMSNorm, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half of a pre-norm layer without tp, x -> (x1, norm2(x1)) with
+        x1 = x + attention(norm1(x)): one `_CpuAttention` where `_fused`, else op by op."""
+        if not self._fused(x):
+            x1 = x + self(norm1(x), rope, None)
+            return x1, norm2(x1)
+        w_QD, wo_DQ, args = self._fused_args((norm1.eps_t, norm2.eps_t))
+        return _CpuAttention.apply(x, w_QD, wo_DQ, norm1.weight_D, norm2.weight_D, *rope, args)
+
     def _core(self, q, k, v, mask_SSk):
         return attention_core(q, k, v, mask_SSk, self.scale)
 
@@ -229,13 +313,11 @@ class Attention(nn.Module):
         cos_SDh, sin_SDh = rope
         S = cos_SDh.shape[0]
         B = x_BSD.shape[0] if x_BSD.dim() == 3 else x_BSD.shape[0] // S
+        if self._fused(x_BSD):
+            w_QD, wo_DQ, args = self._fused_args()
+            return _CpuAttention.apply(x_BSD, w_QD, wo_DQ, None, None, cos_SDh, sin_SDh, args)
         # One GEMM for q, k and v: the three weights (and biases) side by side.
         w_QD = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        if self._fused(x_BSD):
-            wgrads = (accumulation_target([self.wq.weight, self.wk.weight, self.wv.weight]),
-                      accumulation_target([self.wo.weight]))
-            return _CpuAttention.apply(x_BSD, w_QD, self.wo.weight, cos_SDh, sin_SDh, self.Hl, self.Gl,
-                                       self.scale, wgrads)
         b_Q = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
         qkv = linear(x_BSD, w_QD, b_Q).view(B, S, self.Hl + 2 * self.Gl, self.Dh)
         qk_BSXDh, v = qkv.split([self.Hl + self.Gl, self.Gl], dim=2)  # X = Hl + Gl

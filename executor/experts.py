@@ -16,7 +16,10 @@ zero-padded [El, Cm, D] batch and multiplied with one bmm per weight: every expe
 as much as the busiest one, and Cm is read to the host (the one path with a host read here).
 w1 holds the gate and up projections side by side ([El, D, 2Fs]): one GEMM for both. With
 SwiGLU the grouped and the pad-to-capacity computations are one autograd Function with a
-hand-written backward (`_SwiGLUExperts`, issue 12: fewer ops per step).
+hand-written backward (`_SwiGLUExperts`, issue 12: fewer ops per step): the weights'
+transposes are views made once (linear.transposed), and in the pad-to-capacity layout the
+weight gradients are added into the distributed optimizer's buffer by the bmm itself
+(`baddbmm_`, Megatron's gradient-accumulation fusion; the grouped GEMM has no such form).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import normal
+from .linear import accumulation_target, transposed
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -54,23 +58,26 @@ class _SwiGLUExperts(torch.autograd.Function):
         dgate = silu'(gate) * dact * up, dx = [dgate dup] w1^T, dw1 = x^T [dgate dup]."""
 
     @staticmethod
-    def forward(ctx, x, w1_EDF, w2_EFD, offs_E: torch.Tensor | None):
-        ctx.offs_E = offs_E
+    def forward(ctx, x, w1_EDF, w2_EFD, offs_E: torch.Tensor | None, wgrads: tuple):
+        """`wgrads`: the weights' gradient buffers to add into (pad-to-capacity only), or None."""
+        ctx.offs_E, ctx.wgrads = offs_E, wgrads
+        ctx.w1_EFD, ctx.w2_EDF = transposed(w1_EDF), transposed(w2_EFD)  # views made once
         gate, up = _expert_mm(x, w1_EDF, offs_E).chunk(2, dim=-1)
         a = F.silu(gate)
         act = a * up
-        ctx.save_for_backward(x, w1_EDF, w2_EFD, gate, up, a, act)
+        ctx.save_for_backward(x, gate, up, a, act)
         return _expert_mm(act, w2_EFD, offs_E)
 
     @staticmethod
     def backward(ctx, g):
-        x, w1_EDF, w2_EFD, gate, up, a, act = ctx.saved_tensors
+        x, gate, up, a, act = ctx.saved_tensors
         offs_E = ctx.offs_E
         g = g.contiguous()  # the grouped GEMM refuses e.g. the stride-0 gradient of .sum()
-        g_act = _expert_mm(g, w2_EFD.transpose(-2, -1), offs_E)
-        g_w2 = _expert_wgrad(act, g, offs_E)
+        g_act = _expert_mm(g, ctx.w2_EDF, offs_E)
+        g_w2 = _expert_wgrad(act, g, offs_E, ctx.wgrads[1])
         g_h = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * a], dim=-1)
-        return _expert_mm(g_h, w1_EDF.transpose(-2, -1), offs_E), _expert_wgrad(x, g_h, offs_E), g_w2, None
+        g_w1 = _expert_wgrad(x, g_h, offs_E, ctx.wgrads[0])
+        return _expert_mm(g_h, ctx.w1_EFD, offs_E), g_w1, g_w2, None, None
 
 
 def _expert_mm(x: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor | None) -> torch.Tensor:
@@ -80,9 +87,14 @@ def _expert_mm(x: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor | None
     return torch._grouped_mm(x, w_EIO, offs=offs_E)
 
 
-def _expert_wgrad(x: torch.Tensor, g: torch.Tensor, offs_E: torch.Tensor | None) -> torch.Tensor:
-    """Per expert e: x_e^T g_e ([El, I, O]), the weight gradient of `_expert_mm`."""
+def _expert_wgrad(x: torch.Tensor, g: torch.Tensor, offs_E: torch.Tensor | None,
+                  target: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per expert e: x_e^T g_e ([El, I, O]), the weight gradient of `_expert_mm`; with a
+    `target` (the batch layout only) added into it by one `baddbmm_` (returns None)."""
     if offs_E is None:
+        if target is not None:
+            target.baddbmm_(x.transpose(1, 2), g)
+            return None
         return torch.bmm(x.transpose(1, 2), g)
     return torch._grouped_mm(x.t(), g, offs=offs_E)
 
@@ -206,7 +218,8 @@ class GroupedExperts(nn.Module):
     def _forward_grouped(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
         offs_E = _rows(rows, x_MD.device).offsets_E
         if self.gated:
-            return _SwiGLUExperts.apply(x_MD, self.w1_EDF.to(x_MD.dtype), self.w2_EFD.to(x_MD.dtype), offs_E)
+            return _SwiGLUExperts.apply(x_MD, self.w1_EDF.to(x_MD.dtype), self.w2_EFD.to(x_MD.dtype), offs_E,
+                                        (None, None))
         h_MF = _ContiguousGrad.apply(torch._grouped_mm(x_MD, self.w1_EDF.to(x_MD.dtype), offs=offs_E))
         h_MF = self._activation(h_MF)
         return _ContiguousGrad.apply(torch._grouped_mm(h_MF, self.w2_EFD.to(x_MD.dtype), offs=offs_E))
@@ -215,7 +228,12 @@ class GroupedExperts(nn.Module):
         """Pad-to-capacity rows: expert e owns rows [e*C, (e+1)*C) -> one bmm per weight."""
         x_ECD = x_MD.view(self.num_local, capacity, x_MD.shape[1])
         if self.gated:
-            y_ECD = _SwiGLUExperts.apply(x_ECD, self.w1_EDF.to(x_MD.dtype), self.w2_EFD.to(x_MD.dtype), None)
+            # the weight gradients go straight into the optimizer's buffer (linear.py), when there is one
+            wgrads = (accumulation_target([self.w1_EDF]), accumulation_target([self.w2_EFD]))
+            if any(t is not None and t.dtype != x_MD.dtype for t in wgrads):  # e.g. bf16 rows
+                wgrads = (None, None)
+            y_ECD = _SwiGLUExperts.apply(x_ECD, self.w1_EDF.to(x_MD.dtype), self.w2_EFD.to(x_MD.dtype), None,
+                                         wgrads)
             return y_ECD.view(x_MD.shape[0], -1)
         h_ECF = self._activation(torch.bmm(x_ECD, self.w1_EDF.to(x_MD.dtype)))
         return torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype)).view(x_MD.shape[0], -1)

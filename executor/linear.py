@@ -5,7 +5,7 @@ Legend: N rows (all leading dimensions of x flattened), I input features, O outp
 Autograd's graph of `F.linear` dispatches t + mm forward and, in backward, the matmul's three
 transposes, two GEMMs and the weight transpose's own transpose (6 ops). The Function runs the
 same GEMMs, so the numbers are the same bit for bit, with one transpose in backward:
-    forward    y_NO = x_NI @ W_OI^T                   (t, mm)
+    forward    y_NO = x_NI @ W_OI^T                   (mm; W^T a view made once, `transposed`)
     backward   dx_NI = g_NO @ W_OI                     (mm)
                dW_OI = g_NO^T @ x_NI                   (t, mm)
                db_O = sum_N g_NO                       (sum)
@@ -28,6 +28,45 @@ import torch
 import torch.nn.functional as F
 
 
+def reuse_view(owner, slot: str, sources: list[torch.Tensor | None], build):
+    """`build()`, a view (or tuple of views, or None) of the tensors `sources`, made once and
+    kept on `owner` under `slot` while every source keeps its storage, dtype, shape and strides
+    (issue 12: a parameter's transposed view, or q/k/v side by side in the optimizer's flat
+    buffer, is not made again for every micro-batch). Only views belong here: they read the
+    sources' current values; a copy would go stale."""
+    key = tuple(None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in sources)
+    hit = getattr(owner, slot, None)
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (key, build())
+        setattr(owner, slot, hit)
+    return hit[1]
+
+
+def stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """`tensors` stacked along dim 0 as one view, when they lie back to back in one storage
+    (contiguous, same trailing shape); else None. Kept on the first tensor (`reuse_view`)."""
+    first, end = tensors[0], tensors[0].data_ptr()
+    for t in tensors:
+        if t.data_ptr() != end or not t.is_contiguous() or t.shape[1:] != first.shape[1:]:
+            return None
+        end += t.numel() * t.element_size()
+    if len(tensors) == 1:
+        return first
+    if any(t.grad_fn is not None for t in tensors):
+        return None
+    shape = (sum(t.shape[0] for t in tensors),) + tuple(first.shape[1:])
+    return reuse_view(first, "_stacked_view", tensors, lambda: first.detach().as_strided(shape, first.stride()))
+
+
+def transposed(weight_OI: torch.Tensor) -> torch.Tensor:
+    """weight^T (the last two dimensions swapped) as a view made once (`reuse_view`) for a
+    parameter; made each call otherwise."""
+    if weight_OI.grad_fn is not None:
+        return weight_OI.transpose(-2, -1)
+    return reuse_view(weight_OI, "_transposed_view", [weight_OI], lambda: weight_OI.detach().transpose(-2, -1))
+
+
 def accumulation_target(params: list[torch.Tensor]) -> torch.Tensor | None:
     """The gradient of `params` stacked along dim 0, as one tensor a backward may add into
     (module docstring), or None where autograd must accumulate as usual."""
@@ -36,12 +75,7 @@ def accumulation_target(params: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     if len(grads) == 1:
         return grads[0]
-    first, end = grads[0], grads[0].data_ptr()
-    for g in grads:
-        if g.data_ptr() != end or not g.is_contiguous() or g.shape[1:] != first.shape[1:]:
-            return None
-        end += g.numel() * g.element_size()
-    return first.as_strided((sum(g.shape[0] for g in grads),) + tuple(first.shape[1:]), first.stride())
+    return stacked_view(grads)
 
 
 def add_weight_grad(target: torch.Tensor | None, g_NO: torch.Tensor, x_NI: torch.Tensor) -> torch.Tensor | None:
@@ -60,8 +94,8 @@ class _LinearFunction(torch.autograd.Function):
         ctx.wgrad_OI = wgrad_OI
         ctx.has_bias = bias_O is not None
         if bias_O is None:
-            return torch.mm(x_NI, weight_OI.t())
-        return torch.addmm(bias_O, x_NI, weight_OI.t())
+            return torch.mm(x_NI, transposed(weight_OI))
+        return torch.addmm(bias_O, x_NI, transposed(weight_OI))
 
     @staticmethod
     def backward(ctx, g_NO: torch.Tensor):

@@ -80,9 +80,13 @@ class Block(nn.Module):
             self.ffn = MLP(spec.hidden_size, spec.ffn_hidden_size, spec.swiglu, self.tp, counter)
 
     def forward(self, x_BsD, rope, mask_SSk):
-        h_BSD = sp_gather(self.attn_norm(x_BsD), self.tp, self.counter)
-        x_BsD = x_BsD + sp_scatter(self.attn(h_BSD, rope, mask_SSk), self.tp, self.counter)
-        h_BsD = self.ffn_norm(x_BsD)
+        if self.tp.size == 1 and mask_SSk is None and isinstance(self.attn, Attention):
+            # norm, attention, residual add and the next norm as one op on CPU (attention.py)
+            x_BsD, h_BsD = self.attn.block(x_BsD, self.attn_norm, self.ffn_norm, rope)
+        else:
+            h_BSD = sp_gather(self.attn_norm(x_BsD), self.tp, self.counter)
+            x_BsD = x_BsD + sp_scatter(self.attn(h_BSD, rope, mask_SSk), self.tp, self.counter)
+            h_BsD = self.ffn_norm(x_BsD)
         if self.is_moe:
             out = self.ffn(h_BsD)
             return x_BsD + out.out_BsD, out.aux_loss, out.num_dropped
@@ -209,9 +213,10 @@ class MoETransformer(nn.Module):
         tp = self.dims.group("tp")
         x_BSD = sp_gather(self.norm(x_BsD), tp, self.counter)
         weight_VlD = self.output.weight if self.output is not None else self.embed.weight
-        logits_TVl = linear(x_BSD, weight_VlD).reshape(-1, weight_VlD.shape[0])  # a view when flat already
-        ce_T = vocab_parallel_cross_entropy(logits_TVl, self._local_chunks(targets_BSf, pos_S).reshape(-1), tp, self.counter)
-        return ce_T.sum()
+        logits = linear(x_BSD, weight_VlD)
+        logits_TVl = logits if logits.dim() == 2 else logits.reshape(-1, weight_VlD.shape[0])  # flat already
+        targets_T = self._local_chunks(targets_BSf, pos_S).reshape(-1)
+        return vocab_parallel_cross_entropy(logits_TVl, targets_T, tp, self.counter, reduction="sum")
 
     def forward(self, tokens_BSf: torch.Tensor, targets_BSf: torch.Tensor):
         """Whole model (pre and post): (sum of token cross-entropies, router loss share, dropped)."""

@@ -20,8 +20,9 @@ Flat buffers (Megatron's contiguous parameter and gradient buffers, issue 12): e
 parameters are views of one flat tensor `params_N` and their gradients views of one fp32
 tensor `grads_N`, made once. Autograd accumulates every micro-batch into the views in place,
 the reduce-scatter takes `grads_N` as it is (with one rank in the group it IS the shard), the
-update is one copy into `params_N`, and zero_grad zeroes one tensor per bucket: no per-parameter
-op per step outside autograd's own accumulation.
+update is one copy into `params_N` (none with one rank and fp32: the master shard is `params_N`
+itself), and zero_grad zeroes every bucket in one foreach op: no per-parameter op per step
+outside autograd's own accumulation.
 
 Mixed precision (Megatron-style, for bf16 runs): parameters and activations in bf16, every
 gradient accumulated into an fp32 `main_grad` (the parameter's view of `grads_N`; a
@@ -124,6 +125,10 @@ class DistributedAdamW:
             b = _Bucket(params, group, key, chunk, nn.Parameter(torch.empty(0)))
             b.master = nn.Parameter(b.mine(b.flat([p.detach() for p in params])).clone())
             b.bind()
+            if group.size == 1 and b.params_N.dtype == torch.float32:
+                # the whole bucket is this rank's fp32 shard: AdamW updates the parameters'
+                # buffer itself (no copy back after each step)
+                b.master = nn.Parameter(b.params_N)
             self.buckets.append(b)
         self.inner = adamw([b.master for b in self.buckets], lr=lr, betas=betas, eps=eps,
                            weight_decay=weight_decay)
@@ -147,28 +152,35 @@ class DistributedAdamW:
         """Per bucket key: sum of squares of the whole bucket's summed gradient (over its group)."""
         out = {}
         for b in self.buckets:
-            sq = b.master.grad.float().pow(2).sum().reshape(1)
-            out[b.key] = all_reduce_(sq, b.group, self.counter, b.key + ".grad_norm")
+            g = b.master.grad.float()
+            out[b.key] = all_reduce_(torch.dot(g, g), b.group, self.counter, b.key + ".grad_norm")  # 0-d
         return out
 
     def scale_grads(self, scale: torch.Tensor) -> None:
-        for b in self.buckets:
-            b.master.grad.mul_(scale)
+        """Every shard's gradient times `scale` (a device scalar), one foreach op."""
+        torch._foreach_mul_([b.master.grad for b in self.buckets], scale)
 
     @torch.no_grad()
     def step(self) -> None:
         """AdamW on the shards, then all-gather the updated parameters."""
         self.inner.step()
         for b in self.buckets:
+            if b.master.data_ptr() == b.params_N.data_ptr():  # updated in place (__init__)
+                continue
             flat_N = all_gather_v(b.master.detach(), [b.chunk] * b.group.size, b.group, self.counter,
                                   b.key + ".params")
             b.params_N.copy_(flat_N)  # casts to the parameter dtype
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffers (their views stay the parameters' .grad)."""
-        self.inner.zero_grad(set_to_none=set_to_none)
+        """Zero the flat gradient buffers, one foreach op (their views stay the parameters'
+        .grad); the shards' gradients are dropped (or zeroed)."""
         for b in self.buckets:
-            b.grads_N.zero_()
+            if set_to_none:
+                b.master.grad = None
+            elif b.master.grad is not None:
+                b.master.grad.zero_()
+        torch._foreach_zero_([b.grads_N for b in self.buckets])
+        for b in self.buckets:
             b.attach_grads()
 
     def param_moments(self) -> tuple[float, dict]:

@@ -142,8 +142,8 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
                 if chunk.post:
                     ce = chunk.loss(x, targets, pos)
                     objs.append((ce, loss_scale))
-                    parts[0].append(ce.detach())
-            parts[1].append(aux.detach())
+                    parts[0].append(ce)  # summed without autograd at the end (no detach op)
+            parts[1].append(aux)
             parts[2].append(dropped)
             if not chunk.post:
                 p2p.send(x, +1, FWD)
@@ -169,12 +169,13 @@ def run_schedule(chunks, steps, p2p: P2P | None, get_batch, act_shape, loss_scal
     assert not saved, sorted(saved)
     if p2p is not None:
         p2p.flush()
-    return torch.stack([_device_sum(xs, dev) for xs in parts])
+    with torch.no_grad():
+        return torch.stack([_device_sum(xs, dev) for xs in parts])
 
 
 def _device_sum(values: list, device) -> torch.Tensor:
     """float64 sum of device scalars and Python numbers, on the device (no host read)."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    total = torch.stack(tensors).double().sum() if tensors else torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.stack(tensors).sum(dtype=torch.float64) if tensors else torch.zeros((), dtype=torch.float64, device=device)
     number = sum(v for v in values if not isinstance(v, torch.Tensor))
     return total + number if number else total

@@ -99,6 +99,12 @@ class Routing:
     num_dropped: int | torch.Tensor  # dropped pairs on this rank (a device scalar: no host read)
 
 
+def load_imbalance(tokens_ME: torch.Tensor) -> torch.Tensor:
+    """Busiest expert's pairs over the mean, per row of `tokens_ME` (one row per layer and
+    micro-batch): what training.moe_expert_load_imbalance asks for."""
+    return tokens_ME.amax(-1) / tokens_ME.mean(-1).clamp_min(1e-9)
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, topk: int, num_experts: int) -> int:
     """Per-rank capacity: ceil(capacity_factor * local_tokens * topk / num_experts)."""
     return math.ceil(capacity_factor * num_tokens * topk / num_experts)
@@ -135,9 +141,12 @@ class _TopKSoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_TE, indices_TK, tokens_E, aux_scale: float, z_scale: float,
+    def forward(ctx, logits_TE, indices_TK, chosen_TK, tokens_E, aux_scale: float, z_scale: float,
                 prob_scale: float | None):
-        probs_TK = torch.softmax(logits_TE.gather(1, indices_TK), dim=-1)
+        """`chosen_TK`: the chosen logits (the top-k's values) or None (gathered here)."""
+        if chosen_TK is None:
+            chosen_TK = logits_TE.gather(1, indices_TK)
+        probs_TK = torch.softmax(chosen_TK, dim=-1)
         scores_TE = torch.softmax(logits_TE, dim=-1) if aux_scale or z_scale else None
         aux = lse_T = weight_E = None
         if aux_scale:
@@ -145,26 +154,32 @@ class _TopKSoftmaxLoss(torch.autograd.Function):
             aux = torch.dot(scores_TE.sum(0), weight_E)
         if z_scale:
             lse_T = torch.logsumexp(logits_TE, -1)
-            z = torch.dot(lse_T, lse_T) * z_scale
-            aux = z if aux is None else aux + z
+            zz = torch.dot(lse_T, lse_T)
+            aux = zz * z_scale if aux is None else torch.add(aux, zz, alpha=z_scale)
         if aux is None:
             aux = logits_TE.new_zeros(())
-        ctx.save_for_backward(probs_TK, indices_TK, scores_TE, lse_T, weight_E)
+        # Without scaling the probabilities are an output, which autograd saves with a detach
+        # each way; their input is saved instead and the softmax recomputed (one op for two).
+        ctx.save_for_backward(chosen_TK if prob_scale is None else probs_TK, indices_TK, scores_TE, lse_T, weight_E)
         ctx.scales, ctx.shape_TE = (aux_scale, z_scale, prob_scale), logits_TE.shape
-        ctx.mark_non_differentiable(indices_TK)
         return (probs_TK if prob_scale is None else probs_TK * prob_scale), aux
 
     @staticmethod
     def backward(ctx, g_probs_TK, g_aux):
         probs_TK, indices_TK, scores_TE, lse_T, weight_E = ctx.saved_tensors
         aux_scale, z_scale, prob_scale = ctx.scales
+        if prob_scale is None and g_probs_TK is not None:
+            probs_TK = torch.softmax(probs_TK, dim=-1)  # saved: the chosen logits
         g_TE = None
         if aux_scale:
             g_E = weight_E * g_aux
             g_TE = torch._softmax_backward_data(g_E.expand_as(scores_TE), scores_TE, -1, scores_TE.dtype)
-        if z_scale:
-            g_z_TE = scores_TE * (lse_T * (g_aux * (2.0 * z_scale)))[:, None]
-            g_TE = g_z_TE if g_TE is None else g_TE.add_(g_z_TE)
+        if z_scale:  # + 2 z_scale * ga * lse_t * s_te, the multiply-add in one op
+            c_T1 = (lse_T * g_aux)[:, None]
+            if g_TE is None:
+                g_TE = scores_TE * c_T1 * (2.0 * z_scale)
+            else:
+                g_TE = g_TE.addcmul_(scores_TE, c_T1, value=2.0 * z_scale)
         if g_TE is None:
             g_TE = probs_TK.new_zeros(ctx.shape_TE)
         if g_probs_TK is not None:
@@ -172,7 +187,7 @@ class _TopKSoftmaxLoss(torch.autograd.Function):
                 g_probs_TK = g_probs_TK * prob_scale
             g_top_TK = torch._softmax_backward_data(g_probs_TK, probs_TK, -1, probs_TK.dtype)
             g_TE = g_TE.scatter_add_(1, indices_TK, g_top_TK)
-        return g_TE, None, None, None, None, None
+        return g_TE, None, None, None, None, None, None
 
 
 class Router(nn.Module):
@@ -184,7 +199,7 @@ class Router(nn.Module):
         self.num_experts, self.topk, self.config = num_experts, topk, config
         if config.expert_bias:  # a buffer: changed by update_expert_bias, not by AdamW
             self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
-        # routed pairs per expert (global), one [E] tensor per forward; emptied by take_load,
+        # routed pairs per expert (global), one [E] tensor per forward; emptied by take_loads,
         # which the trainer calls once per step
         self._loads: list[torch.Tensor] = []
         self._tokens_E: torch.Tensor | None = None  # routed pairs per expert this step (global)
@@ -198,8 +213,10 @@ class Router(nn.Module):
             return
         self.expert_bias_E += self.config.expert_bias_update_rate * torch.sign(tokens_E.mean() - tokens_E)
 
-    def _choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Expert ids [T, K] chosen on the scores (plus bias), within the allowed groups."""
+    def _choose(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expert ids [T, K] chosen on the scores (plus bias), within the allowed groups, and
+        the chosen scores (the top-k's values) where the choice is on the scores alone (else
+        None)."""
         cfg, E, K = self.config, self.num_experts, self.topk
         choice_TE = scores_TE + self.expert_bias_E if cfg.expert_bias else scores_TE
         if cfg.num_groups:
@@ -209,17 +226,15 @@ class Router(nn.Module):
             allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_Tg, True)
             allowed_TE = allowed_TG.repeat_interleave(E // G, dim=1)
             choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
-        return torch.topk(choice_TE, K, dim=1).indices
+        values_TK, indices_TK = torch.topk(choice_TE, K, dim=1)
+        return indices_TK, values_TK if choice_TE is scores_TE else None
 
-    def take_load(self) -> tuple[torch.Tensor | None, int]:
-        """(sum, count) of the busiest expert's tokens over the mean, one term per micro-batch
-        routed since the last call (global over tp_cp_dp, before capacity dropping); resets."""
+    def take_loads(self) -> list[torch.Tensor]:
+        """The routed pairs per expert ([E] each, global over tp_cp_dp, before capacity
+        dropping), one per micro-batch routed since the last call; resets. The trainer takes
+        every router's at once per step (`load_imbalance`)."""
         loads, self._loads = self._loads, []
-        if not loads:
-            return None, 0
-        tokens_ME = torch.stack(loads)  # M micro-batches: the ratios in one go, once per step
-        ratio_M = tokens_ME.amax(-1) / tokens_ME.mean(-1).clamp_min(1e-9)
-        return ratio_M.sum(), len(loads)
+        return loads
 
     def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Scores the choice is made on (sigmoid, or softmax before the top-k)."""
@@ -271,7 +286,7 @@ class Router(nn.Module):
         fused = cfg.score_function == "softmax" and not cfg.pre_softmax
         scores_TE = None if fused else self._scores(logits_TE)
         with torch.no_grad():
-            indices_TK = self._choose(logits_TE if fused else scores_TE)
+            indices_TK, chosen_TK = self._choose(logits_TE if fused else scores_TE)
         # Global statistics of the micro-batch over the token group (tp_cp_dp): no gradient.
         # histc: float counts with a static shape (unlike bincount), exact below 2^24 pairs
         tokens_per_expert_E = torch.histc(indices_TK.float(), bins=E, min=0, max=E)
@@ -281,8 +296,8 @@ class Router(nn.Module):
                 self._tokens_E = tokens_per_expert_E if self._tokens_E is None else self._tokens_E + tokens_per_expert_E
             self._loads.append(tokens_per_expert_E)
         if fused:  # the default: one op with its own backward
-            probs_TK, aux = _TopKSoftmaxLoss.apply(logits_TE, indices_TK, tokens_per_expert_E, aux_scale,
-                                                   z_scale, cfg.topk_scaling_factor)
+            probs_TK, aux = _TopKSoftmaxLoss.apply(logits_TE, indices_TK, chosen_TK, tokens_per_expert_E,
+                                                   aux_scale, z_scale, cfg.topk_scaling_factor)
         else:
             probs_TK, aux = self._probs_and_loss(logits_TE, scores_TE, indices_TK, tokens_per_expert_E,
                                                  aux_scale, z_scale)

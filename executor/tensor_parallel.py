@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .comm import CommCounter, all_gather_v, all_reduce_, reduce_scatter_v
+from .linear import accumulation_target
 from .parallel_dims import Group
 
 
@@ -88,6 +89,24 @@ def token_scatter(x_TD: torch.Tensor, group: Group, counter: CommCounter | None)
     return reduce_scatter_v(x_TD, [x_TD.shape[0] // group.size] * group.size, group, counter, "tp")
 
 
+class _EmbeddingFunction(torch.autograd.Function):
+    """Rows of the table for flat tokens, whose backward adds the gradient rows into the
+    optimizer's gradient buffer with one `index_add_` (gradient-accumulation fusion, linear.py)
+    where autograd would run the embedding backward and accumulate its output (two ops)."""
+
+    @staticmethod
+    def forward(ctx, tokens_T, weight_VD, wgrad_VD):
+        ctx.save_for_backward(tokens_T)
+        ctx.wgrad_VD = wgrad_VD
+        return F.embedding(tokens_T, weight_VD)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (tokens_T,) = ctx.saved_tensors
+        ctx.wgrad_VD.index_add_(0, tokens_T, g_TD)
+        return None, None, None
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows [tp_rank * Vl, ...) on each tp rank; output is the sequence shard x_BsD."""
 
@@ -102,6 +121,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
+            wgrad_VD = accumulation_target([self.weight]) if tokens_BS.dim() == 1 else None
+            if wgrad_VD is not None and wgrad_VD.dtype == self.weight.dtype:
+                return _EmbeddingFunction.apply(tokens_BS, self.weight, wgrad_VD)
             return F.embedding(tokens_BS, self.weight)
         local_BS = tokens_BS - self.start
         mine_BS = (local_BS >= 0) & (local_BS < self.num_local)
@@ -138,9 +160,11 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits_TVl: torch.Tensor, targets_T: torch.Tensor, group: Group,
-                                 counter: CommCounter | None = None) -> torch.Tensor:
-    """Per-token loss [T] (fp32) from this rank's vocabulary slice of the logits."""
+                                 counter: CommCounter | None = None, reduction: str = "none") -> torch.Tensor:
+    """Per-token loss [T] (fp32) from this rank's vocabulary slice of the logits; their sum
+    with reduction="sum" (without tp the loss kernel's own sum: no separate reduction op)."""
     if group.size == 1:
-        return F.cross_entropy(logits_TVl.float(), targets_T, reduction="none")
+        return F.cross_entropy(logits_TVl.float(), targets_T, reduction=reduction)
     start = group.index * logits_TVl.shape[1]
-    return _VocabParallelCE.apply(logits_TVl, targets_T, start, group, counter)
+    ce_T = _VocabParallelCE.apply(logits_TVl, targets_T, start, group, counter)
+    return ce_T.sum() if reduction == "sum" else ce_T

@@ -37,7 +37,7 @@ from .moe import set_a2a_overlap
 from .optimizer import DistributedAdamW, adamw
 from .parallel_dims import ParallelDims
 from .pipeline import P2P, run_schedule, schedule_interleaved, stage_layer_ranges
-from .router import Router, RouterConfig
+from .router import Router, RouterConfig, load_imbalance
 
 
 @dataclass(frozen=True)
@@ -196,9 +196,9 @@ class Trainer:
         _bucket_reduce(self.expert_params, self.dims.group("edp"), self.counter, "edp")
 
     def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the reduced gradients (see module docstring)."""
+        """Global L2 norm of the reduced gradients (see module docstring), a 0-d tensor."""
         def zero():
-            return torch.zeros(1, device=self.dims.device)
+            return torch.zeros((), device=self.dims.device)
 
         if self.distributed_optimizer:
             sq = self.optimizer.squared_norms()
@@ -211,7 +211,7 @@ class Trainer:
         tp = all_reduce_(tp, self.dims.group("tp"), self.counter, "tp.grad_norm")
         expert = all_reduce_(expert, self.dims.group("tp_ep"), self.counter, "tp_ep.grad_norm")
         total = all_reduce_(rep + tp + expert, self.dims.group("pp"), self.counter, "pp.grad_norm")
-        return total[0].sqrt()
+        return total.sqrt()
 
     def step(self, step: int, keep_grads: bool = False) -> StepStats:
         """One optimizer step on global batch `step` (0-based)."""
@@ -248,15 +248,17 @@ class Trainer:
         for router in self.routers():
             router.update_expert_bias()  # aux-loss-free balancing (no-op without expert bias)
         # CE is replicated over tp (sum over dp_cp), router numbers are per rank (tp_cp_dp).
-        all_reduce_(totals[:1], d.group("dp_cp"), None)
-        all_reduce_(totals[1:], d.group("tp_cp_dp"), None)
+        if d.group("dp_cp").size > 1:
+            all_reduce_(totals[:1], d.group("dp_cp"), None)
+        if d.group("tp_cp_dp").size > 1:
+            all_reduce_(totals[1:], d.group("tp_cp_dp"), None)
         all_reduce_(totals, d.group("pp"), None)
         load_acc = self.expert_load_sums()
         all_reduce_(load_acc, d.group("pp"), None)  # stages hold different layers
         # The step's one host read: every number of StepStats in one tensor.
-        ce, aux, dropped, load, load_count, grad_norm = torch.cat([
-            totals, (load_acc[0] / load_acc[1]).double().reshape(1), load_acc[1:].double(),
-            norm.double().reshape(1)]).tolist()
+        # (cat promotes the float32 numbers to float64 itself, exactly)
+        ce, aux, dropped, load_sum, load_count, grad_norm = torch.cat([totals, load_acc, norm.reshape(1)]).tolist()
+        load = load_sum / load_count if load_count else 0.0
         return StepStats(
             step=step,
             loss=ce / (G * S),
@@ -276,11 +278,7 @@ class Trainer:
         """[sum, count] (float32, on the device) of the busiest-over-mean expert load of this
         step over this stage's MoE layers and micro-batches (count 0 without MoE layers);
         summed over pp, sum / count is StepStats.expert_load_imbalance."""
-        totals, count = [], 0
-        for total, n in (r.take_load() for r in self.routers()):
-            if n:
-                totals.append(total)
-                count += n
-        if not totals:
+        loads = [t for r in self.routers() for t in r.take_loads()]  # one per layer and micro-batch
+        if not loads:
             return torch.zeros(2, dtype=torch.float32, device=self.dims.device)
-        return F.pad(torch.stack(totals).sum().reshape(1), (0, 1), value=float(count))
+        return F.pad(load_imbalance(torch.stack(loads)).sum(0, keepdim=True), (0, 1), value=float(len(loads)))

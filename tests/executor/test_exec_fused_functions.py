@@ -44,7 +44,7 @@ def test_topk_softmax_loss_gradcheck(aux, z, scale):
     tokens = torch.bincount(indices.reshape(-1), minlength=E).double()
 
     def fn(lg):
-        return _TopKSoftmaxLoss.apply(lg, indices, tokens, aux * E / (T * T * K), z / T, scale)
+        return _TopKSoftmaxLoss.apply(lg, indices, None, tokens, aux * E / (T * T * K), z / T, scale)
 
     assert torch.autograd.gradcheck(fn, (logits,))
 
@@ -86,12 +86,12 @@ def test_swiglu_experts_gradcheck_both_layouts():
     El, D, Fs = 3, 4, 5
     w1, w2 = _f64(El, D, 2 * Fs, seed=9, scale=0.5), _f64(El, Fs, D, seed=10, scale=0.5)
     x_ECD = _f64(El, 2, D, seed=11)  # capacity layout: bmm
-    assert torch.autograd.gradcheck(lambda *a: _SwiGLUExperts.apply(*a, None), (x_ECD, w1, w2))
+    assert torch.autograd.gradcheck(lambda *a: _SwiGLUExperts.apply(*a, None, (None, None)), (x_ECD, w1, w2))
     x_MD = _f64(7, D, seed=12)  # grouped rows 2 | 0 | 5 (an empty expert included)
     ref = _unfused_swiglu(x_MD, w1, w2, (2, 0, 5))
     offs = torch.tensor([2, 2, 7], dtype=torch.int32)
     try:
-        out = _SwiGLUExperts.apply(x_MD, w1, w2, offs)
+        out = _SwiGLUExperts.apply(x_MD, w1, w2, offs, (None, None))
     except RuntimeError as err:  # the grouped GEMM takes no float64 on this build
         pytest.skip(f"grouped GEMM in float64: {err}")
     g = torch.randn(7, D, generator=_gen(13), dtype=torch.float64)
