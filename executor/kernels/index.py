@@ -98,18 +98,19 @@ def routing_index(indices_TK: torch.Tensor, num_experts: int, *, static: bool = 
             src_pair_N = order_P[:R]
         offsets_E = ends_E
     else:
-        # Expert e's j-th kept pair (sorted position starts_e + j) goes to row e*C + j:
-        # row = position + shift[e] with shift[e] = e*C - starts_e; dropped pairs (e = E) go
-        # to the extra slot R, which is cut off.
+        # Expert e's j-th kept pair (sorted position p = starts_e + j) goes to row e*C + j:
+        # row = (p - starts_e) + C*e, starts_e being where the pair's own key starts in the
+        # sorted keys (one searchsorted of the keys in themselves). Dropped pairs (e = E) land
+        # in rows [R, R + P), past the buffer, which are cut off.
         R = E * capacity
-        first_row_E1 = torch.arange(0, R + 1, capacity, device=dev, dtype=torch.int32)  # e*C, e = 0..E
-        shift_E1 = first_row_E1 - torch.searchsorted(sorted_P, torch.arange(E + 1, device=dev))
-        row_P = torch.arange(P, device=dev) + shift_E1[sorted_P]
-        src_pair_N = torch.full((R + 1,), P, dtype=torch.int64, device=dev)
-        src_pair_N = src_pair_N.scatter_(0, row_P.clamp_(max=R), order_P)[:R]
-        offsets_E = first_row_E1[1:]
+        starts_P = torch.searchsorted(sorted_P, sorted_P)
+        row_P = torch.add(torch.arange(P, device=dev) - starts_P, sorted_P, alpha=capacity)
+        src_pair_N = torch.full((R + P,), P, dtype=torch.int64, device=dev)
+        src_pair_N = src_pair_N.scatter_(0, row_P, order_P)[:R]
+        offsets_E = torch.arange(capacity, R + 1, capacity, device=dev, dtype=torch.int32)  # (e+1)*C
     padded = capacity is not None or (static and not dropless)
-    src_token_N = src_pair_N // K
+    # token of each row: pair // K, a shift when K is a power of two (a quarter of the time)
+    src_token_N = src_pair_N >> (K.bit_length() - 1) if K & (K - 1) == 0 else src_pair_N // K
     if padded:  # padding rows (sentinel pair P -> token T) read the last real token instead
         src_token_N = src_token_N.clamp_(max=max(T - 1, 0))
     return RoutingIndex(offsets_E, R, src_pair_N, src_token_N, T, sorted_P, order_P, capacity, padded)
