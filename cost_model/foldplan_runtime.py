@@ -31,6 +31,13 @@ Communication (tp, ep, dp, pp), the bubble and recompute keep the Megatron model
 with the profile's link numbers; recompute is scaled by the block's executor/Megatron compute
 ratio (the recomputed forward runs the same ops). Expert load: the expert GEMMs see the busiest
 rank's rows as the Megatron model does (`training.moe_expert_load_imbalance`).
+Share of a core: on CPU ranks the profile's executor numbers are CPU time (what the rank
+computes, which does not depend on the host's load), and every term above is turned into wall
+time over the share of a core each rank got while the profile's ranks trained together in
+lockstep (`ExecutorProfile.cpu_share`, `wall_s`): cores time-shared by the ranks (4 ranks on 2
+cores: at most 1/2 each) and by other processes, and the waits at each collective call for a
+descheduled or slower rank. The collectives' own latency and bandwidth stay as measured
+(wall time).
 Without `profile.executor` nothing changes: the estimate is the Megatron one (runtime foldplan
 then only restricts the options to what the executor runs, `runtimes.py`).
 """
@@ -86,6 +93,30 @@ def traffic_bps(ex: ExecutorProfile, row_bytes: float) -> float:
             f = math.log(row_bytes / s0) / math.log(s1 / s0)
             return (g0 + f * (g1 - g0)) * 1e9
     return pts[-1][1] * 1e9
+
+
+def cpu_share(ex: ExecutorProfile, ep: int, etp: int, data_parallel: bool) -> float:
+    """The share of a core a rank gets in this layout (`ExecutorProfile.cpu_share`): the
+    expert-parallel one (`alltoall_ep`) when ep or etp > 1, else the data-parallel one
+    (`local_dp`) with several data-parallel ranks, else the one of a rank alone (`local`);
+    the nearest measured one down that list when it is missing; 1 when none is."""
+    order = ["alltoall_ep"] if ep * etp > 1 else []
+    order += ["local_dp"] if ep * etp > 1 or data_parallel else []
+    for key in order + ["local"]:
+        if key in ex.cpu_share:
+            return ex.cpu_share[key]
+    return 1.0
+
+
+def wall_s(ctx: Context, cpu_s: float) -> float:
+    """Wall seconds of `cpu_s` of the executor's own work on one rank: on CPU ranks (whose
+    profile numbers are CPU time) over the share of a core a rank gets in the mapping's
+    layout (`cpu_share`), on GPUs as it is. Example: 0.3 s at a share of 0.6: 0.5 s."""
+    ex = getattr(ctx, "executor", None)
+    if ex is None or ctx.hw.host_launch_s != 0.0:
+        return cpu_s
+    m = ctx.mapping
+    return cpu_s / cpu_share(ex, m.ep, m.etp, ctx.place["dp_cp"].size > 1)
 
 
 def moe_layer_ops_key(dispatcher: str, ep: int, etp: int, capacity: bool,
@@ -293,27 +324,29 @@ def executor_blocks(ctx: Context, blocks: dict[str, Cost]) -> dict[str, Cost]:
     capacity = ctx.training.moe_expert_capacity_factor is not None
     attn_s = _attention_terms(ex, ctx)
     out = dict(blocks)
-    out["attention"] = _replaced(blocks["attention"], attn_s)
+    out["attention"] = _replaced(blocks["attention"], wall_s(ctx, attn_s))
     for name, is_moe in (("moe", True), ("mlp", False)):
         if name not in blocks:
             continue
         ops = (moe_layer_ops(ex, m.dispatcher, m.ep, m.etp, capacity,
                              ctx.place["dp_cp"].size > 1) if is_moe else ex.dense_layer_ops)
         layer = _host_and_device(ctx, ops * us, attn_s + _device_terms(ex, ctx, is_moe))
-        out[name] = _replaced(blocks[name], layer - attn_s)
+        out[name] = _replaced(blocks[name], wall_s(ctx, layer - attn_s))
         if is_moe:
             out[name].parts["ep_comm"] += _moe_collectives_s(ex, ctx)
     head_s, tail_s = _edge_terms(ex, ctx)
-    out["embedding"] = _replaced(blocks["embedding"], _host_and_device(ctx, 0.0, head_s))
-    out["output"] = _replaced(blocks["output"], _host_and_device(ctx, ex.edge_ops * us, tail_s))
+    out["embedding"] = _replaced(blocks["embedding"], wall_s(ctx, _host_and_device(ctx, 0.0,
+                                                                                 head_s)))
+    out["output"] = _replaced(blocks["output"], wall_s(ctx, _host_and_device(
+        ctx, ex.edge_ops * us, tail_s)))
     return out
 
 
 def step_time(ctx: Context, megatron_s: float) -> float:
     """Seconds of the executor's step outside the micro-batches on pipeline rank 0 (its
     ops, then per parameter: the rest of the step over all its parameters, AdamW over its
-    shard, and its small collectives); `megatron_s` (the Megatron model's optimizer time)
-    without executor measurements."""
+    shard, all `wall_s`, and its small collectives); `megatron_s` (the Megatron model's
+    optimizer time) without executor measurements."""
     ex = getattr(ctx, "executor", None)
     if ex is None:
         return megatron_s
@@ -336,6 +369,6 @@ def step_time(ctx: Context, megatron_s: float) -> float:
     if not m.distributed_optimizer:
         calls["all_reduce"] = max(0.0, calls.get("all_reduce", 0.0) - priced)
         priced = 0.0
-    return (ops * ex.us_per_op * 1e-6 + (dense + expert) * ex.step_rest_ns_per_param * 1e-9
-            + shard * ex.optimizer_ns_per_param * 1e-9
-            + small_collectives_s(ctx, calls, priced, "dp_cp"))
+    compute = (ops * ex.us_per_op * 1e-6 + (dense + expert) * ex.step_rest_ns_per_param * 1e-9
+               + shard * ex.optimizer_ns_per_param * 1e-9)
+    return wall_s(ctx, compute) + small_collectives_s(ctx, calls, priced, "dp_cp")

@@ -110,6 +110,14 @@ class ExecutorProfile(BaseModel):
                                               "the executor's non-GEMM ops move data inside a "
                                               "real training step of a model of that row "
                                               "size (cold caches, fresh allocations).")
+    cpu_share: dict[str, Measured] = Field(
+        default_factory=dict, description="{expert layout (keys as moe_layer_ops: local, "
+        "local_dp, alltoall_ep): share of a core each rank's thread gets while the profile's "
+        "ranks train a model together in that layout} (executor/profile/lockstep.py: CPU "
+        "time over wall time of the steps: cores time-shared by ranks and other processes, "
+        "waits at collective calls). On CPU ranks the other executor numbers are CPU time "
+        "and a step's wall time is their sum over the share; empty (share 1) on GPUs and in "
+        "profiles whose executor numbers are wall time.")
 
     @model_validator(mode="after")
     def _check_rates(self) -> ExecutorProfile:
@@ -123,6 +131,8 @@ class ExecutorProfile(BaseModel):
                                  "size in bytes")
         if not self.traffic_GBps:
             raise ValueError("profile.executor.traffic_GBps must hold at least one size")
+        for layout, x in self.cpu_share.items():
+            _check_measured(f"executor.cpu_share.{layout}", x)
         return self
 
 

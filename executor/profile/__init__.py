@@ -10,7 +10,10 @@ cost_model/hardware.py reads in place of datasheet numbers; `raw` keeps every me
               GEMMs, elementwise rates, SDPA), torch
   executor_ops.py  what foldplan's own executor does (ops, bytes, per-op time, in-place
               traffic, optimizer per parameter) on tiny instances of its Trainer: the
-              profile's `executor`, read by `training.runtime: foldplan`
+              profile's `executor`, read by `training.runtime: foldplan` (CPU time on CPU
+              ranks)
+  lockstep.py the share of a core a rank gets while the ranks train together (alone,
+              data-parallel, expert-parallel): turns the CPU times into wall time
   fit.py      the ranks' numbers -> a Profile: medians, the short-k fit, and the latency and
               bandwidth fit with bytes and steps counted by
               `cost_model.kernels.collective_bytes_and_steps`, as the cost model prices them

@@ -29,14 +29,20 @@ executor as it changes.
   bytes ("row passes" per layer; the edge in V-wide logit rows); the rest, per parameter of
   the layer, is the weight traffic of a micro-batch (main-gradient accumulation, weight
   copies).
-- Time per op: the 2-MoE-layer model's micro-batch (`run_schedule`) wall time over its op
+Times are read with `work_clock`: on CPU ranks the CPU time the rank itself spent (not the
+wall time, which also holds the time other processes had the core: one share for the whole
+step, `cpu_share`, measured in lockstep.py, turns CPU into wall time); on GPUs the wall clock.
+
+- Time per op: the 2-MoE-layer model's micro-batch (`run_schedule`) time over its op
   count, at the tiny sizes where no op has work to speak of: what one op of the executor
   costs on its own (Python, autograd, dispatch, allocation), `EXECUTOR_REPEATS` times.
 - Traffic in place (`TRAFFIC_INSTANCES`): 4-layer models of width 96 and 192 train; the
-  micro-batches' wall time less their GEMM and attention calls (timed again alone) and less
+  micro-batches' time less their GEMM and attention calls (timed again alone) and less
   their ops' fixed cost (per op as the tiny model's, measured in alternation), over the bytes
   the other ops move: the rate at which the executor's non-GEMM ops move data in a real step
   (cold caches, fresh allocations), at two row sizes.
+- Share of a core (lockstep.py): CPU time over wall time of a rank while the ranks train a
+  model together (data-parallel, in lockstep).
 - Step outside the micro-batches per parameter: a model with about 3.5 M parameters
   (width 256, 8 experts of FFN 512, one layer), timed over steps: AdamW (`optimizer.step`,
   on the optimizer's shard) per parameter, and the rest of the step outside the micro-batches
@@ -49,6 +55,7 @@ import contextlib
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,10 +137,21 @@ def tiny_spec(num_layers: int, dense_last: bool = False, hidden: int = TINY_HIDD
                      moe_layer_freq=freq)
 
 
+def work_clock(device) -> Callable[[], float]:
+    """The clock of the executor measurements: on CPU ranks the CPU time of what the rank
+    computes (`time.thread_time` with one torch thread, as the executor gives ranks that share
+    a host; `time.process_time` with several), whatever share of a core it got meanwhile: the
+    profile's `cpu_share` (lockstep.py) turns it into wall time. On GPUs the wall clock (the
+    host issues, the device runs)."""
+    if device.type != "cpu":
+        return time.perf_counter
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
 @contextlib.contextmanager
-def _schedule_probe(record: dict):
-    """While inside: every `run_schedule` call of the executor's Trainer is timed into
-    record["sched_s"]; when record["counter"] is set, it runs under that counter and
+def _schedule_probe(record: dict, clock: Callable[[], float] = time.perf_counter):
+    """While inside: every `run_schedule` call of the executor's Trainer is timed by `clock`
+    into record["sched_s"]; when record["counter"] is set, it runs under that counter and
     record["last_micro"] gets the counter's (ops, bytes) when the last micro-batch starts
     (its `get_batch` call), so the last micro-batch's own counts can be told apart."""
     from executor import trainer as trainer_mod
@@ -148,10 +166,10 @@ def _schedule_probe(record: dict):
                 record["last_micro"] = (counter.ops, counter.bytes, Counter(counter.collectives))
             return get_batch(micro)
 
-        t0 = time.perf_counter()
+        t0 = clock()
         with counter if counter is not None else contextlib.nullcontext():
             out = orig(chunks, steps, p2p, batch, *a, **k)
-        record.setdefault("sched_s", []).append(time.perf_counter() - t0)
+        record.setdefault("sched_s", []).append(clock() - t0)
         return out
 
     trainer_mod.run_schedule = probe
@@ -166,6 +184,7 @@ class _Layouts:
 
     def __init__(self, dist, world: int, device):
         self.dist, self.world, self.device = dist, world, device
+        self.clock = work_clock(device)
 
     def trainer(self, spec, layout: dict, capacity: float | None, seq: int = SEQ,
                 micro_batch_size: int = 1):
@@ -220,26 +239,26 @@ def _counts(layouts: _Layouts, layout: dict, capacity: float | None, full: bool)
     return out
 
 
-def _timed_steps(tr, repeats: int) -> tuple[list[float], dict]:
-    """Wall time of `repeats` steps of `tr` (steps 2, 3, ...), and what `_schedule_probe`
-    recorded of them (`sched_s`: the micro-batch schedule's seconds per step)."""
+def _timed_steps(tr, repeats: int, clock: Callable[[], float]) -> tuple[list[float], dict]:
+    """Seconds (`clock`) of `repeats` steps of `tr` (steps 2, 3, ...), and what
+    `_schedule_probe` recorded of them (`sched_s`: the micro-batch schedule's per step)."""
     rec: dict = {}
     steps = []
-    with _schedule_probe(rec):
+    with _schedule_probe(rec, clock):
         for i in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             tr.step(2 + i)
-            steps.append(time.perf_counter() - t0)
+            steps.append(clock() - t0)
     return steps, rec
 
 
 def _op_seconds(layouts: _Layouts, repeats: int) -> dict:
-    """Wall time per op of the 2-MoE-layer tiny model's micro-batch, and per op of the
-    rest of its step."""
+    """Time per op (`work_clock`) of the 2-MoE-layer tiny model's micro-batch, and per op of
+    the rest of its step."""
     tr = layouts.trainer(tiny_spec(2), {}, None)
     tr.step(0)
     counts = _count_step(tr)
-    steps, rec = _timed_steps(tr, repeats)
+    steps, rec = _timed_steps(tr, repeats, layouts.clock)
     sched = statistics.median(rec["sched_s"])
     rest = statistics.median(a - b for a, b in zip(steps, rec["sched_s"]))
     ops = counts["all_sched_ops"]  # the timed schedule runs every micro-batch
@@ -259,12 +278,12 @@ def _step_seconds(layouts: _Layouts, us_per_op: float, repeats: int) -> dict:
     orig = tr.optimizer.step
 
     def timed_step():
-        t0 = time.perf_counter()
+        t0 = layouts.clock()
         orig()
-        opt_s.append(time.perf_counter() - t0)
+        opt_s.append(layouts.clock() - t0)
 
     tr.optimizer.step = timed_step
-    steps, rec = _timed_steps(tr, repeats)
+    steps, rec = _timed_steps(tr, repeats, layouts.clock)
     params = sum(p.numel() for p in tr.model.parameters())
     rest = [a - b - c for a, b, c in zip(steps, rec["sched_s"], opt_s)]
     fixed = counts["rest_ops"] * us_per_op * 1e-6
@@ -291,7 +310,7 @@ def _traffic_rate(layouts: _Layouts, tiny, tiny_ops: float, repeats: int, hidden
                   seq: int, micro_batch_size: int) -> dict:
     """Bytes/s of the executor's own non-GEMM ops in place: a model of `TRAFFIC_LAYERS` MoE
     layers of width `hidden` (expert FFN 2 x hidden) trains steps of two micro-batches of
-    `micro_batch_size` x `seq` tokens; the micro-batches' wall time, less their GEMM and
+    `micro_batch_size` x `seq` tokens; the micro-batches' time, less their GEMM and
     attention calls timed again alone and less their ops' fixed cost, over the bytes their
     other ops move. Several layers, so that parameters, gradients and activations do not all
     stay in the caches (the rate falls several-fold when they do not). Each step alternates
@@ -307,20 +326,20 @@ def _traffic_rate(layouts: _Layouts, tiny, tiny_ops: float, repeats: int, hidden
         tr.step(1)
 
     def replay() -> float:
-        t0 = time.perf_counter()
+        t0 = layouts.clock()
         for func, (args, kwargs) in counter.priced:
             func(*args, **kwargs)
-        return time.perf_counter() - t0
+        return layouts.clock() - t0
 
     replay()
     priced = statistics.median(replay() for _ in range(3))
     rates, scheds, op_us = [], [], []
     for s in range(repeats):
         tiny_rec: dict = {}
-        with _schedule_probe(tiny_rec):
+        with _schedule_probe(tiny_rec, layouts.clock):
             tiny.step(2 + s)
         rec: dict = {}
-        with _schedule_probe(rec):
+        with _schedule_probe(rec, layouts.clock):
             tr.step(2 + s)
         us = tiny_rec["sched_s"][0] / tiny_ops
         rest = rec["sched_s"][0] - priced - counter.ops * us
@@ -362,4 +381,8 @@ def measure_executor(dist, world: int, device, quick: bool) -> dict[str, Any]:
     tiny_ops = _count_step(tiny)["all_sched_ops"]
     out["traffic"] = [_traffic_rate(layouts, tiny, tiny_ops, 3 if quick else 5, *shape)
                       for shape in (TRAFFIC_INSTANCES[:1] if quick else TRAFFIC_INSTANCES)]
+    from .lockstep import measure_lockstep
+
+    out["lockstep"] = measure_lockstep(layouts, dist, world, quick)
+    out["clock"] = layouts.clock.__name__
     return out

@@ -8,7 +8,8 @@ laws. Pure functions (numpy, no torch), testable on synthetic numbers.
 - The executor (`executor` of the profile, read by `training.runtime: foldplan`): medians over
   ranks of the per-op time, the op counts and bytes turned into per-layer, per-token and
   per-parameter numbers (`executor_profile`), the small-GEMM grid fitted to
-  `cost_model.foldplan_runtime.gemm_shape_rate` (`fit_gemm_shape_law`).
+  `cost_model.foldplan_runtime.gemm_shape_rate` (`fit_gemm_shape_law`), the share of a core
+  the ranks got in lockstep (`cpu_share`).
 - Collectives: a call ends when its slowest rank does, so each call counts as the slowest
   rank's time, and each (op, size) point as the median over calls. Bytes sent per rank and
   latency steps are `cost_model.kernels.collective_bytes_and_steps`, the convention the cost
@@ -73,6 +74,17 @@ def fit_gemm_shape_law(tflops_by_shape: dict[str, float]) -> GemmShapeLaw:
                         n_half=float(HALF_GRID[j]), k_half=float(HALF_GRID[k]))
 
 
+def cpu_share(per_rank: list[dict | None]) -> dict[str, float]:
+    """`ExecutorProfile.cpu_share` from each rank's lockstep measurement (lockstep.py):
+    {layout: the median over ranks of its share}; {} when not measured. Example: ranks with
+    local_dp shares 0.4 and 0.5 -> {"local_dp": 0.45}."""
+    shares = [r["share"] for r in per_rank if isinstance(r, dict) and "share" in r]
+    if not shares:
+        return {}
+    return {k: float(statistics.median(s[k] for s in shares)) for k in shares[0]
+            if all(s.get(k, 0) > 0 for s in shares)}
+
+
 def executor_profile(ranks: list[dict]) -> tuple[ExecutorProfile, dict[str, Any]]:
     """The `executor` section (`ExecutorProfile`) and its raw numbers from the ranks'
     measurements (measure.py, executor_ops.py): medians over ranks; per layer = the 2-layer
@@ -128,6 +140,7 @@ def executor_profile(ranks: list[dict]) -> tuple[ExecutorProfile, dict[str, Any]
                                                                    "sched_collectives")
         layer_calls[layout] = {k: max(0.0, two.get(k, 0) - one.get(k, 0)) for k in two}
     multi = [k for k in ex[0]["counts"] if k.startswith(("alltoall_ep", "allgather_ep"))]
+    share = cpu_share([e.get("lockstep") for e in ex])
     step_calls = calls(multi[0], "moe1", "rest_collectives") if multi else {}
     out = ExecutorProfile(
         moe_layer_collectives=layer_calls,
@@ -146,6 +159,7 @@ def executor_profile(ranks: list[dict]) -> tuple[ExecutorProfile, dict[str, Any]
         gemm=law,
         sdpa_tflops=med(r["sdpa"]["tflops"] for r in ranks),
         traffic_GBps=traffic,
+        cpu_share=share,
     )
     raw = {"small_gemm": {"precision": ranks[0]["small_gemm"]["precision"],
                           "tflops": gemm_points},

@@ -77,7 +77,8 @@ def run_profile(out: Path, nproc: int = 2, backend: str | None = None, quick: bo
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="foldplan-profile-") as tmp:
         files = [Path(tmp) / f"rank{r}.json" for r in range(nproc)]
-        logs = [open(Path(tmp) / f"rank{r}.log", "w") for r in range(nproc)]
+        # closed in the finally below
+        logs = [open(Path(tmp) / f"rank{r}.log", "w") for r in range(nproc)]  # noqa: SIM115
         procs = []
         try:
             for r in range(nproc):

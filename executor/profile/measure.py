@@ -21,7 +21,8 @@ host of `nproc` ranks (profile with --nproc = gpus_per_node).
   multiply, output allocated as the executor's ops do) at tensor sizes from 64 KiB to 64 MiB
   (the rate at a size: caches, page faults of fresh allocations), causal SDPA forward +
   backward at one shape, and what the executor itself does per micro-batch and per step
-  (executor_ops.py).
+  (executor_ops.py). These are timed in CPU time on CPU ranks (`executor_ops.work_clock`;
+  the profile's `executor.cpu_share` turns them into wall time), the rest in wall time.
 
 `measure_rank` returns one rank's numbers as a JSON-ready dict; fit.py reduces the ranks'
 dicts to a `Profile`.
@@ -34,9 +35,10 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cost_model.kernels import CollectiveOp
 
@@ -66,10 +68,11 @@ SDPA_SHAPE = (1, 4, 256, 32)
 
 
 class _Timer:
-    """Runs `fn` on all ranks for `seconds`, in `windows` equal windows; per-window rates."""
+    """Runs `fn` on all ranks for `seconds` of `clock`, in `windows` equal windows;
+    per-window rates."""
 
-    def __init__(self, sync: Callable[[], None]):
-        self.sync = sync
+    def __init__(self, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter):
+        self.sync, self.clock = sync, clock
 
     def rates(self, fn: Callable[[], Any], work: float, seconds: float,
               windows: int = 5) -> list[float]:
@@ -79,17 +82,17 @@ class _Timer:
         out = []
         per = seconds / windows
         for _ in range(windows):
-            count, t0 = 0, time.perf_counter()
+            count, t0 = 0, self.clock()
             while True:
                 fn()
                 count += 1
                 if count % 4 == 0 or count < 4:
                     self.sync()
-                    dt = time.perf_counter() - t0
+                    dt = self.clock() - t0
                     if dt >= per:
                         break
             self.sync()
-            out.append(work * count / (time.perf_counter() - t0))
+            out.append(work * count / max(self.clock() - t0, 1e-9))
         return out
 
 
@@ -268,7 +271,10 @@ def measure_rank(rank: int, world: int, local_rank: int, local_world: int, init_
         if use_cuda:
             torch.cuda.synchronize(device)
 
+    from .executor_ops import work_clock
+
     timer = _Timer(sync)
+    work_timer = _Timer(sync, work_clock(device))  # the foldplan runtime's rates: CPU time
     scale = 0.3 if quick else 1.0
     out: dict = {"rank": rank, "threads": threads, "device": str(device), "backend": backend}
     precs = ["fp32"] + (["bf16", "fp8"] if use_cuda else [])
@@ -293,13 +299,13 @@ def measure_rank(rank: int, world: int, local_rank: int, local_world: int, init_
     out["overhead"] = _overhead(torch, timer, device, 2.0 * scale)
     dist.barrier()
     out["small_gemm"] = {"precision": "bf16" if use_cuda else "fp32", "tflops": _small_gemm(
-        torch, timer, device, dtype, SMALL_GEMM_GRID_QUICK if quick else SMALL_GEMM_GRID,
+        torch, work_timer, device, dtype, SMALL_GEMM_GRID_QUICK if quick else SMALL_GEMM_GRID,
         0.06 * scale)}
     dist.barrier()
     out["elementwise_GBps"] = _elementwise(
-        torch, timer, device, ELEMENTWISE_BYTES_QUICK if quick else ELEMENTWISE_BYTES, 0.3 * scale)
+        torch, work_timer, device, ELEMENTWISE_BYTES_QUICK if quick else ELEMENTWISE_BYTES, 0.3 * scale)
     dist.barrier()
-    out["sdpa"] = _sdpa(torch, timer, device, dtype, SDPA_SHAPE, 0.3 * scale)
+    out["sdpa"] = _sdpa(torch, work_timer, device, dtype, SDPA_SHAPE, 0.3 * scale)
     dist.barrier()
     from .executor_ops import measure_executor
 

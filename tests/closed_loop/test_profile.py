@@ -74,6 +74,14 @@ def test_profile_measures_the_executor(quick_profile):
     assert ex.moe_layer_collectives["alltoall_ep"]["all_to_all"] >= 4
     assert ex.row_passes["moe_layer"] > 0 and ex.weight_bytes_per_param["moe_layer"] > 0
     assert ex.gemm.tflops > 0 and ex.sdpa_tflops > 0 and len(ex.traffic_GBps) == 1 and ex.traffic_GBps["98304"] > 0
+    # On CPU the executor numbers are CPU time and the share of a core turns them into wall
+    # time: a rank's threads get at most a core each (timer granularity aside).
+    lock = quick_profile.raw["executor"][0]["lockstep"]
+    threads = quick_profile.threads_per_rank
+    assert lock["clock"] == ("thread_time" if threads == 1 else "process_time")
+    assert len(lock["wall_s"]["alltoall_ep"]) == 4
+    assert set(ex.cpu_share) == {"local", "local_dp", "alltoall_ep"}
+    assert all(0 < x <= threads + 0.05 for x in ex.cpu_share.values())
     # The counts are what the executor does now, not constants: counted again here, the same.
     again = _counts(_Layouts(None, 1, torch.device("cpu")), {}, None, full=False)
     assert ex.moe_layer_ops["local"] == again["moe2"]["sched_ops"] - again["moe1"]["sched_ops"]

@@ -157,6 +157,31 @@ def test_executor_numbers_from_the_ranks_counts():
     assert raw["elementwise_GBps"] == {"65536": 20.5, "1048576": 8.0}
     assert ex.gemm.tflops == pytest.approx(0.04) and ex.gemm.m_half == 0
     assert len(raw["executor"]) == 2
+    assert ex.cpu_share == {}  # no lockstep measurement: the executor numbers as they are
     # The whole profile carries it; ranks without executor measurements give none.
     assert profile_from_ranks(ranks, 1.0, {}).executor == ex
     assert profile_from_ranks([_rank(0, 2, 1.0), _rank(1, 2, 1.0)], 1.0, {}).executor is None
+
+
+def test_cpu_share_is_the_lockstep_share_of_the_ranks():
+    from executor.profile.fit import cpu_share, executor_profile
+
+    # Per layout, the median over ranks of the share (CPU over wall of the steps the ranks
+    # trained together in that layout; `local`: each alone).
+    got = cpu_share([{"share": {"local": 0.9, "local_dp": 0.4, "alltoall_ep": 0.3}},
+                     {"share": {"local": 0.8, "local_dp": 0.5, "alltoall_ep": 0.2}}])
+    assert got == pytest.approx({"local": 0.85, "local_dp": 0.45, "alltoall_ep": 0.25})
+    # Older profiles (no lockstep measurement, wall-time numbers): none.
+    assert cpu_share([None, None]) == {}
+    ranks = []
+    for r in range(2):
+        rank = _rank(r, 2, 1.0)
+        grid = {f"{m}x{n}x{k}": 0.04 for m in (16, 256) for n in (64, 1024) for k in (32, 512)}
+        rank |= {"executor": _executor_rank(10.0) | {"lockstep": {
+                     "share": {"local": 0.9, "local_dp": 0.3 + 0.2 * r}}},
+                 "sdpa": {"shape_bhsd": [1, 4, 256, 32], "tflops": 0.01},
+                 "elementwise_GBps": {"65536": 20.0, "1048576": 8.0},
+                 "small_gemm": {"precision": "fp32", "tflops": grid}}
+        ranks.append(rank)
+    assert executor_profile(ranks)[0].cpu_share == pytest.approx({"local": 0.9,
+                                                                  "local_dp": 0.4})

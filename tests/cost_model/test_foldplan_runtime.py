@@ -9,8 +9,14 @@ import math
 import pytest
 
 from cost_model.estimate import estimate
-from cost_model.foldplan_runtime import (gemm_seconds, gemm_shape_rate, linear_seconds,
-                                         moe_layer_ops, moe_layer_ops_key, traffic_bps)
+from cost_model.foldplan_runtime import (
+    gemm_seconds,
+    gemm_shape_rate,
+    linear_seconds,
+    moe_layer_ops,
+    moe_layer_ops_key,
+    traffic_bps,
+)
 from cost_model.presets import preset_model
 from cost_model.profile_model import ExecutorProfile, GemmShapeLaw, Profile
 from cost_model.specs import ClusterSpec, Mapping, TrainingSpec
@@ -83,6 +89,43 @@ def test_ops_times_per_op_cost_by_hand():
     # Twice the per-op cost: twice the time (nothing else costs anything here).
     double = estimate(TINY, cluster(executor(us_per_op=20.0)), TRAINING, Mapping())
     assert double.step_time_s == pytest.approx(2 * est.step_time_s, rel=1e-3)
+
+
+def test_cpu_time_over_the_share_of_a_core_is_wall_time():
+    # The same executor numbers as CPU time, each rank getting 0.4 of a core: every executor
+    # term is 1 / 0.4 = 2.5 times as long (the first test's 18 ms and 0.4 ms); communication
+    # (none here) would stay as measured.
+    est = estimate(TINY, cluster(executor(cpu_share={"local": 0.4})), TRAINING, Mapping())
+    assert est.breakdown["compute"] == pytest.approx(0.018 / 0.4, rel=1e-6)
+    assert est.breakdown["optimizer"] == pytest.approx(0.0004 / 0.4, rel=1e-3)
+    # Two ranks, ep 2: the expert-parallel layout's share (0.5); the all-to-alls and small
+    # collectives do not scale with it.
+    shares = {"local": 0.9, "local_dp": 0.8, "alltoall_ep": 0.5}
+    shared = estimate(TINY, cluster(executor(cpu_share=shares), gpus=2), TRAINING,
+                      Mapping(ep=2, micro_batch_size=1))
+    alone = estimate(TINY, cluster(executor(), gpus=2), TRAINING,
+                     Mapping(ep=2, micro_batch_size=1))
+    assert shared.breakdown["compute"] == pytest.approx(2 * alone.breakdown["compute"], rel=1e-9)
+    assert shared.breakdown["ep_comm"] == pytest.approx(alone.breakdown["ep_comm"], rel=1e-9)
+    assert alone.breakdown["ep_comm"] > 0
+    # GPU ranks: the host issues while the device runs; the share does not apply.
+    gpu = estimate(TINY, cluster(executor(cpu_share={"local": 0.4}), gpu="h100"), TRAINING,
+                   Mapping())
+    assert gpu.step_time_s == pytest.approx(
+        estimate(TINY, cluster(executor(), gpu="h100"), TRAINING, Mapping()).step_time_s)
+
+
+def test_the_share_of_the_nearest_measured_layout():
+    from cost_model.foldplan_runtime import cpu_share
+
+    ex = executor(cpu_share={"local": 0.9, "local_dp": 0.8, "alltoall_ep": 0.5})
+    assert cpu_share(ex, 2, 1, True) == 0.5  # ep 2
+    assert cpu_share(ex, 1, 2, True) == 0.5  # etp 2: expert-parallel calls as well
+    assert cpu_share(ex, 1, 1, True) == 0.8  # data-parallel only
+    assert cpu_share(ex, 1, 1, False) == 0.9  # one rank
+    # Missing layouts: the next down the list; nothing measured: 1 (wall-time numbers).
+    assert cpu_share(executor(cpu_share={"local_dp": 0.7}), 4, 1, True) == 0.7
+    assert cpu_share(executor(), 2, 1, True) == 1.0
 
 
 def test_without_the_mechanism_the_estimate_is_megatrons():
