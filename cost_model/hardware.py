@@ -203,6 +203,17 @@ def _cached(key: str) -> Hardware:
     return _hardware_impl(ClusterSpec.model_validate_json(key))
 
 
+_last: tuple = (None, None)  # (cluster, its Hardware): the same object asks again and again
+
+
 def hardware(cluster: ClusterSpec) -> Hardware:
-    """Resolved constants for `cluster` (cached: the planner asks thousands of times)."""
-    return _cached(_cluster_key(cluster))
+    """Resolved constants for `cluster` (cached: the planner asks thousands of times; a
+    ClusterSpec is immutable, so the last one asked is answered without serializing it; one
+    tuple, replaced whole, so threads never see a cluster with another's answer)."""
+    global _last
+    last = _last
+    if last[0] is cluster:
+        return last[1]
+    hw = _cached(_cluster_key(cluster))
+    _last = (cluster, hw)
+    return hw

@@ -44,6 +44,7 @@ rank 0 holds [0, 2), [23, 26), [47, 50), [71, 74) (11 layers), rank 7 holds [20,
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _EMBED = "account_for_embedding_in_pipeline_split"
 _LOSS = "account_for_loss_in_pipeline_split"
@@ -235,9 +236,18 @@ def stage_layer_counts(num_layers: int, pp: int, vpp: int = 1, first: int | None
                        last: int | None = None, *, embedding: bool = False,
                        loss: bool = False, layout: str | None = None) -> list[int]:
     """Decoder layers of each pipeline rank (all its chunks together); raises StageSplitError."""
+    return list(_stage_layer_counts(num_layers, pp, vpp, first, last, embedding, loss, layout))
+
+
+@lru_cache(maxsize=65_536)
+def _stage_layer_counts(num_layers: int, pp: int, vpp: int, first: int | None,
+                        last: int | None, embedding: bool, loss: bool,
+                        layout: str | None) -> tuple[int, ...]:
+    """`stage_layer_counts`, kept (the planner asks for the same splits many times); an
+    error is raised again each time (lru_cache keeps answers only)."""
     if first is None and last is None and not (embedding or loss) and layout is None:
         _check_slots(num_layers, pp, vpp, False, False)
-        return [num_layers // pp] * pp
-    return [sum(len(c) for c in chunks) for chunks in
-            stage_chunks(num_layers, pp, vpp, first, last, embedding=embedding, loss=loss,
-                         layout=layout)]
+        return (num_layers // pp,) * pp
+    return tuple(sum(len(c) for c in chunks) for chunks in
+                 stage_chunks(num_layers, pp, vpp, first, last, embedding=embedding,
+                              loss=loss, layout=layout))

@@ -129,7 +129,8 @@ def mapping_errors(
         errors.append(MappingError("option", "order", f"order={m.order!r} with pp={m.pp} needs "
                                    f"edp == dp (got edp={edp}, dp={dp})"))
     errors += option_errors(model, cluster, training, m)
-    resolved = m.model_copy(update={"dp": dp, "edp": edp, "sequence_parallel": sp})
+    resolved = m if (m.dp, m.edp, m.sequence_parallel) == (dp, edp, sp) else m.model_copy(
+        update={"dp": dp, "edp": edp, "sequence_parallel": sp})  # already resolved: itself
     if training.runtime == "foldplan":  # the estimate predicts foldplan's executor
         errors += executor_errors(model, training, resolved)
     return errors, resolved

@@ -76,7 +76,9 @@ def expand(model, cluster, training, values, fixed, lc: LayerConfig, pp: int, vp
                     pipeline_layout=fixed.get("pipeline_layout"),
                     offload_modules=fixed.get("offload_modules", ()),
                     recompute_num_layers=fixed.get("recompute_num_layers"),
-                    sequence_parallel=fixed.get("sequence_parallel")))
+                    # the probe's resolved value unless pinned (the same rule resolved it)
+                    sequence_parallel=fixed.get("sequence_parallel",
+                                                lc.probe.sequence_parallel)))
                 errors, resolved = mapping_errors(model, cluster, training, m)
                 if not errors:
                     yield resolved
