@@ -265,31 +265,36 @@ def recompute_key(m: Mapping) -> tuple:
 
 def _blocks(ctx: Context, cache: dict) -> dict[str, Cost]:
     """One micro-batch's blocks before they are joined into layers: attention, moe, mlp (as
-    the model has them), output and embedding; each kept in `cache` under the mapping fields
-    it depends on."""
+    the model has them), output and embedding; kept in `cache` under the mapping fields they
+    depend on: all but the MoE block under (tp, cp, micro-batch, sp, rank order, recompute),
+    the MoE block under its expert layout and dispatcher too."""
     m, model = ctx.mapping, ctx.model
     base = (m.tp, m.cp, m.micro_batch_size, m.sp, layer_cost_key(m)[-1])
-
-    def part(name, extra, fn):
-        k = (name,) + base + extra
-        if k not in cache:
-            cache[k] = fn()
-        return cache[k]
-
     rc = recompute_key(m)
-    out = {"attention": part("attention", (rc,), lambda: attention_cost(ctx))}
-    if model.num_moe_layers:
+    key = ("blocks",) + base + (rc,)
+    dense = cache.get(key)
+    if dense is None:
         # The shared experts do not depend on the expert layout: one cost per recompute.
-        shared = part("shared", (rc,), lambda: dense_mlp_cost(
-            ctx, model.shared_ffn, "shared_experts")) if model.shared_ffn else None
+        dense = {"attention": attention_cost(ctx),
+                 "shared": dense_mlp_cost(ctx, model.shared_ffn, "shared_experts")
+                 if model.num_moe_layers and model.shared_ffn else None}
+        if model.num_layers - model.num_moe_layers:
+            dense["mlp"] = dense_mlp_cost(ctx, model.ffn_hidden_size)
+        dense["output"] = host_bound(ctx.hw, logits_cost(ctx))
+        dense["embedding"] = embedding_cost(ctx)
+        cache[key] = dense
+    out = {k: v for k, v in dense.items() if k != "shared"}
+    if model.num_moe_layers:
         # Nor do the experts' GEMMs on the dispatcher or recompute: once per expert layout.
-        gemms = part("moe_gemms", (m.ep, m.etp), lambda: moe_gemms(ctx))
-        out["moe"] = part("moe", (rc, m.ep, m.etp, m.dispatcher, m.flex_backend),
-                          lambda: moe_cost(ctx, shared, gemms))
-    if model.num_layers - model.num_moe_layers:
-        out["mlp"] = part("mlp", (rc,), lambda: dense_mlp_cost(ctx, model.ffn_hidden_size))
-    out["output"] = part("output", (), lambda: host_bound(ctx.hw, logits_cost(ctx)))
-    out["embedding"] = part("embedding", (), lambda: embedding_cost(ctx))
+        gk = ("moe_gemms",) + base + (m.ep, m.etp)
+        gemms = cache.get(gk)
+        if gemms is None:
+            gemms = cache[gk] = moe_gemms(ctx)
+        mk = ("moe",) + base + (rc, m.ep, m.etp, m.dispatcher, m.flex_backend)
+        moe = cache.get(mk)
+        if moe is None:
+            moe = cache[mk] = moe_cost(ctx, dense["shared"], gemms)
+        out["moe"] = moe
     if ctx.training.runtime == "foldplan":  # runtime 'foldplan': foldplan_runtime.py
         out = executor_blocks(ctx, out)
     return out
