@@ -18,7 +18,8 @@ tokens in flight in between (`InFlightDispatch`): the caller runs work that does
 
 LocalDispatcher      ep = etp = 1: permute -> experts -> unpermute. Reads nothing back: the
                      buffer has T*K rows (dropless) or E*C rows (capacity C, Megatron's
-                     pad-to-capacity), the grouped GEMM takes device offsets.
+                     pad-to-capacity, chosen by the router's one topk: `Routing.kept`), the
+                     grouped GEMM takes device offsets.
 AllToAllDispatcher   permute -> all-to-all over EP -> all-gather over ETP -> sort chunks by
                      local expert -> experts -> unsort -> reduce-scatter over ETP ->
                      all-to-all over EP -> unpermute (probabilities applied at unpermute).
@@ -63,7 +64,7 @@ from .comm import (
     reduce_scatter_v,
 )
 from .experts import ExpertRows
-from .kernels import RoutingIndex, get_ops, routing_index
+from .kernels import RoutingIndex, gather_rows, get_ops, routing_index, unpermute_rows
 from .parallel_dims import ParallelDims
 from .router import Routing, expert_capacity
 
@@ -114,10 +115,11 @@ def chunk_permutation(counts_CE: torch.Tensor, num_rows: int | None = None) -> t
 class LocalMeta:
     """What LocalDispatcher.combine needs: the local permutation and permuted probabilities."""
 
-    index: RoutingIndex
-    probs_N: torch.Tensor
+    index: RoutingIndex | None  # None: the router's pad-to-capacity rows (`tokens_EC`)
+    probs_N: torch.Tensor  # [N] or, with `tokens_EC`, [E, C, 1]
     num_tokens: int
     rows: ExpertRows
+    tokens_EC: torch.Tensor | None = None  # token of each row when `index` is None
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,10 @@ class InFlightDispatch:
 
 
 class LocalDispatcher:
-    """All experts on this rank: the simplest dispatcher; nothing is read back."""
+    """All experts on this rank: the simplest dispatcher; nothing is read back. With a
+    capacity and the torch kernels it takes the router's drop as rows (`Routing.kept`,
+    router.choose_by_expert: the pad-to-capacity layout from one topk, no sort); the Triton
+    kernels take the pairs (index -1 where dropped)."""
 
     overlaps_dispatch = False  # nothing in flight between dispatch_start and dispatch_finish
 
@@ -170,9 +175,21 @@ class LocalDispatcher:
     def __init__(self, num_experts: int, backend: str = "torch", capacity_factor: float | None = None):
         self.num_experts, self.capacity_factor = num_experts, capacity_factor
         self.permute, self.unpermute = get_ops(backend)
+        # the router gives its capacity drop as rows (Router.forward(by_expert=...))
+        self.takes_expert_choice = capacity_factor is not None and backend == "torch"
+        self._capacity_offsets: dict[tuple[int, torch.device], torch.Tensor] = {}  # constants
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         """Sort the kept (token, expert) pairs by expert: (x_ND, meta)."""
+        kept = routing.kept
+        if kept is not None:  # expert e's rows e*C .. e*C+C-1, chosen by the router
+            key = (kept.capacity, x_TD.device)
+            if key not in self._capacity_offsets:  # (e+1)*C: a constant of the layout
+                ends = [(e + 1) * kept.capacity for e in range(self.num_experts)]
+                self._capacity_offsets[key] = torch.tensor(ends, dtype=torch.int32, device=x_TD.device)
+            rows = ExpertRows(self._capacity_offsets[key], kept.capacity)
+            meta = LocalMeta(None, kept.probs_EC1, x_TD.shape[0], rows, kept.tokens_EC)
+            return gather_rows(x_TD, kept.tokens_EC), meta  # x_ECD: a batch per expert
         (T, K), E, cf = routing.indices_TK.shape, self.num_experts, self.capacity_factor
         cap = None if cf is None else expert_capacity(cf, T, K, E)  # the router's drop rule
         index = routing_index(routing.indices_TK, E, static=True, capacity=cap, dropless=cf is None)
@@ -181,6 +198,8 @@ class LocalDispatcher:
 
     def combine(self, y_ND: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         """Probability-weighted sum of each token's expert outputs: out_TD."""
+        if meta.index is None:
+            return unpermute_rows(y_ND, meta.probs_N, meta.tokens_EC, meta.num_tokens)
         return self.unpermute(y_ND, meta.probs_N, meta.index)
 
 
@@ -188,6 +207,7 @@ class AllToAllDispatcher:
     """EP all-to-all plus ETP all-gather (Megatron's `MoEAlltoAllTokenDispatcher`)."""
 
     overlaps_dispatch = True  # the token all-to-all is in flight after dispatch_start
+    takes_expert_choice = False  # moves pairs: the router's drop as index -1
 
     def __init__(self, num_experts: int, dims: ParallelDims, counter: CommCounter | None, backend="torch",
                  capacity_factor: float | None = None):
@@ -255,6 +275,7 @@ class AllGatherDispatcher:
     """Gather every token of the ETP x EP group, compute the local experts' share, scatter back."""
 
     overlaps_dispatch = False  # the gathers are blocking (not overlapped)
+    takes_expert_choice = False  # moves pairs: the router's drop as index -1
     dispatch_start, dispatch_finish = LocalDispatcher.dispatch_start, LocalDispatcher.dispatch_finish
 
     def __init__(self, num_experts: int, dims: ParallelDims, counter: CommCounter | None, backend="torch"):

@@ -10,7 +10,8 @@ Compute: one grouped GEMM per weight (`torch._grouped_mm`: row block e of x time
 block boundaries from the device offsets of `ExpertRows`, never read by the host), so each
 expert costs its own rows, as with Megatron's grouped GEMM; no padding, no Python loop over
 experts. Rows in the pad-to-capacity layout (every expert owns exactly C rows, token dropping
-at ep = 1) are a [El, C, D] batch: one bmm per weight, static shapes. Where the grouped GEMM is
+at ep = 1) are a [El, C, D] batch: one bmm per weight, static shapes (the local dispatcher
+hands the batch itself, router.choose_by_expert's rows: no view either way). Where the grouped GEMM is
 not offered (older torch, or a CUDA dtype/arch it does not take) the rows are scattered into a
 zero-padded [El, Cm, D] batch and multiplied with one bmm per weight: every expert then costs
 as much as the busiest one, and Cm is read to the host (the one path with a host read here).
@@ -190,9 +191,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
         """Rows sorted by local expert (grouped as `rows` says; a tuple = host counts per
-        expert) -> partial outputs y_MD."""
-        M = x_MD.shape[0]
-        if M == 0:
+        expert) -> partial outputs y_MD. Pad-to-capacity rows may come as the batch x_ECD
+        (y_ECD out)."""
+        if x_MD.numel() == 0:
             # Keep every weight in the graph so gradient hooks and all-reduces stay uniform.
             return x_MD + 0 * (self.w1_EDF.sum() + self.w2_EFD.sum())
         dev = x_MD.device
@@ -225,8 +226,10 @@ class GroupedExperts(nn.Module):
         return _ContiguousGrad.apply(torch._grouped_mm(h_MF, self.w2_EFD.to(x_MD.dtype), offs=offs_E))
 
     def _forward_capacity(self, x_MD: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Pad-to-capacity rows: expert e owns rows [e*C, (e+1)*C) -> one bmm per weight."""
-        x_ECD = x_MD.view(self.num_local, capacity, x_MD.shape[1])
+        """Pad-to-capacity rows: expert e owns rows [e*C, (e+1)*C) -> one bmm per weight. A
+        batch x_ECD gives y_ECD, rows x_MD give y_MD."""
+        batch = x_MD.dim() == 3
+        x_ECD = x_MD if batch else x_MD.view(self.num_local, capacity, x_MD.shape[1])
         if self.gated:
             # the weight gradients go straight into the optimizer's buffer (linear.py), when there is one
             wgrads = (accumulation_target([self.w1_EDF]), accumulation_target([self.w2_EFD]))
@@ -234,9 +237,10 @@ class GroupedExperts(nn.Module):
                 wgrads = (None, None)
             y_ECD = _SwiGLUExperts.apply(x_ECD, self.w1_EDF.to(x_MD.dtype), self.w2_EFD.to(x_MD.dtype), None,
                                          wgrads)
-            return y_ECD.view(x_MD.shape[0], -1)
+            return y_ECD if batch else y_ECD.view(x_MD.shape[0], -1)
         h_ECF = self._activation(torch.bmm(x_ECD, self.w1_EDF.to(x_MD.dtype)))
-        return torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype)).view(x_MD.shape[0], -1)
+        y_ECD = torch.bmm(h_ECF, self.w2_EFD.to(x_MD.dtype))
+        return y_ECD if batch else y_ECD.view(x_MD.shape[0], -1)
 
     def _forward_padded(self, x_MD: torch.Tensor, rows: ExpertRows | tuple[int, ...]) -> torch.Tensor:
         M = x_MD.shape[0]

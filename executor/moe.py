@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         """Route, dispatch, run local experts, combine; add shared experts. A flat x_TD (the
         model's residual stream without tp) gives a flat output."""
         x_TD = x_BsD if x_BsD.dim() == 2 else x_BsD.reshape(-1, x_BsD.shape[-1])
-        routing = self.router(x_TD, self.dims, self.counter)
+        routing = self.router(x_TD, self.dims, self.counter, by_expert=self.dispatcher.takes_expert_choice)
         overlap = self.overlap_a2a and self.shared is not None and self.dispatcher.overlaps_dispatch
         if overlap:
             started = self.dispatcher.dispatch_start(x_TD, routing)

@@ -18,7 +18,17 @@ token chooses its top-k among the experts of its best g groups only.
 Capacity (token dropping): on this rank's T local tokens,
   capacity = ceil(capacity_factor * T * K / E)
 and each expert keeps the `capacity` routed pairs with the highest probability ("probs" drop
-policy); dropped pairs get index -1. capacity_factor None = dropless.
+policy); dropped pairs get probability 0 and count in `num_dropped`. capacity_factor None =
+dropless. Two forms of the same rule (one `topk` over the tokens of each expert's column of
+a [T, E] score matrix, unrouted entries -1, in both):
+  pairs      (`drop_by_capacity`) dropped pairs get index -1 in `indices_TK`: what the
+             dispatchers that move pairs take (all-to-all, all-gather, the Triton kernels)
+  by expert  (`choose_by_expert`, `Routing.kept`) the top-k's indices ARE the
+             pad-to-capacity layout (expert e's rows e*C .. e*C+C-1 hold its C best tokens)
+             and its values clamped at 0 the rows' probabilities (a padding row, an unrouted
+             token in an expert's top C, gets 0 and adds exactly nothing): the local
+             dispatcher's input, no drop mask and no sort (issue 12: a capacity layer
+             pass now costs 2 ops more than a dropless one, where it cost about 25 more)
 Auxiliary loss (Switch / Megatron `switch_load_balancing_loss_func`) over the tokens of the
 whole global micro-batch, so it equals the single-rank value:
   aux = coeff * E / (T_g^2 * K) * sum_e tokens_e * sum_t scores_te
@@ -93,10 +103,29 @@ class RouterConfig:
 class Routing:
     """One layer's routing decision for the local tokens."""
 
-    probs_TK: torch.Tensor  # weight of each chosen expert (0 where dropped)
-    indices_TK: torch.Tensor  # expert id per pair, -1 where dropped by capacity
+    probs_TK: torch.Tensor  # weight of each chosen expert (0 where dropped, unless `kept`)
+    indices_TK: torch.Tensor  # expert id per pair, -1 where dropped by capacity (unless `kept`)
     aux_loss: torch.Tensor  # this rank's share of the load-balancing + z loss
     num_dropped: int | torch.Tensor  # dropped pairs on this rank (a device scalar: no host read)
+    # the capacity rule in the pad-to-capacity layout (Router.forward(by_expert=True)); the
+    # pairs above are then every routed pair, before the drop
+    kept: ExpertChoice | None = None
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    """Megatron's drop policy as rows: expert e's C rows hold its C routed tokens of highest
+    probability, best first; a row past an expert's routed tokens (a padding row) holds an
+    unrouted token with probability 0."""
+
+    tokens_EC: torch.Tensor  # int64 token of each row
+    probs_EC1: torch.Tensor  # probability of each row (0: padding), differentiable
+    num_dropped: torch.Tensor  # routed pairs in no row (device scalar)
+
+    @property
+    def capacity(self) -> int:
+        """C, rows per expert (min of the capacity and T)."""
+        return self.tokens_EC.shape[1]
 
 
 def load_imbalance(tokens_ME: torch.Tensor) -> torch.Tensor:
@@ -110,21 +139,63 @@ def expert_capacity(capacity_factor: float, num_tokens: int, topk: int, num_expe
     return math.ceil(capacity_factor * num_tokens * topk / num_experts)
 
 
+def _top_by_expert(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, k: int):
+    """(values_Ek, tokens_Ek): each expert's k routed tokens of highest probability, best
+    first, from one topk over the [T, E] scores (unrouted entries -1, below every routed
+    probability >= 0, so they fill an expert's rows only past its routed tokens). The one
+    home of the capacity rule: both forms (module docstring) make this same call."""
+    scores_TE = probs_TK.new_full((probs_TK.shape[0], num_experts), -1.0).scatter_(1, indices_TK, probs_TK)
+    return torch.topk(scores_TE.t(), k, dim=1)
+
+
 def drop_by_capacity(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int, capacity: int):
     """Keep per expert the `capacity` pairs with the highest probability; others -> index -1.
     Returns (kept probabilities, indices with -1 where dropped, number of dropped pairs)."""
     T = probs_TK.shape[0]
     k = min(capacity, T)
     with torch.no_grad():
-        # Unrouted entries score -1, below every routed probability (>= 0); the drop mask is
-        # only read back at routed entries, so an unrouted entry in an expert's top k is harmless.
-        scores_TE = torch.full((T, num_experts), -1.0, dtype=probs_TK.dtype, device=probs_TK.device)
-        scores_TE.scatter_(1, indices_TK, probs_TK)
-        drop_TE = torch.ones((T, num_experts), dtype=torch.bool, device=probs_TK.device)
+        # The drop mask is only read back at routed entries, so an unrouted entry in an
+        # expert's top k is harmless.
+        drop_ET = torch.ones((num_experts, T), dtype=torch.bool, device=probs_TK.device)
         if k > 0:
-            drop_TE.scatter_(0, torch.topk(scores_TE, k, dim=0).indices, False)
-        drop_TK = drop_TE.gather(1, indices_TK)
+            drop_ET.scatter_(1, _top_by_expert(probs_TK, indices_TK, num_experts, k).indices, False)
+        drop_TK = drop_ET.t().gather(1, indices_TK)
     return probs_TK.masked_fill(drop_TK, 0.0), indices_TK.masked_fill(drop_TK, -1), drop_TK.sum()
+
+
+class _ChooseByExpert(torch.autograd.Function):
+    """`choose_by_expert`'s rows and probabilities; the gradient of row (e, j)'s probability
+    goes to its pair (tokens_EC[e, j], e), padding rows' and dropped pairs' nowhere:
+        g_ET = zeros.scatter_(1, tokens_EC, g_EC),  g_probs_TK = g_ET^T.gather(1, indices_TK)
+    (an unrouted entry of g_ET, a padding row's, is never gathered)."""
+
+    @staticmethod
+    def forward(ctx, probs_TK, indices_TK, num_experts: int, capacity: int):
+        T, K = probs_TK.shape
+        values_EC, tokens_EC = _top_by_expert(probs_TK, indices_TK, num_experts, capacity)
+        num_dropped = (values_EC < 0).sum()  # rows with no routed pair
+        if T * K != num_experts * capacity:  # dropped = T*K - kept = T*K - (E*C - padding rows)
+            num_dropped = num_dropped + (T * K - num_experts * capacity)
+        ctx.save_for_backward(tokens_EC, indices_TK)
+        ctx.mark_non_differentiable(tokens_EC, num_dropped)
+        return values_EC.clamp_(min=0).unsqueeze(-1), tokens_EC, num_dropped
+
+    @staticmethod
+    def backward(ctx, g_EC1, _g_tokens, _g_dropped):
+        tokens_EC, indices_TK = ctx.saved_tensors
+        g_ET = g_EC1.new_zeros(tokens_EC.shape[0], indices_TK.shape[0])
+        g_ET.scatter_(1, tokens_EC, g_EC1.squeeze(-1))
+        return g_ET.t().gather(1, indices_TK), None, None, None
+
+
+def choose_by_expert(probs_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
+                     capacity: int, dtype: torch.dtype | None = None) -> ExpertChoice:
+    """The capacity rule in the pad-to-capacity layout (module docstring): min(C, T) rows per
+    expert; the kept set is `drop_by_capacity`'s (the same topk call). `dtype`: of the rows'
+    probabilities (default the pairs')."""
+    C = min(capacity, probs_TK.shape[0])
+    probs_EC1, tokens_EC, num_dropped = _ChooseByExpert.apply(probs_TK, indices_TK, num_experts, C)
+    return ExpertChoice(tokens_EC, probs_EC1 if dtype is None else probs_EC1.to(dtype), num_dropped)
 
 
 class _TopKSoftmaxLoss(torch.autograd.Function):
@@ -266,8 +337,11 @@ class Router(nn.Module):
             aux = logits_TE.new_zeros(())
         return probs_TK, aux
 
-    def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None) -> Routing:
-        """Route the local tokens; statistics for the losses are summed over tp_cp_dp.
+    def forward(self, x_TD: torch.Tensor, dims: ParallelDims, counter: CommCounter | None,
+                by_expert: bool = False) -> Routing:
+        """Route the local tokens; statistics for the losses are summed over tp_cp_dp. With a
+        capacity, `by_expert` gives the drop as `Routing.kept` (the pad-to-capacity rows the
+        local dispatcher takes), else as index -1 in the pairs.
 
         Few ops by design (issue 12): the gate is `linear.linear`, the choice runs without
         autograd, T_g is a Python number (every rank of the token group holds the same number
@@ -302,8 +376,11 @@ class Router(nn.Module):
             probs_TK, aux = self._probs_and_loss(logits_TE, scores_TE, indices_TK, tokens_per_expert_E,
                                                  aux_scale, z_scale)
 
-        num_dropped = 0
-        if cfg.capacity_factor is not None:
-            cap = expert_capacity(cfg.capacity_factor, T, K, E)
-            probs_TK, indices_TK, num_dropped = drop_by_capacity(probs_TK, indices_TK, E, cap)
+        if cfg.capacity_factor is None:
+            return Routing(probs_TK.to(x_TD.dtype), indices_TK, aux, 0)
+        cap = expert_capacity(cfg.capacity_factor, T, K, E)
+        if by_expert:
+            kept = choose_by_expert(probs_TK, indices_TK, E, cap, x_TD.dtype)
+            return Routing(probs_TK.to(x_TD.dtype), indices_TK, aux, kept.num_dropped, kept)
+        probs_TK, indices_TK, num_dropped = drop_by_capacity(probs_TK, indices_TK, E, cap)
         return Routing(probs_TK.to(x_TD.dtype), indices_TK, aux, num_dropped)

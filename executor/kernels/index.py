@@ -22,7 +22,9 @@ its token T-1, its probability zero, see torch_ops.py; the Triton kernels leave 
   exact     R = N: reads N to the host once (the only layout that does)
   static    R = P: kept rows first in expert order, padding rows after (dropless: none)
   capacity  R = E*C: expert e owns rows [e*C, (e+1)*C) (Megatron's pad-to-capacity), its
-            kept pairs first; needs at most C kept pairs per expert (the router's drop rule)
+            kept pairs first; needs at most C kept pairs per expert (the router's drop rule
+            as index -1: the Triton kernels' input; the torch path takes the same layout
+            straight from the router's one topk, router.choose_by_expert, without this sort)
 Every step of static and capacity has shapes fixed by T, K, E and C: nothing is read back,
 no op has a data-dependent output shape.
 """

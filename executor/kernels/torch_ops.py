@@ -116,6 +116,69 @@ class _Unpermute(torch.autograd.Function):
         return g_ND.mul_(w_N1.to(g_ND.dtype)), g_w_N, None, None
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, tokens_EC):
+        ctx.save_for_backward(tokens_EC)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD[tokens_EC]
+
+    @staticmethod
+    def backward(ctx, g_ECD):
+        (tokens_EC,) = ctx.saved_tensors
+        g_TD = g_ECD.new_zeros(ctx.num_tokens, g_ECD.shape[-1])
+        if _flat_path(g_ECD):  # CPU index_add is vectorised, the accumulating index_put is not
+            return g_TD.index_add_(0, tokens_EC.view(-1), g_ECD.view(-1, g_ECD.shape[-1])), None
+        return g_TD.index_put_((tokens_EC,), g_ECD, accumulate=True), None
+
+
+def _flat_path(t: torch.Tensor) -> bool:
+    """Whether rows [E, C, D] take the flat `index_add_` path (a few views more): reduced
+    precision (CPU index_add sums a token's rows in fp32 and rounds once, as the flat layout
+    always did, where an accumulating index_put would round each addition), or fp32 / fp64
+    rows on the CPU above FORWARD_SPLIT_BYTES (row blocks, vectorised; `_row_blocks`' rule)."""
+    if t.dtype not in (torch.float32, torch.float64):
+        return True
+    return t.device.type == "cpu" and t.numel() * t.element_size() > FORWARD_SPLIT_BYTES
+
+
+class _UnpermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_ECD, w_EC1, tokens_EC, T: int):
+        ctx.save_for_backward(y_ECD, w_EC1, tokens_EC)
+        out_TD = y_ECD.new_zeros(T, y_ECD.shape[-1])
+        if _flat_path(y_ECD):
+            D = y_ECD.shape[-1]
+            return _weighted_index_add(out_TD, tokens_EC.view(-1), y_ECD.view(-1, D), w_EC1.view(-1, 1))
+        return out_TD.index_put_((tokens_EC,), y_ECD * w_EC1, accumulate=True)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_ECD, w_EC1, tokens_EC = ctx.saved_tensors
+        g_ECD = g_TD[tokens_EC]  # a fresh tensor: becomes the gradient of y in place
+        if _flat_path(y_ECD):
+            D = y_ECD.shape[-1]
+            g_w_EC1 = _row_dots(g_ECD.view(-1, D), y_ECD.view(-1, D)).view(w_EC1.shape)
+        else:
+            g_w_EC1 = (g_ECD * y_ECD).sum(-1, keepdim=True)
+        return g_ECD.mul_(w_EC1), g_w_EC1, None, None
+
+
+def gather_rows(x_TD: torch.Tensor, tokens_EC: torch.Tensor) -> torch.Tensor:
+    """Rows x_TD[tokens_EC] as a batch [E, C, D]: the permute of the pad-to-capacity layout
+    that brings its own row probabilities (router.choose_by_expert)."""
+    return _GatherRows.apply(x_TD, tokens_EC)
+
+
+def unpermute_rows(y_ECD: torch.Tensor, w_EC1: torch.Tensor, tokens_EC: torch.Tensor, num_tokens: int):
+    """`gather_rows`' unpermute: out_TD[tokens_EC[e, c]] += w_EC1[e, c] * y_ECD[e, c], rows
+    in (e, c) order, as CPU index_add adds them in the flat layout: one `index_put_` with
+    accumulation, which takes the [E, C] index as it is (no flattening views); in reduced
+    precision and above FORWARD_SPLIT_BYTES on the CPU the flat path (`_flat_path`,
+    `_weighted_index_add`: the same additions in the same order). Padding rows (w = 0) add exactly nothing to a finite sum."""
+    return _UnpermuteRows.apply(y_ECD, w_EC1, tokens_EC, num_tokens)
+
+
 def permute(x_TD: torch.Tensor, probs_TK: torch.Tensor, index: RoutingIndex):
     """Rows of `x_TD` and `probs_TK` in expert-sorted order: (x_ND, probs_N)."""
     return _Permute.apply(x_TD, probs_TK, index.src_pair_N, index.src_token_N, index.padded)

@@ -224,3 +224,55 @@ def test_torch_kernel_row_blocks_change_no_bit(monkeypatch, dtype, layout):
     assert len(torch_ops._row_blocks(x_ND, 0)) > 1  # the second run did split
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_capacity_rows_equal_the_flat_capacity_kernels(monkeypatch, dtype, blocks):
+    """The router's pad-to-capacity rows (router.choose_by_expert -> gather_rows ->
+    unpermute_rows, rows best first within an expert) against the pair drop with the
+    token-ordered capacity buffer (routing_index -> permute -> unpermute): the same output,
+    x gradient and probability gradient, bit for bit, for a row-wise expert function. A
+    token's rows are added in expert order in both, and padding rows add exactly zero.
+    `blocks`: the large-row paths of both, forced by tiny thresholds; bf16 rows always take
+    the flat path (index_add's fp32 accumulation)."""
+    from executor.kernels import (
+        gather_rows,
+        permute,
+        torch_ops,
+        unpermute,
+        unpermute_rows,
+    )
+    from executor.router import choose_by_expert, drop_by_capacity
+
+    if blocks:
+        monkeypatch.setattr(torch_ops, "BLOCK_BYTES", 7 * 16 * torch.finfo(dtype).bits // 8)
+        monkeypatch.setattr(torch_ops, "FORWARD_SPLIT_BYTES", 0)
+
+    g = torch.Generator().manual_seed(5)
+    T, D, K, E, C = 120, 16, 2, 8, 24
+    x = torch.randn(T, D, generator=g, dtype=dtype)
+    logits = torch.randn(T, E, generator=g, dtype=dtype)
+    idx = logits.topk(K, dim=1).indices
+    p = torch.softmax(logits.gather(1, idx), -1)
+    g_out = torch.randn(T, D, generator=g, dtype=dtype)
+
+    xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+    kept_p, kept_i, _ = drop_by_capacity(pa, idx, E, C)
+    ri = routing_index(kept_i, E, static=True, capacity=C)
+    x_ND, p_N = permute(xa, kept_p, ri)
+    out_a = unpermute(torch.tanh(x_ND), p_N, ri)
+    out_a.backward(g_out)
+
+    xb, pb = x.clone().requires_grad_(), p.clone().requires_grad_()
+    choice = choose_by_expert(pb, idx, E, C)
+    x_ECD = gather_rows(xb, choice.tokens_EC)
+    assert x_ECD.shape == (E, C, D)
+    out_b = unpermute_rows(torch.tanh(x_ECD), choice.probs_EC1, choice.tokens_EC, T)
+    out_b.backward(g_out)
+
+    assert int(choice.num_dropped) > 0  # the capacity really dropped pairs
+    assert torch_ops._flat_path(x_ECD) == (blocks or dtype == torch.bfloat16)  # bf16: always flat
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(pa.grad, pb.grad)

@@ -13,8 +13,15 @@ from cost_model.presets import preset_model
 from cost_model.specs import Mapping, TrainingSpec
 from executor.data import bundled_corpus_tokens
 from executor.parallel_dims import ParallelDims, build_parallel_dims
+from executor.router import (
+    Router,
+    RouterConfig,
+    choose_by_expert,
+    drop_by_capacity,
+    expert_capacity,
+    load_imbalance,
+)
 from executor.trainer import Trainer
-from executor.router import Router, RouterConfig, drop_by_capacity, expert_capacity, load_imbalance
 
 
 def make_router(E=8, K=2, D=16, **cfg):
@@ -47,7 +54,7 @@ def test_drop_keeps_highest_probabilities_per_expert():
     assert torch.all(kept_p[kept_i == -1] == 0)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(pre_softmax=True), dict(score_function="sigmoid")])
+@pytest.mark.parametrize("cfg", [{}, {"pre_softmax": True}, {"score_function": "sigmoid"}])
 def test_router_variants(cfg):
     torch.manual_seed(0)
     r = make_router(**cfg)
@@ -86,6 +93,48 @@ def test_router_capacity_drops_per_local_tokens():
     counts = torch.bincount(out.indices_TK[out.indices_TK >= 0], minlength=8)
     assert counts.max() <= cap and out.num_dropped > 0
     assert out.num_dropped == int((out.indices_TK == -1).sum())
+
+
+@pytest.mark.parametrize("T,E,K,cap", [(50, 4, 2, 7), (64, 8, 2, 16), (33, 8, 3, 9), (10, 8, 2, 20)])
+def test_choice_by_expert_is_the_pair_drop_as_rows(T, E, K, cap):
+    """choose_by_expert (the pad-to-capacity rows from one topk) keeps exactly the pairs
+    drop_by_capacity keeps, with their probabilities, best first; padding rows hold an
+    unrouted token with probability 0; the dropped counts agree; the gradient of a row's
+    probability reaches its pair and nothing else (float64 gradcheck)."""
+    g = torch.Generator().manual_seed(T + cap)
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)
+    idx = logits.topk(K, dim=1).indices
+    probs = torch.softmax(logits.gather(1, idx), -1).requires_grad_()
+    kept_p, kept_i, dropped = drop_by_capacity(probs.detach(), idx, E, cap)
+    choice = choose_by_expert(probs, idx, E, cap)
+    C = min(cap, T)
+    assert choice.capacity == C and choice.tokens_EC.shape == (E, C)
+    assert int(choice.num_dropped) == int(dropped) == int((kept_i == -1).sum())
+    for e in range(E):
+        rows = [(int(t), float(w)) for t, w in zip(choice.tokens_EC[e], choice.probs_EC1.detach()[e, :, 0])]
+        kept = sorted(((float(kept_p[t, k]), t) for t in range(T) for k in range(K) if kept_i[t, k] == e),
+                      reverse=True)
+        assert [w for _, w in rows[: len(kept)]] == [w for w, _ in kept]  # best first
+        assert {t for t, _ in rows[: len(kept)]} == {t for _, t in kept}
+        assert all(w == 0 and not bool((idx[t] == e).any()) for t, w in rows[len(kept):])  # padding
+    assert torch.autograd.gradcheck(lambda p: choose_by_expert(p, idx, E, cap).probs_EC1, (probs,))
+
+
+def test_router_by_expert_drops_what_the_pairs_drop():
+    r = make_router(capacity_factor=0.5)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(3))
+    pairs = r(x, ParallelDims.single(), None)
+    rows = r(x, ParallelDims.single(), None, by_expert=True)
+    assert pairs.kept is None and rows.kept is not None
+    assert int(rows.num_dropped) == int(pairs.num_dropped) > 0
+    assert torch.equal(rows.kept.num_dropped, rows.num_dropped)
+    # the pairs of the by-expert routing are every routed pair (the drop lives in `kept`)
+    assert int((rows.indices_TK == -1).sum()) == 0
+    kept_pairs = {(t, int(pairs.indices_TK[t, k])) for t in range(40) for k in range(2)
+                  if pairs.indices_TK[t, k] >= 0}
+    routed_rows = {(t, e) for e in range(8) for t in rows.kept.tokens_EC[e].tolist()
+                   if bool((rows.indices_TK[t] == e).any())}
+    assert routed_rows == kept_pairs
 
 
 def test_router_config_rejects_unknown_score():
